@@ -1,0 +1,69 @@
+"""The parallel configuration: the degrees and policies a plan fixes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tripar.errors import ConfigError
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "scp")
+"""Pipeline schedules tripar can generate, simulate and run."""
+
+RECOMPUTE = ("none", "full", "stage-aware")
+"""Activation recomputation policies."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    """How one training step is split across devices.
+
+    >>> ParallelConfig(dp=2, tp=4, pp=8, micro_batch_size=1, num_microbatches=16).devices
+    64
+    """
+
+    dp: int
+    """Data-parallel degree (model replicas)."""
+    tp: int
+    """Tensor-parallel degree (devices that shard one layer); 1 means disabled."""
+    pp: int
+    """Pipeline-parallel degree (pipeline ranks); 1 means disabled."""
+    micro_batch_size: int
+    """Samples in one microbatch."""
+    num_microbatches: int
+    """Microbatches each data-parallel replica runs per step."""
+    vpp: int = 1
+    """Virtual stages per pipeline rank (interleaved-1f1b only); 1 means not interleaved."""
+    schedule: str = "1f1b"
+    """One of SCHEDULES."""
+    recompute: str = "none"
+    """One of RECOMPUTE."""
+    zero: int = 0
+    """1 shards optimizer state across data-parallel ranks (ZeRO-1); 0 keeps it whole."""
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "tp", "pp", "micro_batch_size", "num_microbatches", "vpp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
+            )
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(
+                f"unknown recompute policy {self.recompute!r}; choose one of {', '.join(RECOMPUTE)}"
+            )
+        if self.zero not in (0, 1):
+            raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}")
+        if self.vpp > 1 and self.schedule != "interleaved-1f1b":
+            raise ConfigError(
+                f"vpp={self.vpp} needs schedule 'interleaved-1f1b', not {self.schedule!r}"
+            )
+
+    @property
+    def devices(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.dp * self.micro_batch_size * self.num_microbatches
