@@ -35,12 +35,16 @@ class StageCost:
     tail_s: float = 0.0
     """Work after the last backward on this stage: the part of the data-parallel
     gradient reduction that does not overlap the backward, and the optimizer step."""
+    weight_grad_bytes: int = 0
+    """Schedules that split the backward (zb-h1): bytes a B leaves held for its W (the saved
+    inputs of the weight-bearing ops and their output gradients), freed by the W. B itself
+    frees ``activation_bytes``."""
 
     def __post_init__(self) -> None:
         for name in ("forward_s", "backward_input_s", "backward_weight_s", "recompute_s",
                      "send_s", "tail_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"StageCost.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("activation_bytes", "input_bytes", "static_bytes"):
+        for name in ("activation_bytes", "input_bytes", "static_bytes", "weight_grad_bytes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"StageCost.{name} must be >= 0, got {getattr(self, name)}")
