@@ -84,6 +84,30 @@ class TPRegion:
     heads: int = 0
     """Attention heads (query heads) the region divides, 0 when not attention."""
     kv_heads: int = 0
+    column: tuple[str, ...] = ()
+    """Nodes whose weight is sharded on its output features. The Megatron f function
+    (identity forward, all-reduce of the input gradient backward) goes before them."""
+    row: tuple[str, ...] = ()
+    """Nodes whose output is a partial sum: the forward all-reduce (g) goes right after
+    them, and their bias (replicated) is added once, after the all-reduce."""
+    rewrites: tuple[tuple[str, int], ...] = ()
+    """(node, flat argument index): a shape entry that must be divided by the degree t.
+    The index counts the leaves of ``(node.args, node.kwargs)`` in
+    ``torch.utils._pytree.tree_flatten`` order. An int leaf becomes ``leaf // t``; a
+    Node leaf is replaced by a new ``operator.floordiv(leaf, t)`` node."""
+    narrows: tuple[tuple[str, int, int], ...] = ()
+    """(node, flat argument index, dim): a replicated tensor operand of a sharded op that
+    each rank slices to its own 1/t along ``dim`` (no communication)."""
+    parts: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """(parameter FQN, part sizes) for fused weights (QKV): the sharded dim is made of
+    these consecutive parts and each is split into t contiguous pieces; rank r keeps
+    piece r of every part. Parameters not listed are one part (a contiguous slice)."""
+    outputs: tuple[str, ...] = ()
+    """Nodes whose sharded value is also a graph output (all-gather it where needed)."""
+    loss: str = ""
+    """The vocab-parallel cross-entropy node of an ``lm_head`` region, if any."""
+    tied: tuple[str, ...] = ()
+    """Every FQN naming a sharded parameter that is shared (tied embedding and head)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +117,10 @@ class Unproven:
     block: str
     nodes: tuple[str, ...]
     reason: str
+    kind: str = ""
+    """The region kind it would have been (``mlp``, ``attention``...), when known."""
+    degree: int = 0
+    """The degree t that failed, or 0 when the region fails at every degree."""
 
 
 @dataclass
@@ -114,8 +142,13 @@ class ProxyGraph:
     skips: list[tuple[str, str]] = field(default_factory=list)
     """(producer block, consumer block) for values that skip over blocks."""
     late_inputs: list[tuple[str, str]] = field(default_factory=list)
-    """(graph input, first block consuming it) for inputs not used by the first block."""
+    """(graph input, first block after the first one that reads it): inputs a later
+    stage loads directly (labels, attention masks), never sent p2p."""
     tied_weights: list[tuple[str, ...]] = field(default_factory=list)
     """Groups of FQNs that name one shared parameter (embedding = LM head)."""
+    derived_inputs: list[tuple[str, str]] = field(default_factory=list)
+    """(FX node, first later block reading it) for values computed only from graph inputs,
+    buffers and constants (masks, position ids, rotary tables): a stage that needs one
+    recomputes it from the inputs, so it is not a cut tensor."""
     model_config: dict = field(default_factory=dict)
     """Sizes the planner may need (``layers``, ``hidden``, ``heads``, ``vocab``...), when known."""

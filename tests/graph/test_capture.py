@@ -1,0 +1,118 @@
+"""tripar.graph.capture: FX first, export as fallback, one clear error when both fail."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tripar.errors import CaptureError
+from tripar.graph.annotate import node_module
+from tripar.graph.capture import capture
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape: FX cannot trace it, export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            return self.proj(x).relu()
+        return self.proj(x)
+
+
+class DataBranch(nn.Module):
+    """Control flow on tensor data: neither tracer can capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        if y.sum() > 0:
+            return y * 2
+        return y
+
+
+class Outer(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.pre(x))
+
+
+def test_fx_keeps_leaf_modules_by_type_and_fqn() -> None:
+    model = Outer(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    x = torch.randn(2, 4)
+    plain = capture(model, (x,), method="fx")
+    assert [n.target for n in plain.graph.nodes if n.op == "call_module"] == [
+        "pre", "inner.0", "inner.1"]
+    by_fqn = capture(model, (x,), leaf_modules=["inner"], method="fx")
+    assert [n.target for n in by_fqn.graph.nodes if n.op == "call_module"] == ["pre", "inner"]
+    by_type = capture(model, (x,), leaf_modules=[nn.Sequential], method="fx")
+    assert [n.target for n in by_type.graph.nodes if n.op == "call_module"] == ["pre", "inner"]
+    torch.testing.assert_close(by_type(x), model(x))
+
+
+def test_nodes_know_their_module() -> None:
+    model = Outer(ShapeBranch())
+    gm = capture(model, (torch.randn(3, 4),), method="export")
+    modules = {node_module(n) for n in gm.graph.nodes if n.op == "call_function"}
+    assert {"pre", "inner.proj"} <= modules
+
+
+def test_auto_falls_back_to_export_and_says_why() -> None:
+    model = Outer(ShapeBranch())
+    x = torch.randn(3, 4)
+    gm = capture(model, (x,))
+    assert gm.meta["tripar_tracer"] == "export"
+    reason = gm.meta["tripar_tracer_reason"]
+    assert reason.startswith("fx: failed in module 'inner' (ShapeBranch)")
+    assert reason.endswith("fell back to export")
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_fx_when_it_works() -> None:
+    gm = capture(nn.Sequential(nn.Linear(4, 2)), (torch.randn(1, 4),))
+    assert gm.meta["tripar_tracer"] == "fx"
+    assert gm.meta["tripar_tracer_reason"] == "fx: traced"
+
+
+def test_both_tracers_failing_is_one_capture_error() -> None:
+    model = Outer(DataBranch())
+    with pytest.raises(CaptureError) as info:
+        capture(model, (torch.randn(2, 4),))
+    message = str(info.value)
+    assert "could not capture Outer with fx and export" in message
+    assert "fx: failed in module 'inner' (DataBranch) at test_capture.py:" in message
+    assert "export: failed in module 'inner' (DataBranch) at test_capture.py:" in message
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    assert len(message.splitlines()) == 4
+
+
+def test_meta_model_is_captured_without_weights() -> None:
+    with torch.device("meta"):
+        model = Outer(ShapeBranch())
+    x = torch.empty(3, 4, device="meta")
+    for method in ("fx", "export"):
+        if method == "fx":
+            with pytest.raises(CaptureError, match="fx: failed in module 'inner'"):
+                capture(model, (x,), method=method)
+            continue
+        gm = capture(model, (x,), method=method)
+        assert all(p.device.type == "meta" for p in gm.parameters())
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(CaptureError, match="method must be one of"):
+        capture(nn.Linear(2, 2), (torch.randn(1, 2),), method="jit")
+    with pytest.raises(CaptureError, match="leaf_modules entries"):
+        capture(nn.Linear(2, 2), (torch.randn(1, 2),), leaf_modules=[3])

@@ -1,0 +1,630 @@
+"""Measure every node of a captured graph: shapes, FLOPs, parameters, saved bytes.
+
+:func:`annotate` runs the graph once, forward then backward, on fake tensors
+(``FakeTensorMode`` with the CPU as the fake device: no memory is allocated,
+and operators choose the kernels they would choose on a real CPU, e.g. the
+flash form of scaled-dot-product attention that saves only its output and
+log-sum-exp). Nothing is estimated from shapes:
+
+- FLOPs come from ``torch.utils.flop_counter`` (a ``FlopCounterMode`` whose
+  per-operator count is credited to the node running at that moment). In the
+  backward, each autograd node is credited to the forward FX node that created
+  it: after a node runs, the autograd nodes reachable from its outputs that no
+  earlier node created are tagged with it, and a pre-hook on each of them
+  sets the "current node" when the engine reaches it.
+- Saved bytes come from ``torch.autograd.graph.saved_tensors_hooks``: each
+  storage saved for backward is counted once, in the node whose operator saved
+  it first; storages of parameters and buffers are not activations and are
+  not counted.
+- A parameter (or a tied/shared one) is counted once, in the first node that
+  reads it, under its first registered name.
+
+The result is one frozen :class:`NodeInfo` per node in ``node.meta["tripar"]``;
+nodes of FX-traced graphs also get their value as meta tensors in
+``node.meta["val"]`` (exported graphs already carry one).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+import torch.fx._pytree as fx_pytree
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+from tripar.errors import CaptureError
+
+aten = torch.ops.aten
+
+# CPU flash attention is not in torch's flop registry; it does the same matmuls
+# as the CUDA flash kernel, whose formulas it shares.
+def _raw(formula: Any) -> Any:
+    """Mark an already shape-wrapped registry formula so FlopCounterMode uses it as is."""
+
+    def counted(*args: Any, **kwargs: Any) -> int:
+        return formula(*args, **kwargs)
+
+    counted._get_raw = True  # type: ignore[attr-defined]
+    return counted
+
+
+_EXTRA_FLOP_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu:
+        _raw(flop_registry[aten._scaled_dot_product_flash_attention]),
+    aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        _raw(flop_registry[aten._scaled_dot_product_flash_attention_backward]),
+}
+_SDPA_FORWARD = {
+    aten._scaled_dot_product_flash_attention_for_cpu,
+    aten._scaled_dot_product_flash_attention,
+    aten._scaled_dot_product_efficient_attention,
+    aten._scaled_dot_product_cudnn_attention,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What one FX node costs, measured on fake tensors for the example batch."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    """Shape of each tensor the node outputs (flattened over tuples), in order."""
+    dtypes: tuple[str, ...]
+    """dtype of each output tensor, e.g. ``float32``."""
+    output_bytes: int
+    """Bytes of the node's distinct output storages' views (numel x element size)."""
+    forward_flops: int
+    backward_flops: int
+    """FLOPs of the backward operators created by this node's forward."""
+    params: int
+    """Parameters this node reads first (a tied parameter counts once, at its first reader)."""
+    param_bytes: int
+    param_names: tuple[str, ...]
+    saved_bytes: int
+    """Bytes newly saved for backward while this node ran (parameters excluded)."""
+    module: str
+    """FQN of the innermost module the node came from (``""`` for the root)."""
+    matmuls: tuple[tuple[int, int, int], ...] = ()
+    """(m, k, n) of each forward matrix product; a batch dimension is folded into m."""
+    reads_params: bool = False
+    """Whether the node reads a parameter (first reader or not)."""
+
+
+def node_module(node: torch.fx.Node) -> str:
+    """FQN of the innermost module ``node`` was traced in (``""`` at the root).
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    >>> [node_module(n) for n in gm.graph.nodes]
+    ['', '0', '']
+    """
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        fqn = list(stack.values())[-1][0]
+        return _clean_fqn(str(fqn))
+    if node.op == "call_module":
+        return str(node.target)
+    return ""
+
+
+def _clean_fqn(fqn: str) -> str:
+    """Export may spell paths as ``L['self'].blocks[0].attn``; make that ``blocks.0.attn``."""
+    if "[" not in fqn and not fqn.startswith("L"):
+        return fqn
+    text = fqn.replace("L['self']", "").replace("['", ".").replace("']", "")
+    text = text.replace("[", ".").replace("]", "")
+    return text.strip(".")
+
+
+def _fake_like(fake_mode: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """A fake CPU tensor with ``tensor``'s shape, strides, dtype and requires_grad."""
+    with fake_mode:
+        fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()),
+                                   dtype=tensor.dtype, device="cpu")
+    if tensor.requires_grad and (tensor.is_floating_point() or tensor.is_complex()):
+        fake.requires_grad_(True)
+    return fake
+
+
+def _as_meta(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype,
+                               device="meta")
+
+
+def _meta_to_cpu(value: Any) -> Any:
+    """Replace ``device='meta'`` arguments (baked into exported graphs) by the fake CPU."""
+    if isinstance(value, torch.device) and value.type == "meta":
+        return torch.device("cpu")
+    return value
+
+
+class _NodeFlopCounter(FlopCounterMode):
+    """FlopCounterMode that also credits each count to the node running now."""
+
+    def __init__(self) -> None:
+        super().__init__(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
+        self.current: str | None = None
+        self.backward = False
+        self.forward_by_node: dict[str, int] = defaultdict(int)
+        self.backward_by_node: dict[str, int] = defaultdict(int)
+        self.matmuls: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+
+    def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+        if func_packet in self.flop_registry:
+            count = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+            self.flop_counts["Global"][func_packet] += count
+            if self.current is not None:
+                target = self.backward_by_node if self.backward else self.forward_by_node
+                target[self.current] += count
+                if not self.backward and self.current is not None:
+                    self._record_matmul(func_packet, args)
+        return out
+
+    def _record_matmul(self, func: Any, args: Any) -> None:
+        dims = None
+        if func is aten.mm:
+            (m, k), n = args[0].shape, args[1].shape[1]
+            dims = [(m, k, n)]
+        elif func is aten.addmm:
+            (m, k), n = args[1].shape, args[2].shape[1]
+            dims = [(m, k, n)]
+        elif func is aten.bmm:
+            (b, m, k), n = args[0].shape, args[1].shape[2]
+            dims = [(b * m, k, n)]
+        elif func is aten.baddbmm:
+            (b, m, k), n = args[1].shape, args[2].shape[2]
+            dims = [(b * m, k, n)]
+        elif func in _SDPA_FORWARD:
+            q, k = args[0].shape, args[1].shape
+            batch = q[0] * q[1]
+            dims = [(batch * q[2], q[3], k[2]), (batch * q[2], k[2], args[2].shape[3])]
+        if dims:
+            self.matmuls[self.current].extend(dims)
+
+
+class _Annotator(torch.fx.Interpreter):
+    """Runs the graph node by node, tracking which node creates each autograd node."""
+
+    def __init__(self, gm: torch.fx.GraphModule, counter: _NodeFlopCounter,
+                 weight_storages: set[int]) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.counter = counter
+        self.weight_storages = weight_storages
+        self.saved_storages: set[int] = set()
+        self.saved_by_node: dict[str, int] = defaultdict(int)
+        self.grad_fn_owner: dict[Any, str] = {}
+        self.values: dict[str, tuple[tuple[tuple[int, ...], ...], tuple[str, ...], int]] = {}
+        self.meta_values: dict[str, Any] = {}
+        """Each node's value as meta tensors (what ``node.meta["val"]`` gets)."""
+        self.copied: dict[str, str] = {}
+        """Replayed node -> the measured node whose numbers it takes."""
+        self.graph_nodes = {n.name: n for n in gm.graph.nodes}
+
+    # -- saved tensors -------------------------------------------------------
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.counter.backward and self.counter.current is not None:
+            storage = tensor.untyped_storage()
+            key = storage._cdata
+            if key not in self.weight_storages and key not in self.saved_storages:
+                self.saved_storages.add(key)
+                self.saved_by_node[self.counter.current] += storage.nbytes()
+        return tensor
+
+    @staticmethod
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    # -- node execution --------------------------------------------------------
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.counter.current = n.name
+        result = super().run_node(n)
+        shapes, dtypes, nbytes = [], [], 0
+        for leaf in pytree.tree_leaves(result):
+            if isinstance(leaf, torch.Tensor):
+                shapes.append(tuple(int(d) for d in leaf.shape))
+                dtypes.append(str(leaf.dtype).removeprefix("torch."))
+                nbytes += leaf.numel() * leaf.element_size()
+                if leaf.grad_fn is not None:
+                    self._tag_autograd(leaf.grad_fn, n.name)
+        self.values[n.name] = (tuple(shapes), tuple(dtypes), nbytes)
+        self.meta_values[n.name] = pytree.tree_map_only(torch.Tensor, _as_meta, result)
+        return result
+
+    def _tag_autograd(self, root: Any, name: str) -> None:
+        stack = [root]
+        while stack:
+            fn = stack.pop()
+            if fn is None or fn in self.grad_fn_owner:
+                continue
+            self.grad_fn_owner[fn] = name
+            fn.register_prehook(self._make_prehook(name))
+            stack.extend(next_fn for next_fn, _ in fn.next_functions)
+
+    def _make_prehook(self, name: str) -> Any:
+        counter = self.counter
+
+        def prehook(_grad_outputs: Any) -> None:
+            counter.current = name
+
+        return prehook
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        args, kwargs = pytree.tree_map(_meta_to_cpu, (args, kwargs))
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
+        args, kwargs = pytree.tree_map(_meta_to_cpu, (args, kwargs))
+        return super().call_method(target, args, kwargs)
+
+    # -- the whole forward, replaying repeated blocks ----------------------------------
+    def execute(self, inputs: list, plan: _ReusePlan | None) -> Any:
+        """Run every node (placeholders take ``inputs``); return the output's value.
+
+        With a plan, a block whose structure and inputs match an already measured block
+        (same shapes, strides, dtypes, aliasing and saved-for-backward state) is not run:
+        an autograd bridge makes fresh outputs of the measured block's layout, and its
+        nodes take the measured block's numbers (``self.copied``).
+        """
+        self.env = {}
+        self.args_iter = iter(inputs)
+        skipped: set[str] = set()
+        recording: _Recording | None = None
+        output = None
+        for node in self.graph.nodes:
+            if node.name in skipped:
+                continue
+            block = plan.block_of.get(node.name) if plan else None
+            if plan is not None and recording is not None and block != recording.block \
+                    and node.op != "get_attr":
+                recording = None  # interleaved with another block: not a clean sample
+            if plan is not None and block is not None and node.name == plan.first[block]:
+                key = self._dynamic_key(plan, block)
+                if key is not None:
+                    sample = plan.samples.get(key)
+                    if sample is not None:
+                        skipped |= self._replay(plan, block, sample)
+                        continue
+                    recording = _Recording(block, key, self._status(plan.external[block]))
+            if node.op == "output":
+                output = self.env[node] = self.run_node(node)
+                continue
+            self.env[node] = self.run_node(node)
+            if recording is not None and node.name == plan.last[recording.block]:
+                self._finish(plan, recording)
+                recording = None
+        return output
+
+    def _value(self, name: str) -> Any:
+        return self.env[self.graph_nodes[name]]
+
+    def _status(self, names: tuple[str, ...]) -> tuple[bool, ...]:
+        status = []
+        for name in names:
+            for leaf in pytree.tree_leaves(self._value(name)):
+                if isinstance(leaf, torch.Tensor):
+                    status.append(leaf.untyped_storage()._cdata in self.saved_storages)
+        return tuple(status)
+
+    def _dynamic_key(self, plan: _ReusePlan, block: int) -> tuple | None:
+        parts: list[Any] = [plan.static[block]]
+        storages: dict[int, int] = {}
+        for name in plan.external[block]:
+            if self.graph_nodes[name] not in self.env:
+                return None
+            for leaf in pytree.tree_leaves(self._value(name)):
+                if isinstance(leaf, torch.Tensor):
+                    key = leaf.untyped_storage()._cdata
+                    storages.setdefault(key, len(storages))
+                    parts.append((tuple(leaf.shape), tuple(leaf.stride()), leaf.storage_offset(),
+                                  leaf.dtype, leaf.requires_grad, storages[key],
+                                  key in self.saved_storages, key in self.weight_storages))
+                elif isinstance(leaf, (int, float, bool, str, type(None), torch.dtype)):
+                    parts.append(("const", repr(leaf)))
+                else:
+                    return None
+        return tuple(parts)
+
+    def _finish(self, plan: _ReusePlan, recording: _Recording) -> None:
+        """Keep a cleanly measured block as the sample for later identical blocks."""
+        block = recording.block
+        outputs = []
+        input_storages = set()
+        for name in plan.external[block]:
+            for leaf in pytree.tree_leaves(self._value(name)):
+                if isinstance(leaf, torch.Tensor):
+                    input_storages.add(leaf.untyped_storage()._cdata)
+        seen = set()
+        for name in plan.outputs[block]:
+            value = self._value(name)
+            if isinstance(value, torch.Tensor):
+                key = value.untyped_storage()._cdata
+                if key in seen or key in input_storages or key in self.weight_storages:
+                    return  # aliasing between a block's inputs and outputs: not replayable
+                seen.add(key)
+                outputs.append((name, (tuple(value.shape), tuple(value.stride()),
+                                       value.storage_offset(), value.dtype, value.requires_grad,
+                                       key in self.saved_storages)))
+            elif isinstance(value, (int, float, bool, str, type(None))):
+                outputs.append((name, ("const", value)))
+            else:
+                return
+        now = self._status(plan.external[block])
+        saved_inputs = tuple(i for i, was in enumerate(recording.saved_before)
+                             if not was and now[i])
+        plan.samples[recording.key] = _Sample(block, tuple(outputs), saved_inputs)
+
+    def _replay(self, plan: _ReusePlan, block: int, sample: _Sample) -> set[str]:
+        nodes = plan.nodes[block]
+        reference = plan.nodes[sample.block]
+        leaves = [leaf for name in plan.external[block]
+                  for leaf in pytree.tree_leaves(self._value(name))
+                  if isinstance(leaf, torch.Tensor)]
+        # what the measured block saved of its inputs, this block saves of its own
+        for i in sample.saved_inputs:
+            self.saved_storages.add(leaves[i].untyped_storage()._cdata)
+        grad_inputs = [t for t in leaves if t.requires_grad]
+        if not grad_inputs:
+            grad_inputs = [torch.empty((), device="cpu").requires_grad_(True)]
+        specs = [spec for _, spec in sample.outputs if spec[0] != "const"]
+        current, self.counter.current = self.counter.current, None
+        made = list(_Bridge.apply(specs, *grad_inputs)) if specs else []
+        self.counter.current = current
+        local = {name: i for i, name in enumerate(reference)}
+        made_iter = iter(made)
+        for (ref_name, spec) in sample.outputs:
+            node = self.graph_nodes[nodes[local[ref_name]]]
+            if spec[0] == "const":
+                self.env[node] = spec[1]
+                continue
+            tensor = next(made_iter)
+            if spec[5]:
+                self.saved_storages.add(tensor.untyped_storage()._cdata)
+            self.env[node] = tensor
+        skipped = set()
+        for name, ref in zip(nodes, reference):
+            if self.graph_nodes[name] not in self.env or name in plan.output_set[block]:
+                self.copied[name] = ref
+                skipped.add(name)
+        return skipped
+
+
+class _Bridge(torch.autograd.Function):
+    """Stands in for a replayed block: fresh outputs, no saved tensors, no FLOPs."""
+
+    @staticmethod
+    def forward(ctx: Any, specs: list, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.input_layouts = [(tuple(t.shape), tuple(t.stride()), t.dtype) for t in inputs]
+        outputs = tuple(torch.empty_strided(shape, stride, dtype=dtype, device="cpu")
+                        for shape, stride, _, dtype, _, _ in specs)
+        ctx.mark_non_differentiable(*[t for t, spec in zip(outputs, specs)
+                                      if not spec[4] or not t.is_floating_point()])
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple:
+        return (None, *(torch.empty_strided(shape, stride, dtype=dtype, device="cpu")
+                        for shape, stride, dtype in ctx.input_layouts))
+
+
+@dataclass(slots=True)
+class _Recording:
+    block: int
+    key: tuple
+    saved_before: tuple[bool, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Sample:
+    block: int
+    outputs: tuple
+    saved_inputs: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class _ReusePlan:
+    """Static facts about blocks that allow replaying a measured block."""
+
+    block_of: dict[str, int]
+    nodes: list[tuple[str, ...]]
+    static: list[tuple]
+    external: list[tuple[str, ...]]
+    outputs: list[tuple[str, ...]]
+    output_set: list[frozenset[str]]
+    first: list[str | None]
+    last: list[str | None]
+    samples: dict[tuple, _Sample]
+
+    @classmethod
+    def of(cls, gm: torch.fx.GraphModule) -> _ReusePlan:
+        from tripar.graph.build import partition_blocks, structural_key
+
+        part = partition_blocks(gm)
+        by_name = {n.name: n for n in gm.graph.nodes}
+        block_of = {n: b for b, nodes in enumerate(part.nodes) for n in nodes}
+        static, external, outputs, first, last = [], [], [], [], []
+        for b, nodes in enumerate(part.nodes):
+            key, ext = structural_key(gm, nodes, part.prefixes[b])
+            static.append(key)
+            external.append(ext)
+            outputs.append(tuple(n for n in nodes if any(
+                block_of.get(u.name) != b for u in by_name[n].users)))
+            compute = [n for n in nodes if by_name[n].op != "get_attr"]
+            first.append(compute[0] if compute else None)
+            last.append(compute[-1] if compute else None)
+        return cls(block_of, [tuple(n) for n in part.nodes], static, external, outputs,
+                   [frozenset(o) for o in outputs], first, last, {})
+
+
+def _flat_inputs(gm: torch.fx.GraphModule, args: Sequence[Any], kwargs: dict[str, Any]) -> list:
+    """The values of the graph's placeholders, in order."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    codegen = gm.graph._codegen
+    pytree_info = getattr(codegen, "pytree_info", None)
+    if pytree_info is not None and pytree_info.in_spec is not None:
+        flat = fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), pytree_info.in_spec)
+        return list(flat)
+    try:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    except TypeError as error:
+        raise CaptureError(f"example inputs do not match the captured forward: {error}") from None
+    bound.apply_defaults()
+    values = []
+    for node in placeholders:
+        name = str(node.target).lstrip("*")
+        if name in bound.arguments:
+            values.append(bound.arguments[name])
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise CaptureError(f"no example value for graph input {name!r}")
+    return values
+
+
+def _first_readers(gm: torch.fx.GraphModule) -> tuple[dict[str, list[tuple[str, Any]]], set]:
+    """For each node, the (canonical FQN, parameter) pairs it reads first; and every reader."""
+    canonical: dict[int, str] = {}
+    for fqn, param in gm.named_parameters(remove_duplicate=False):
+        canonical.setdefault(id(param), fqn)
+    seen: set[int] = set()
+    first: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+    readers: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            if not node.users:
+                continue
+            value = _get_attr(gm, str(node.target))
+            params = [value] if isinstance(value, torch.nn.Parameter) else []
+        elif node.op == "call_module":
+            params = list(gm.get_submodule(str(node.target)).parameters())
+        else:
+            continue
+        for param in params:
+            readers.add(node.name)
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            first[node.name].append((canonical.get(id(param), str(node.target)), param))
+    return first, readers
+
+
+def _get_attr(gm: torch.fx.GraphModule, target: str) -> Any:
+    value: Any = gm
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+@contextmanager
+def _fake_weights(gm: torch.fx.GraphModule, fake_mode: Any) -> Iterator[set[int]]:
+    """Swap every parameter, buffer and tensor constant of ``gm`` for a fake CPU twin."""
+    twins: dict[int, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    named = list(gm.named_parameters(remove_duplicate=False))
+    named += list(gm.named_buffers(remove_duplicate=False))
+    for fqn, tensor in named:
+        if id(tensor) not in twins:
+            twins[id(tensor)] = _fake_like(fake_mode, tensor)
+        state[fqn] = twins[id(tensor)]
+    for node in gm.graph.nodes:  # lifted constants: plain tensor attributes
+        if node.op == "get_attr" and str(node.target) not in state:
+            value = _get_attr(gm, str(node.target))
+            if isinstance(value, torch.Tensor):
+                state[str(node.target)] = _fake_like(fake_mode, value)
+    storages = {t.untyped_storage()._cdata for t in state.values()}
+    with _reparametrize_module(gm, state):
+        yield storages
+
+
+def _backward_roots(output: Any) -> list[torch.Tensor]:
+    """Scalar losses if the graph returns any; otherwise every differentiable output."""
+    tensors = [t for t in pytree.tree_leaves(output)
+               if isinstance(t, torch.Tensor) and t.requires_grad]
+    scalars = [t for t in tensors if t.dim() == 0 and t.is_floating_point()]
+    return scalars or tensors
+
+
+def annotate(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    reuse: bool = True,
+) -> None:
+    """Fill ``node.meta["tripar"]`` with a :class:`NodeInfo` for every node of ``gm``.
+
+    Runs one forward and one backward on fake CPU tensors (no memory is
+    allocated; ``gm`` may hold meta or real weights). The backward starts from
+    the graph's scalar outputs (the loss) when it has any, else from every
+    differentiable output with a gradient of ones. With ``reuse`` (the default) a
+    block identical to one already measured (same structure, input layouts and
+    saved-for-backward state of its inputs) is not run again: its nodes take the
+    measured block's numbers, which is what running it would give.
+
+    >>> import torch
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    >>> gm = torch.fx.symbolic_trace(model)
+    >>> annotate(gm, (torch.empty(2, 4),))
+    >>> info = gm.graph.find_nodes(op="call_module", target="0")[0].meta["tripar"]
+    >>> info.shapes, info.forward_flops, info.backward_flops, info.params, info.matmuls
+    (((2, 8),), 128, 128, 40, ((2, 4, 8),))
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    args = tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    flat = _flat_inputs(gm, args, kwargs)
+    flat = [_fake_like(fake_mode, v) if isinstance(v, torch.Tensor) else v for v in flat]
+    first_reads, readers = _first_readers(gm)
+    # export graphs carry their own fake "val"s; FX graphs get meta tensors from this run
+    keep_val = gm.meta.get("tripar_tracer") != "export"
+    counter = _NodeFlopCounter()
+    with _fake_weights(gm, fake_mode) as weight_storages:
+        runner = _Annotator(gm, counter, weight_storages)
+        with fake_mode, counter, torch.enable_grad():
+            with torch.autograd.graph.saved_tensors_hooks(runner.pack, runner.unpack):
+                output = runner.execute(flat, _ReusePlan.of(gm) if reuse else None)
+            roots = _backward_roots(output)
+            counter.current = None
+            counter.backward = True
+            if roots:
+                grads = [None if t.dim() == 0 else torch.ones_like(t) for t in roots]
+                torch.autograd.backward(roots, grads)
+            del output, roots
+    for node in gm.graph.nodes:
+        source = runner.copied.get(node.name, node.name)
+        shapes, dtypes, nbytes = runner.values.get(source, ((), (), 0))
+        reads = first_reads.get(node.name, [])
+        node.meta["tripar"] = NodeInfo(
+            shapes=shapes,
+            dtypes=dtypes,
+            output_bytes=nbytes,
+            forward_flops=int(counter.forward_by_node.get(source, 0)),
+            backward_flops=int(counter.backward_by_node.get(source, 0)),
+            params=sum(p.numel() for _, p in reads),
+            param_bytes=sum(p.numel() * p.element_size() for _, p in reads),
+            param_names=tuple(fqn for fqn, _ in reads),
+            saved_bytes=int(runner.saved_by_node.get(source, 0)),
+            module=_attr_module(node) if node.op == "get_attr" else node_module(node),
+            matmuls=tuple(counter.matmuls.get(source, ())),
+            reads_params=node.name in readers,
+        )
+        if keep_val and source in runner.meta_values:
+            node.meta["val"] = runner.meta_values[source]
+    infos = [n.meta["tripar"] for n in gm.graph.nodes]
+    gm.meta["tripar_flops"] = (sum(i.forward_flops for i in infos),
+                               sum(i.backward_flops for i in infos))
+
+
+def _attr_module(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return node_module(node)
+    return str(node.target).rpartition(".")[0]

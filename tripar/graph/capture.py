@@ -1,0 +1,229 @@
+"""Turn an ``nn.Module`` into a ``torch.fx.GraphModule``.
+
+Two tracers are tried, in this order when ``method="auto"``:
+
+- **fx**: ``torch.fx`` symbolic tracing with a tracer that keeps chosen modules
+  whole (``leaf_modules``, given as types or FQNs). Fast, keeps ``call_module``
+  nodes, and records each node's module stack in ``node.meta["nn_module_stack"]``.
+- **export**: ``torch.export.export(model, args, kwargs, strict=False).module()``,
+  for models FX cannot trace (data-dependent control flow, caches: Hugging Face
+  models). Its nodes are ATen ops that carry ``nn_module_stack`` too.
+
+Neither tracer runs the model's arithmetic on real data, so a model built
+under ``torch.device("meta")`` is captured without allocating a weight. The
+returned module records the tracer in ``gm.meta["tripar_tracer"]`` and why it
+was chosen in ``gm.meta["tripar_tracer_reason"]``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from tripar.errors import CaptureError
+
+_METHODS = ("auto", "fx", "export")
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """An FX tracer that also keeps ``leaf_modules`` (types or FQNs) whole."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
+        super().__init__()
+        self._leaf_types = leaf_types
+        self._leaf_names = leaf_names
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if module_qualified_name in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _split_leaves(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], frozenset[str]]:
+    types, names = [], []
+    for leaf in leaf_modules:
+        if isinstance(leaf, type) and issubclass(leaf, nn.Module):
+            types.append(leaf)
+        elif isinstance(leaf, str):
+            names.append(leaf)
+        else:
+            raise CaptureError(
+                f"leaf_modules entries must be nn.Module subclasses or module FQNs, got {leaf!r}"
+            )
+    return tuple(types), frozenset(names)
+
+
+def _where_in_user_code(error: BaseException) -> str:
+    """``file.py:line`` of the deepest traceback frame outside torch, or ``""``."""
+    frames = traceback.extract_tb(error.__traceback__)
+    for frame in reversed(frames):
+        if not frame.filename.startswith(_TORCH_DIR) and "tripar/graph" not in frame.filename:
+            return f"{os.path.basename(frame.filename)}:{frame.lineno}"
+    return ""
+
+
+def _summary(error: BaseException) -> str:
+    """The first line of an error, shortened: what a user needs to recognise it."""
+    text = str(error).strip().splitlines()
+    first = next((line.strip() for line in text if line.strip()), "")
+    if len(first) > 240:
+        first = first[:237] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _describe_failure(tracer: str, error: BaseException, module: str, module_type: str) -> str:
+    where = f"module '{module}' ({module_type})" if module else "the top-level module"
+    line = _where_in_user_code(error)
+    at = f" at {line}" if line else ""
+    return f"{tracer}: failed in {where}{at}: {_summary(error)}"
+
+
+def _bind_concrete(model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]) -> dict:
+    """Concrete values for the ``forward`` parameters the example does not give.
+
+    FX would otherwise turn an omitted ``targets=None`` into a placeholder and
+    trace the ``if targets is not None`` branch.
+    """
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return {}
+    concrete = {}
+    params = list(signature.parameters.values())
+    for index, param in enumerate(params):
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        given = index < len(args) or param.name in kwargs
+        if not given and param.default is not param.empty:
+            concrete[param.name] = param.default
+    return concrete
+
+
+def _trace_fx(
+    model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any],
+    leaf_types: tuple[type, ...], leaf_names: frozenset[str],
+) -> torch.fx.GraphModule:
+    tracer = _LeafTracer(leaf_types, leaf_names)
+    concrete = _bind_concrete(model, args, kwargs)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as error:  # noqa: BLE001 - any tracing failure is reported
+        stack = list(tracer.module_stack.values())
+        module, module_type = ("", "")
+        if stack:
+            module, kind = stack[-1]
+            module_type = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+        raise _TracerFailure(_describe_failure("fx", error, module, module_type)) from error
+    name = type(model).__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+class _TracerFailure(Exception):
+    """One tracer's failure, already summarised."""
+
+
+def _trace_export(
+    model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]
+) -> torch.fx.GraphModule:
+    names = {id(m): (fqn, type(m).__name__) for fqn, m in model.named_modules()}
+    stack: list[tuple[str, str]] = []
+    failed_at: list[tuple[str, str]] = []
+
+    def pre_hook(module: nn.Module, _inputs: Any) -> None:
+        if id(module) in names:
+            stack.append(names[id(module)])
+
+    def post_hook(module: nn.Module, _inputs: Any, _output: Any) -> None:
+        if id(module) in names and stack:
+            stack.pop()
+
+    handles = [
+        torch.nn.modules.module.register_module_forward_pre_hook(pre_hook),
+        torch.nn.modules.module.register_module_forward_hook(post_hook),
+    ]
+    try:
+        program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    except Exception as error:  # noqa: BLE001 - any tracing failure is reported
+        failed_at.extend(stack)
+        module, module_type = failed_at[-1] if failed_at else ("", "")
+        raise _TracerFailure(_describe_failure("export", error, module, module_type)) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    gm = program.module()
+    if not isinstance(gm, torch.fx.GraphModule):  # pragma: no cover - torch API drift
+        raise _TracerFailure(f"export: .module() returned {type(gm).__name__}, not a GraphModule")
+    return gm
+
+
+def capture(
+    model: nn.Module,
+    example_inputs: Sequence[Any] = (),
+    example_kwargs: dict[str, Any] | None = None,
+    *,
+    leaf_modules: Iterable[type | str] = (),
+    method: str = "auto",
+) -> torch.fx.GraphModule:
+    """Trace ``model`` into a GraphModule (FX first, ``torch.export`` as fallback).
+
+    ``leaf_modules`` (types or FQNs) stay single ``call_module`` nodes under FX
+    (export inlines every module).
+    ``gm.meta["tripar_tracer"]`` says which tracer produced the graph and
+    ``gm.meta["tripar_tracer_reason"]`` why. Raises CaptureError, naming where
+    each tracer failed, when no tracer succeeds.
+
+    >>> import torch
+    >>> with torch.device("meta"):
+    ...     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    >>> gm = capture(model, (torch.empty(2, 4, device="meta"),))
+    >>> gm.meta["tripar_tracer"], [n.op for n in gm.graph.nodes]
+    ('fx', ['placeholder', 'call_module', 'call_module', 'output'])
+    """
+    if method not in _METHODS:
+        raise CaptureError(f"capture method must be one of {', '.join(_METHODS)}, got {method!r}")
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"capture needs an nn.Module, got {type(model).__name__}")
+    args = tuple(example_inputs)
+    kwargs = dict(example_kwargs or {})
+    leaf_types, leaf_names = _split_leaves(leaf_modules)
+    failures: list[str] = []
+    if method in ("auto", "fx"):
+        try:
+            gm = _trace_fx(model, args, kwargs, leaf_types, leaf_names)
+        except _TracerFailure as failure:
+            failures.append(str(failure))
+        else:
+            gm.meta["tripar_tracer"] = "fx"
+            gm.meta["tripar_tracer_reason"] = (
+                "fx: traced" if method == "auto" else "fx: requested with method='fx'"
+            )
+            return gm
+    if method in ("auto", "export"):
+        try:
+            gm = _trace_export(model, args, kwargs)
+        except _TracerFailure as failure:
+            failures.append(str(failure))
+        else:
+            gm.meta["tripar_tracer"] = "export"
+            gm.meta["tripar_tracer_reason"] = (
+                f"{failures[0]}; fell back to export" if failures
+                else "export: requested with method='export'"
+            )
+            return gm
+    tried = " and ".join(f.split(":", 1)[0] for f in failures)
+    raise CaptureError(
+        f"could not capture {type(model).__name__} with {tried}:\n  "
+        + "\n  ".join(failures)
+        + "\nfix: mark the failing module as a leaf (leaf_modules=[...]), or remove the "
+        "data-dependent control flow it uses"
+    )
