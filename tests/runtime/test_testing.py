@@ -1,0 +1,37 @@
+"""The rank-spawning test helper: values back, a failure named with its rank, no hang."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tripar.runtime.testing import RankProcessError, run_ranks
+
+
+def _sum_ranks(scale: int) -> tuple[int, int]:
+    t = torch.tensor([dist.get_rank() * scale])
+    dist.all_reduce(t)
+    return dist.get_rank(), int(t)
+
+
+def _one_raises() -> None:
+    if dist.get_rank() == 1:
+        raise KeyError("rank one is broken")
+    time.sleep(120)  # would hang without the helper's grace period
+
+
+def test_values_come_back_by_rank():
+    assert run_ranks(_sum_ranks, 2, 10) == [(0, 10), (1, 10)]
+
+
+def test_a_raising_rank_is_reported_and_the_rest_stopped():
+    t0 = time.monotonic()
+    with pytest.raises(RankProcessError, match="rank 1 of 2 failed: KeyError") as info:
+        run_ranks(_one_raises, 2, timeout_s=60, grace_s=0.5)
+    assert time.monotonic() - t0 < 20
+    r0, r1 = info.value.results
+    assert "rank one is broken" in r1.traceback and not r0.ok
+    assert r0.error.startswith("stopped: another rank failed")

@@ -1,0 +1,319 @@
+"""Data parallelism: bucketed gradient reduction overlapping the backward, ZeRO-1, clipping.
+
+``DataParallel`` owns the optimizer of one rank's stage modules.
+
+Buckets. Parameters are grouped, in reverse order (the order the backward
+produces their gradients), into buckets of about ``bucket_bytes``. A
+``register_post_accumulate_grad_hook`` counts each parameter's gradient
+accumulations; when a parameter has had all of them (num_microbatches times the
+number of this rank's stage modules holding it) it is ready, and when a bucket's
+parameters are all ready its reduction is launched asynchronously -- buckets in
+order, so every dp rank issues the same collectives in the same order -- while
+the backward goes on. ``finish`` (called by the executor at the end of the step)
+launches what is left (parameters that got no gradient count as zero) and waits.
+
+Plain dp: the flattened bucket, divided by dp, is all-reduced; every rank then
+holds the average gradient and steps the same optimizer.
+
+ZeRO-1 (``zero=True``): each bucket is padded to a multiple of dp and dp rank k
+owns slice k. The gradient is reduce-scattered, so each rank holds the averaged
+gradient of its slice only; the optimizer holds one flat fp32 copy of each owned
+slice (so its state is 1/dp of plain dp's), steps it, and the updated slices are
+all-gathered back into the parameters. The optimizer therefore sees flat shards,
+not the original tensors: it must be elementwise (SGD, Adam, AdamW, ...) and use
+one set of hyper-parameters; results then equal plain dp's.
+
+Clipping: ``clip_grad_norm_`` computes the L2 norm over every gradient of the
+whole job, counting each value once: shards are summed over dp (ZeRO), stages over
+pp, tensor-parallel shards over tp; parameters named in ``norm_duplicates`` (copies
+of a parameter counted elsewhere: tp-replicated on tp ranks > 0, the second copy of
+a tied weight) are left out of the sum but are clipped like the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tripar.errors import ConfigError
+from tripar.runtime.mesh import Mesh
+
+__all__ = ["DataParallel", "local_batch"]
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def local_batch(batch: tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor], mesh: Mesh
+                ) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
+    """This dp rank's share of a global batch: slice ``mesh.coords.dp`` of ``mesh.dp`` along dim 0."""
+    def piece(key: object, t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] % mesh.dp:
+            raise ConfigError(f"batch field {key!r} has batch size {t.shape[0]}, not divisible "
+                              f"by dp={mesh.dp}; use a global batch that is a multiple of dp")
+        n = t.shape[0] // mesh.dp
+        return t[mesh.coords.dp * n:(mesh.coords.dp + 1) * n]
+    if isinstance(batch, Mapping):
+        return {k: piece(k, t) for k, t in batch.items()}
+    return tuple(piece(i, t) for i, t in enumerate(batch))
+
+
+@dataclass(eq=False)
+class _Bucket:
+    params: list[nn.Parameter]
+    offsets: list[int]
+    numel: int
+    padded: int
+    skip_norm: torch.Tensor | None = None
+    """1 where a value counts in the norm, 0 for duplicates (None: all count)."""
+    pending: int = 0
+    buffer: torch.Tensor | None = None
+    shard_grad: torch.Tensor | None = None
+    works: list = field(default_factory=list)
+
+
+class DataParallel:
+    """Gradient synchronisation across dp and the optimizer of one rank's stage modules."""
+
+    def __init__(self, modules: Sequence[nn.Module], mesh: Mesh,
+                 make_optimizer: OptimizerFactory, *, zero: bool = False,
+                 bucket_bytes: int = 25 * 2**20,
+                 norm_duplicates: Collection[nn.Parameter] = ()) -> None:
+        """``modules``: this rank's stage modules; ``make_optimizer(params)``: builds the
+        optimizer (given the parameters, or with ``zero`` the flat owned shards)."""
+        if bucket_bytes < 1:
+            raise ConfigError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        self.mesh, self.zero = mesh, bool(zero)
+        self._uses: dict[int, int] = {}
+        params: dict[int, nn.Parameter] = {}
+        for module in modules:
+            for p in module.parameters():
+                if p.requires_grad:
+                    params.setdefault(id(p), p)
+                    self._uses[id(p)] = self._uses.get(id(p), 0) + 1
+        self.params = list(params.values())
+        dup_ids = {id(p) for p in norm_duplicates}
+        self._dup = [p for p in self.params if id(p) in dup_ids]
+        self.buckets = self._make_buckets(bucket_bytes, dup_ids)
+        self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+        self._counts: dict[int, int] = {}
+        self._expected = 0
+        self._next_launch = 0
+        self._active = False
+        self.overlapped = 0
+        """Buckets of the last step whose reduction started inside the backward (by a hook)."""
+        if self.zero:
+            self.shards = [nn.Parameter(self._flat_params(b)[self._shard_slice(b)].clone())
+                           for b in self.buckets]
+            self.optimizer = make_optimizer(list(self.shards))
+        else:
+            self.shards = []
+            self.optimizer = make_optimizer(list(self.params))
+
+    # ---- layout -------------------------------------------------------------------------------
+
+    def _make_buckets(self, bucket_bytes: int, dup_ids: set[int]) -> list[_Bucket]:
+        pad_to = self.mesh.dp if self.zero else 1
+        buckets: list[_Bucket] = []
+        group: list[nn.Parameter] = []
+        size = 0
+        for p in reversed(self.params):
+            group.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_bytes:
+                buckets.append(self._bucket(group, pad_to, dup_ids))
+                group, size = [], 0
+        if group:
+            buckets.append(self._bucket(group, pad_to, dup_ids))
+        return buckets
+
+    @staticmethod
+    def _bucket(params: list[nn.Parameter], pad_to: int, dup_ids: set[int]) -> _Bucket:
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) != 1:
+            raise ConfigError(f"parameters of one bucket have dtypes {sorted(map(str, dtypes))}; "
+                              f"data parallelism needs one parameter dtype per rank")
+        offsets, n = [], 0
+        for p in params:
+            offsets.append(n)
+            n += p.numel()
+        padded = -(-n // pad_to) * pad_to
+        mask = None
+        if any(id(p) in dup_ids for p in params):
+            mask = torch.ones(padded, dtype=params[0].dtype, device=params[0].device)
+            for p, off in zip(params, offsets):
+                if id(p) in dup_ids:
+                    mask[off:off + p.numel()] = 0
+        return _Bucket(params, offsets, n, padded, mask)
+
+    def _shard_slice(self, b: _Bucket) -> slice:
+        n = b.padded // self.mesh.dp
+        return slice(self.mesh.coords.dp * n, (self.mesh.coords.dp + 1) * n)
+
+    @staticmethod
+    def _flat_params(b: _Bucket) -> torch.Tensor:
+        flat = torch.zeros(b.padded, dtype=b.params[0].dtype, device=b.params[0].device)
+        for p, off in zip(b.params, b.offsets):
+            flat[off:off + p.numel()] = p.detach().reshape(-1)
+        return flat
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def begin_step(self, num_microbatches: int) -> None:
+        """Clear gradients and arm the hooks for a step of ``num_microbatches``."""
+        self.zero_grad()
+        self._expected = num_microbatches
+        self._counts = {}
+        self._next_launch = 0
+        self.overlapped = 0
+        for b in self.buckets:
+            b.pending, b.buffer, b.shard_grad, b.works = len(b.params), None, None, []
+        self._active = True
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if not self._active:
+            return
+        key = id(p)
+        count = self._counts.get(key, 0) + 1
+        self._counts[key] = count
+        if count == self._expected * self._uses[key]:
+            self._bucket_of[key].pending -= 1
+            while (self._next_launch < len(self.buckets)
+                   and self.buckets[self._next_launch].pending == 0):
+                self._launch(self.buckets[self._next_launch])
+                self._next_launch += 1
+                self.overlapped += 1
+
+    def _launch(self, b: _Bucket) -> None:
+        flat = torch.zeros(b.padded, dtype=b.params[0].dtype, device=b.params[0].device)
+        for p, off in zip(b.params, b.offsets):
+            if p.grad is not None:
+                flat[off:off + p.numel()] = p.grad.reshape(-1)
+        dp = self.mesh.dp
+        if dp > 1:
+            flat.div_(dp)
+        b.buffer = flat
+        if self.zero:
+            for p in b.params:
+                p.grad = None
+            if dp > 1:
+                b.shard_grad = torch.empty(b.padded // dp, dtype=flat.dtype, device=flat.device)
+                b.works.append(dist.reduce_scatter_tensor(b.shard_grad, flat,
+                                                          group=self.mesh.dp_group,
+                                                          async_op=True))
+            else:
+                b.shard_grad = flat
+        elif dp > 1:
+            b.works.append(dist.all_reduce(flat, group=self.mesh.dp_group, async_op=True))
+
+    def finish(self) -> None:
+        """Launch the buckets not launched yet and wait for every reduction."""
+        self._active = False
+        while self._next_launch < len(self.buckets):
+            self._launch(self.buckets[self._next_launch])
+            self._next_launch += 1
+        peers = tuple(dist.get_process_group_ranks(self.mesh.dp_group))
+        for k, b in enumerate(self.buckets):
+            self.mesh.wait(b.works, what=f"the data-parallel gradient reduction of bucket {k}",
+                           peers=peers)
+            b.works = []
+            if not self.zero and self.mesh.dp > 1:
+                for p, off in zip(b.params, b.offsets):
+                    p.grad = b.buffer[off:off + p.numel()].view_as(p)
+            if self.zero:
+                b.buffer = None
+
+    def _grads(self) -> Iterable[tuple[torch.Tensor, torch.Tensor | bool]]:
+        """(gradient, counts in the norm) pairs this rank holds after ``finish``: True, False
+        (a duplicate), or a 0/1 mask of the values that count."""
+        if self.zero:
+            for b in self.buckets:
+                if b.shard_grad is not None:
+                    yield b.shard_grad, (True if b.skip_norm is None
+                                         else b.skip_norm[self._shard_slice(b)])
+        else:
+            dup = {id(p) for p in self._dup}
+            for p in self.params:
+                if p.grad is not None:
+                    yield p.grad, id(p) not in dup
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Scale the gradients so that their global L2 norm is at most ``max_norm``.
+
+        Returns the norm before clipping, the same on every rank (a collective over
+        dp (ZeRO only), pp and tp). The coefficient is torch's:
+        ``min(1, max_norm / (norm + 1e-6))``.
+        """
+        grads = list(self._grads())
+        sq = torch.zeros((), dtype=torch.float64, device=self.mesh.device)
+        for g, counts in grads:
+            if counts is True:
+                sq += g.detach().double().pow(2).sum()
+            elif counts is not False:
+                sq += (g.detach().double().pow(2) * counts.double()).sum()
+        axes = (("dp",) if self.zero else ()) + ("pp", "tp")
+        for axis in axes:
+            if self.mesh.size(axis) > 1:
+                group = self.mesh.group(axis)
+                work = dist.all_reduce(sq, group=group, async_op=True)
+                self.mesh.wait([work], what=f"the gradient-norm sum over {axis}",
+                               peers=tuple(dist.get_process_group_ranks(group)))
+        total = math.sqrt(float(sq))
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for g, _ in grads:
+                g.mul_(coef)
+        return total
+
+    def step(self) -> None:
+        """Step the optimizer (ZeRO: on the owned shards, then all-gather) and clear gradients."""
+        if not self.zero:
+            self.optimizer.step()
+            self.zero_grad()
+            return
+        for shard, b in zip(self.shards, self.buckets):
+            shard.grad = b.shard_grad
+        self.optimizer.step()
+        dp = self.mesh.dp
+        gathered = []
+        for shard, b in zip(self.shards, self.buckets):
+            if dp > 1:
+                full = torch.empty(b.padded, dtype=shard.dtype, device=shard.device)
+                work = dist.all_gather_into_tensor(full, shard.detach(),
+                                                   group=self.mesh.dp_group, async_op=True)
+                gathered.append((full, b, [work]))
+            else:
+                gathered.append((shard.detach(), b, []))
+        peers = tuple(dist.get_process_group_ranks(self.mesh.dp_group))
+        with torch.no_grad():
+            for k, (full, b, works) in enumerate(gathered):
+                self.mesh.wait(works, what=f"the ZeRO-1 parameter all-gather of bucket {k}",
+                               peers=peers)
+                for p, off in zip(b.params, b.offsets):
+                    p.copy_(full[off:off + p.numel()].view_as(p))
+        self.zero_grad()
+
+    def zero_grad(self) -> None:
+        """Drop every gradient (parameters and shards)."""
+        for p in self.params:
+            p.grad = None
+        for shard in self.shards:
+            shard.grad = None
+        for b in self.buckets:
+            b.shard_grad = None
+
+    def optimizer_state_numel(self) -> int:
+        """Values held in the optimizer's state on this rank (ZeRO-1 holds 1/dp of plain dp's)."""
+        return sum(t.numel() for st in self.optimizer.state.values() for t in st.values()
+                   if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks from the parameters."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

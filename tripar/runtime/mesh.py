@@ -1,0 +1,218 @@
+"""The (pp, dp, tp) device mesh of a training job, and bounded, fault-aware waiting.
+
+``build_mesh`` lays the world out as ``torch.distributed.device_mesh.init_device_mesh``
+does, with axes ``("pp", "dp", "tp")`` and tp innermost: global rank
+``(p * dp + d) * tp + t`` sits at coordinates ``(p, d, t)``. Every process group
+it creates carries an explicit timeout.
+
+Faults. Every wait in the runtime goes through ``Mesh.wait``, which waits at
+most the mesh's timeout. A rank whose computation raises calls
+``Mesh.report_failure`` before re-raising: that writes one line (which rank,
+which stage, which action, what error) into the default group's store, first
+writer wins. A rank whose wait then fails -- the peer's process exited and its
+connection closed, or the timeout ran out -- reads that line and raises
+``RankFailedError`` naming the failed rank; with no line it raises ``CommError``
+naming the peer it waited for. So a raising rank stops the others within one
+timeout, and usually at once (its exit closes the connections).
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from tripar.errors import ConfigError, TriparError
+
+__all__ = ["CommError", "Mesh", "MeshCoords", "RankFailedError", "build_mesh"]
+
+AXES = ("pp", "dp", "tp")
+_FAILURE_KEY = "tripar/failure"
+
+
+class RankFailedError(TriparError, RuntimeError):
+    """Another rank failed; the message names it, its stage and its error."""
+
+
+class CommError(TriparError, RuntimeError):
+    """A wait for another rank timed out or lost its connection, and no rank reported a failure."""
+
+
+@dataclass(frozen=True, slots=True)
+class MeshCoords:
+    """This rank's coordinates on the mesh axes."""
+
+    pp: int
+    dp: int
+    tp: int
+
+
+class Mesh:
+    """This rank's view of the (pp, dp, tp) mesh: sizes, coordinates, groups, peers, timeouts.
+
+    Built by ``build_mesh``; the runtime's other pieces take it instead of process groups.
+    """
+
+    def __init__(self, device_mesh: DeviceMesh, *, timeout_s: float, backend: str) -> None:
+        self.device_mesh = device_mesh
+        self.timeout_s = float(timeout_s)
+        self.backend = backend
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.pp, self.dp, self.tp = (int(n) for n in device_mesh.mesh.shape)
+        self.coords = MeshCoords(*(int(c) for c in device_mesh.get_coordinate()))
+        self.pp_group = device_mesh.get_group("pp")
+        self.dp_group = device_mesh.get_group("dp")
+        self.tp_group = device_mesh.get_group("tp")
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if backend == "nccl" else torch.device("cpu"))
+        self._pp_ranks = tuple(dist.get_process_group_ranks(self.pp_group))
+        self._store = _default_store()
+
+    # ---- layout ----------------------------------------------------------------------------
+
+    def group(self, axis: str) -> dist.ProcessGroup:
+        """The process group of ``axis`` ("pp", "dp" or "tp") that holds this rank."""
+        if axis not in AXES:
+            raise ConfigError(f"unknown mesh axis {axis!r}; the axes are {', '.join(AXES)}")
+        return getattr(self, f"{axis}_group")
+
+    def size(self, axis: str) -> int:
+        """The degree of ``axis``."""
+        self.group(axis)
+        return getattr(self, axis)
+
+    def coord(self, axis: str) -> int:
+        """This rank's coordinate on ``axis``."""
+        self.group(axis)
+        return getattr(self.coords, axis)
+
+    def pp_rank_global(self, pp_coord: int) -> int:
+        """The global rank at pipeline coordinate ``pp_coord`` (same dp and tp as this rank)."""
+        return self._pp_ranks[pp_coord % self.pp]
+
+    @property
+    def prev_rank(self) -> int:
+        """Global rank of the previous pipeline peer (wraps around: rank 0's is the last)."""
+        return self.pp_rank_global(self.coords.pp - 1)
+
+    @property
+    def next_rank(self) -> int:
+        """Global rank of the next pipeline peer (wraps around: the last rank's is rank 0)."""
+        return self.pp_rank_global(self.coords.pp + 1)
+
+    def stage_rank(self, stage: int) -> int:
+        """Global rank that runs virtual stage ``stage`` of this rank's pipeline (s % pp)."""
+        return self.pp_rank_global(stage % self.pp)
+
+    def describe(self) -> str:
+        """``rank 3 (pp 1, dp 1, tp 0)``."""
+        c = self.coords
+        return f"rank {self.rank} (pp {c.pp}, dp {c.dp}, tp {c.tp})"
+
+    # ---- faults ----------------------------------------------------------------------------
+
+    def report_failure(self, message: str) -> None:
+        """Record that this rank failed (first report in the job wins); never raises."""
+        if self._store is None:
+            return
+        try:
+            self._store.compare_set(_FAILURE_KEY, "", message)
+        except Exception:  # noqa: BLE001 - reporting must not mask the original error
+            pass
+
+    def failure(self) -> str | None:
+        """The first failure any rank reported, or None."""
+        if self._store is None:
+            return None
+        try:
+            if not self._store.check([_FAILURE_KEY]):
+                return None
+            return self._store.get(_FAILURE_KEY).decode(errors="replace")
+        except Exception:  # noqa: BLE001 - a dead store means no report can be read
+            return None
+
+    def wait(self, works: Iterable[Any], *, what: str, peers: Sequence[int] = ()) -> None:
+        """Wait for every Work in ``works``, at most ``timeout_s`` each.
+
+        ``what`` says what is awaited (``"stage 2's activations of microbatch 1"``),
+        ``peers`` which global ranks it comes from. Raises ``RankFailedError`` when a
+        rank has reported a failure, ``CommError`` otherwise.
+        """
+        timeout = datetime.timedelta(seconds=self.timeout_s)
+        for work in works:
+            try:
+                work.wait(timeout)
+            except Exception as exc:  # noqa: BLE001 - re-raised with who failed
+                raise self._wait_error(what, peers, exc) from exc
+
+    def _wait_error(self, what: str, peers: Sequence[int], exc: BaseException) -> TriparError:
+        failure = self.failure()
+        if failure is not None:
+            return RankFailedError(
+                f"{failure}. {self.describe()} stopped while waiting for {what}."
+            )
+        who = (f"rank {peers[0]}" if len(peers) == 1
+               else f"ranks {list(peers)}" if peers else "its peers")
+        return CommError(
+            f"{self.describe()} waited for {what} from {who} and gave up "
+            f"(timeout {self.timeout_s:g} s): {type(exc).__name__}: {str(exc).strip()[:300]}. "
+            f"{who.capitalize()} died, stalled or runs a different schedule; check its log, "
+            f"or raise timeout_s if it is only slow."
+        )
+
+
+def _default_store() -> dist.Store | None:
+    get_store = getattr(dist.distributed_c10d, "_get_default_store", None)
+    if get_store is None:
+        return None
+    try:
+        return get_store()
+    except Exception:  # noqa: BLE001 - a group without a store still runs, without fault reports
+        return None
+
+
+def _options(backend: str, timeout: datetime.timedelta) -> Any:
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return opts
+    return torch._C._distributed_c10d.Backend.Options(backend, timeout)
+
+
+def build_mesh(pp: int, dp: int, tp: int, *, backend: str | None = None,
+               timeout_s: float = 600.0) -> Mesh:
+    """Lay the initialised world out as a (pp, dp, tp) mesh, tp innermost.
+
+    ``backend`` defaults to the default group's (gloo on CPU, nccl on CUDA); every
+    group created gets ``timeout_s``. A collective: every rank calls it with the same
+    arguments.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ConfigError("build_mesh needs an initialised default process group; call "
+                          "torch.distributed.init_process_group first (torchrun sets it up)")
+    for axis, n in zip(AXES, (pp, dp, tp)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ConfigError(f"mesh degree {axis} must be a positive integer, got {n!r}")
+    world = dist.get_world_size()
+    if pp * dp * tp != world:
+        raise ConfigError(f"mesh pp={pp} x dp={dp} x tp={tp} = {pp * dp * tp} ranks, but the "
+                          f"world has {world}; choose degrees whose product is {world}")
+    if not timeout_s > 0:
+        raise ConfigError(f"timeout_s must be positive, got {timeout_s!r}")
+    if backend is None:
+        backend = str(dist.get_backend())
+    if backend not in ("gloo", "nccl"):
+        raise ConfigError(f"backend {backend!r} is not supported; use 'gloo' (CPU) or 'nccl' (CUDA)")
+    device_type = "cuda" if backend == "nccl" else "cpu"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    device_mesh = init_device_mesh(
+        device_type, (pp, dp, tp), mesh_dim_names=AXES,
+        backend_override={axis: (backend, _options(backend, timeout)) for axis in AXES},
+    )
+    return Mesh(device_mesh, timeout_s=timeout_s, backend=backend)
