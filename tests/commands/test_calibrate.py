@@ -1,0 +1,72 @@
+"""``tripar calibrate --quick``: real measurements (2 gloo processes), a loadable profile
+that ``--cluster`` uses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from tripar.cli import main
+from tripar.commands._cluster_args import add_cluster_args, cluster_from_args
+from tripar.commands.calibrate import QUICK_SIZES, fit_alpha_beta
+from tripar.errors import ConfigError
+from tripar.partitioner.hardware import Cluster
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calibrate") / "local.json"
+    assert main(["calibrate", "--quick", "--device", "cpu", "--out", str(path),
+                 "--format", "json", "--timeout", "60"]) == 0
+    return path
+
+
+def test_quick_calibration_measures_and_fits(profile, capsys):
+    cluster = Cluster.from_file(profile)
+    measured = cluster.measured
+    assert len(measured["matmul"]) == 2 * len(QUICK_SIZES)
+    assert all(s["flops_per_s"] > 0 for s in measured["matmul"])
+    assert len(measured["p2p"]) == 4 and len(measured["all_reduce"]) == 4
+    spec = cluster.device
+    eff = spec.efficiency
+    assert spec.peak("fp32") >= 0.5 * max(s["flops_per_s"] for s in measured["matmul"])
+    assert eff.matmul_max == 1.0 and eff.matmul_half >= 0 and eff.launch_s >= 0
+    assert eff.source.startswith("tripar calibrate --quick")
+    assert spec.memory_bandwidth > 1e8 and cluster.intra_bandwidth > 1e6
+    assert 0 < eff.link <= 1
+    # The fitted times follow the measured ones (loosely: 2 busy cores, noisy timers).
+    for s in measured["matmul"]:
+        flops = 2.0 * s["m"] * s["k"] * s["n"]
+        fitted = flops / (spec.peak("fp32") * eff.matmul(s["m"], s["k"], s["n"])) + eff.launch_s
+        assert fitted == pytest.approx(s["seconds"], rel=1.0)
+
+
+def test_profile_is_what_cluster_option_returns(profile):
+    parser = argparse.ArgumentParser()
+    add_cluster_args(parser)
+    assert cluster_from_args(parser.parse_args(["--cluster", str(profile)])) == \
+        Cluster.from_file(profile)
+    resized = cluster_from_args(parser.parse_args(["--cluster", str(profile), "--nodes", "3"]))
+    assert resized.nodes == 3 and resized.device == Cluster.from_file(profile).device
+    with pytest.raises(ConfigError, match="either --gpu or --cluster"):
+        cluster_from_args(parser.parse_args(["--cluster", str(profile), "--gpu", "h200"]))
+
+
+def test_simulate_uses_the_profile(profile, capsys):
+    spec = "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32"
+    common = ["simulate", spec, "--global-batch", "4", "--dp", "2", "--format", "json"]
+    assert main([*common, "--cluster", str(profile)]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert main([*common, "--gpu", "a100-80g", "--gpus-per-node", "2"]) == 0
+    gpu = json.loads(capsys.readouterr().out)
+    assert local["cluster"]["device"] == "cpu (measured)"
+    # A CPU process is orders of magnitude slower than an A100.
+    assert local["estimate"]["step_time_s"] > 5 * gpu["estimate"]["step_time_s"]
+
+
+def test_fit_alpha_beta_is_least_squares():
+    samples = [{"bytes": b, "seconds": 2e-5 + b / 4e9} for b in (0, 1e6, 1e7, 1e8)]
+    alpha, beta = fit_alpha_beta(samples)
+    assert alpha == pytest.approx(2e-5, rel=1e-6) and beta == pytest.approx(4e9, rel=1e-6)

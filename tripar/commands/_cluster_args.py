@@ -1,0 +1,40 @@
+"""``--gpu NAME --nodes N --gpus-per-node G`` or ``--cluster FILE``, shared by commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from tripar.errors import ConfigError
+from tripar.partitioner.hardware import BUILTIN_DEVICES, Cluster
+
+
+def add_cluster_args(parser: argparse.ArgumentParser, *, default_gpu: str = "a100-80g") -> None:
+    """Add the hardware options to ``parser``."""
+    group = parser.add_argument_group("hardware")
+    group.add_argument("--gpu", default=None, metavar="NAME",
+                       help=f"built-in device: {', '.join(BUILTIN_DEVICES)} "
+                            f"(default {default_gpu})")
+    group.add_argument("--nodes", type=int, default=None, metavar="N",
+                       help="number of nodes (default 1, or the profile's)")
+    group.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
+                       help="devices per node (default 8, or the profile's)")
+    group.add_argument("--cluster", default=None, metavar="FILE",
+                       help="a profile JSON (from `tripar calibrate`) instead of --gpu")
+    parser.set_defaults(_default_gpu=default_gpu)
+
+
+def cluster_from_args(args: argparse.Namespace) -> Cluster:
+    """The Cluster the options describe. ``--nodes``/``--gpus-per-node`` resize a profile."""
+    for name in ("nodes", "gpus_per_node"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if getattr(args, "cluster", None):
+        if getattr(args, "gpu", None):
+            raise ConfigError("give either --gpu or --cluster FILE, not both "
+                              f"(--gpu {args.gpu}, --cluster {args.cluster})")
+        cluster = Cluster.from_file(args.cluster)
+        return cluster.resized(nodes=args.nodes, devices_per_node=args.gpus_per_node)
+    gpu = args.gpu or getattr(args, "_default_gpu", "a100-80g")
+    return Cluster.builtin(gpu, nodes=args.nodes or 1,
+                           gpus_per_node=args.gpus_per_node or 8)

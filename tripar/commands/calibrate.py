@@ -1,0 +1,288 @@
+"""``tripar calibrate``: measure this machine and write a cluster profile.
+
+Measures matrix-product FLOP/s across sizes (and fits the efficiency curve
+``e_max x / (x + x_half)`` to them), memory bandwidth (a large copy), and
+the gloo p2p and all-reduce latency and bandwidth between two local
+processes started with ``torch.multiprocessing``. The profile it writes is
+read by every command through ``--cluster FILE``.
+
+One machine cannot measure the network between nodes: the inter-node link
+is taken from ``--inter-bandwidth`` / ``--inter-latency`` and recorded as
+assumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from tripar.errors import ConfigError
+from tripar.partitioner.hardware import (
+    Cluster,
+    DeviceSpec,
+    Efficiency,
+    canonical_dtype,
+    fit_matmul_times,
+    load_calibration,
+)
+
+FULL_SIZES = (128, 256, 512, 1024, 2048)
+QUICK_SIZES = (32, 64, 128, 256)
+GPU_SIZES = (256, 512, 1024, 2048, 4096, 8192)
+GPU_QUICK_SIZES = (256, 1024, 4096)
+FULL_PAYLOADS = (2**10, 2**16, 2**20, 2**24)
+QUICK_PAYLOADS = (2**8, 2**14, 2**18, 2**20)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("calibrate", help="measure this machine, write a profile")
+    parser.add_argument("--out", default="tripar-cluster.json", metavar="FILE",
+                        help="profile to write (default tripar-cluster.json)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and few repeats: seconds, rough numbers")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="what to measure (auto: cuda when available)")
+    parser.add_argument("--dtype", default=None,
+                        help="matmul dtype (default bf16 on cuda, fp32 on cpu)")
+    parser.add_argument("--devices-per-node", type=int, default=None, metavar="G",
+                        help="devices (ranks) per node the profile describes "
+                             "(default: GPUs present, else 2)")
+    parser.add_argument("--memory-gb", type=float, default=None,
+                        help="memory per device in GB (default: device memory, or RAM / G)")
+    parser.add_argument("--inter-bandwidth", type=float, default=1.25, metavar="GB/S",
+                        help="assumed inter-node bandwidth per device (default 1.25 GB/s)")
+    parser.add_argument("--inter-latency", type=float, default=50.0, metavar="US",
+                        help="assumed inter-node latency in microseconds (default 50)")
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                        help="process-group timeout in seconds (default 120)")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.set_defaults(func=run)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str, repeats: int) -> float:
+    """Seconds per call: the least disturbed of ``repeats`` samples. On a GPU each sample
+    launches 20 calls back to back and synchronises once, so it times the kernels, not
+    the launch-and-wait round trip."""
+    inner = 20 if device == "cuda" else 1
+    fn()  # warm-up
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) / inner)
+    return min(times)
+
+
+def measure_matmul(device: str, dtype: str, sizes: tuple[int, ...], repeats: int) -> list[dict]:
+    """FLOP/s of square and skinny products (m, k, n) at each size."""
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    samples = []
+    for size in sizes:
+        for m, k, n in ((size, size, size), (4 * size, size, size // 4 or 1)):
+            a = torch.randn(m, k, device=device, dtype=torch_dtype)
+            b = torch.randn(k, n, device=device, dtype=torch_dtype)
+            seconds = _timed(lambda a=a, b=b: torch.mm(a, b), device, repeats)
+            samples.append({"m": m, "k": k, "n": n, "seconds": seconds,
+                            "flops_per_s": 2.0 * m * k * n / seconds})
+    return samples
+
+
+def measure_memory_bandwidth(device: str, quick: bool, repeats: int) -> float:
+    """Bytes/s of a large copy (read + write)."""
+    import torch
+
+    elements = (2**22 if quick else 2**25) * (8 if device == "cuda" else 1)
+    src = torch.ones(elements, device=device)
+    dst = torch.empty_like(src)
+    seconds = _timed(lambda: dst.copy_(src), device, repeats)
+    return 2.0 * src.numel() * src.element_size() / seconds
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _comm_worker(rank: int, world: int, port: int, timeout_s: float, payloads: list[int],
+                 repeats: int, out_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
+    try:
+        results = {"p2p": [], "all_reduce": []}
+        for payload in payloads:
+            buf = torch.zeros(max(1, payload // 4), dtype=torch.float32)
+
+            def ping_pong(buf=buf) -> None:
+                if rank == 0:
+                    dist.send(buf, 1)
+                    dist.recv(buf, 1)
+                else:
+                    dist.recv(buf, 0)
+                    dist.send(buf, 0)
+
+            def all_reduce(buf=buf) -> None:
+                dist.all_reduce(buf)
+
+            dist.barrier()
+            one_way = _timed(ping_pong, "cpu", repeats) / 2
+            dist.barrier()
+            reduce = _timed(all_reduce, "cpu", repeats)
+            results["p2p"].append({"bytes": buf.numel() * 4, "seconds": one_way})
+            results["all_reduce"].append({"bytes": buf.numel() * 4, "seconds": reduce})
+        if rank == 0:
+            Path(out_path).write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_links(payloads: tuple[int, ...], repeats: int, timeout_s: float) -> dict:
+    """gloo p2p (one way) and all-reduce times between 2 local processes."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "links.json")
+        mp.start_processes(_comm_worker, args=(2, _free_port(), timeout_s, list(payloads),
+                                               repeats, out),
+                           nprocs=2, join=True, start_method="spawn")
+        return json.loads(Path(out).read_text())
+
+
+def fit_alpha_beta(samples: list[dict]) -> tuple[float, float]:
+    """Least-squares ``seconds = alpha + bytes / beta``; returns (alpha s, beta B/s).
+
+    >>> fit_alpha_beta([{"bytes": 0, "seconds": 1e-5}, {"bytes": 1e9, "seconds": 1.00001}])
+    (1e-05, 1000000000.0)
+    """
+    xs = [s["bytes"] for s in samples]
+    ys = [s["seconds"] for s in samples]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / var if var else 0.0
+    if slope <= 0:  # noise: fall back to the largest transfer
+        big = max(samples, key=lambda s: s["bytes"])
+        slope = big["seconds"] / max(big["bytes"], 1)
+    alpha = max(0.0, mean_y - slope * mean_x)
+    return round(alpha, 12), round(1.0 / slope, 3)
+
+
+def calibrate(*, quick: bool, device: str, dtype: str | None, devices_per_node: int | None,
+              memory_gb: float | None, inter_bandwidth: float, inter_latency: float,
+              timeout_s: float) -> Cluster:
+    """Measure this machine and return its profile (one node)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but torch sees no CUDA device; use --device cpu")
+    dtype = canonical_dtype(dtype or ("bf16" if device == "cuda" else "fp32"))
+    repeats = 3 if quick else 10
+    if device == "cuda":
+        sizes = GPU_QUICK_SIZES if quick else GPU_SIZES
+    else:
+        sizes = QUICK_SIZES if quick else FULL_SIZES
+    matmuls = measure_matmul(device, dtype, sizes, repeats)
+    # seconds = flops / (peak x / (x + x_half)) + launch: the peak is the curve's asymptote.
+    peak, x_half, launch = fit_matmul_times(
+        [(s["m"], s["k"], s["n"], s["seconds"]) for s in matmuls])
+    bandwidth = measure_memory_bandwidth(device, quick, repeats)
+    links = measure_links(QUICK_PAYLOADS if quick else FULL_PAYLOADS, repeats, timeout_s)
+    p2p_alpha, p2p_beta = fit_alpha_beta(links["p2p"])
+    # 2 ranks: all-reduce = 2 alpha + M / beta_bus; its bandwidth over the p2p one is the
+    # fraction of the link collectives reach.
+    ar_alpha, ar_beta = fit_alpha_beta(links["all_reduce"])
+    link_eff = min(1.0, max(0.05, ar_beta / p2p_beta))
+
+    if device == "cuda":
+        per_node = devices_per_node or torch.cuda.device_count()
+        memory = int(memory_gb * 1e9) if memory_gb else torch.cuda.get_device_properties(
+            0).total_memory
+        name = torch.cuda.get_device_name(0)
+    else:
+        per_node = devices_per_node or 2
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        memory = int(memory_gb * 1e9) if memory_gb else total // per_node
+        name = "cpu (measured)"
+    shipped = load_calibration()["efficiency"]["cpu" if device == "cpu" else "gpu"]
+    efficiency = Efficiency(matmul_max=1.0, matmul_half=x_half, memory=1.0,
+                            memory_traffic=shipped["memory_traffic"], link=link_eff,
+                            launch_s=launch,
+                            source=f"tripar calibrate{' --quick' if quick else ''} on "
+                                   f"{socket.gethostname()}")
+    spec = DeviceSpec(name=name, peak_flops=((dtype, peak),), memory_bytes=memory,
+                      memory_bandwidth=bandwidth, efficiency=efficiency, default_dtype=dtype)
+    measured = {"dtype": dtype, "matmul": matmuls, "memory_bandwidth": bandwidth,
+                "p2p": links["p2p"], "all_reduce": links["all_reduce"],
+                "p2p_alpha_beta": [p2p_alpha, p2p_beta],
+                "all_reduce_alpha_beta": [ar_alpha, ar_beta],
+                "inter_node": "assumed (--inter-bandwidth/--inter-latency), not measured"}
+    return Cluster(device=spec, nodes=1, devices_per_node=per_node,
+                   intra_bandwidth=p2p_beta, intra_latency=p2p_alpha,
+                   inter_bandwidth=inter_bandwidth * 1e9, inter_latency=inter_latency * 1e-6,
+                   name=f"{name} x{per_node} (calibrated)", measured=measured)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.devices_per_node is not None and args.devices_per_node < 1:
+        raise ConfigError(f"--devices-per-node must be >= 1, got {args.devices_per_node}")
+    cluster = calibrate(quick=args.quick, device=args.device, dtype=args.dtype,
+                        devices_per_node=args.devices_per_node, memory_gb=args.memory_gb,
+                        inter_bandwidth=args.inter_bandwidth, inter_latency=args.inter_latency,
+                        timeout_s=args.timeout)
+    cluster.to_file(args.out)
+    if args.format == "json":
+        print(json.dumps(cluster.to_dict()))
+        return 0
+    _print_summary(cluster, args.out)
+    return 0
+
+
+def _print_summary(cluster: Cluster, path: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    spec, eff = cluster.device, cluster.device.efficiency
+    table = Table(title=f"calibrated: {cluster.name}")
+    table.add_column("matmul (m, k, n)")
+    table.add_column("GFLOP/s", justify="right")
+    table.add_column("fitted", justify="right")
+    peak = spec.peak(spec.default_dtype)
+    for sample in cluster.measured["matmul"]:
+        m, k, n = sample["m"], sample["k"], sample["n"]
+        flops = 2.0 * m * k * n
+        fitted = flops / (flops / (peak * eff.matmul(m, k, n)) + eff.launch_s)
+        table.add_row(f"{m} x {k} x {n}", f"{sample['flops_per_s'] / 1e9:.1f}",
+                      f"{fitted / 1e9:.1f}")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"fitted peak {peak / 1e9:.1f} GFLOP/s ({spec.default_dtype}), x_half="
+        f"{eff.matmul_half:.1f}, {eff.launch_s * 1e6:.1f} us per product\n"
+        f"memory bandwidth {spec.memory_bandwidth / 1e9:.2f} GB/s\n"
+        f"gloo p2p: latency {cluster.intra_latency * 1e6:.1f} us, bandwidth "
+        f"{cluster.intra_bandwidth / 1e9:.2f} GB/s; all-reduce reaches {eff.link:.2f} of it\n"
+        f"inter-node link assumed: {cluster.inter_bandwidth / 1e9:.2f} GB/s, "
+        f"{cluster.inter_latency * 1e6:.0f} us\n"
+        f"wrote {path} (use it with --cluster {path})")

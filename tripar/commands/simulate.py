@@ -1,0 +1,171 @@
+"""``tripar simulate``: cost and simulate one fully given parallel configuration.
+
+Stages are split uniformly by layers (embedding with the first stage, head
+with the last); the cost model prices each stage, the schedule generator
+writes every rank's actions, and the simulator plays one training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tripar.commands._cluster_args import add_cluster_args, cluster_from_args
+from tripar.commands._model_args import add_model_args, load_proxy_graph
+from tripar.errors import ConfigError
+from tripar.plan.config import RECOMPUTE, SCHEDULES, ParallelConfig
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "simulate", help="simulate one given dp/tp/pp configuration (step time, memory)")
+    add_model_args(parser)
+    add_cluster_args(parser)
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--global-batch", type=int, required=True, metavar="B",
+                       help="samples per training step, all replicas together")
+    group.add_argument("--dp", type=int, default=1, help="data-parallel degree")
+    group.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    group.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree")
+    group.add_argument("--vpp", type=int, default=1,
+                       help="virtual stages per pipeline rank (implies interleaved-1f1b)")
+    group.add_argument("--micro-batch", type=int, default=1, metavar="b",
+                       help="samples per microbatch (default 1)")
+    group.add_argument("--schedule", choices=SCHEDULES, default=None,
+                       help="pipeline schedule (default 1f1b, interleaved-1f1b when --vpp > 1)")
+    group.add_argument("--recompute", choices=RECOMPUTE, default="none",
+                       help="activation recomputation (default none)")
+    group.add_argument("--zero", type=int, choices=(0, 1), default=0,
+                       help="1: shard optimizer state across data-parallel ranks")
+    group.add_argument("--dtype", default=None,
+                       help="training dtype (default bf16 on GPUs, fp32 on cpu)")
+    parser.add_argument("--format", choices=("text", "json"), default="text")
+    parser.add_argument("--timeline", default=None, metavar="FILE",
+                        help="draw the timeline to FILE.png or FILE.svg")
+    parser.set_defaults(func=run)
+
+
+def parallel_config(args: argparse.Namespace, devices: int) -> ParallelConfig:
+    """Check the degrees against the cluster and the batch; ConfigError with a fix."""
+    product = args.dp * args.tp * args.pp
+    if product != devices:
+        raise ConfigError(
+            f"dp*tp*pp = {args.dp}*{args.tp}*{args.pp} = {product}, but the cluster has "
+            f"{devices} devices; choose degrees whose product is {devices} (e.g. --dp "
+            f"{max(1, devices // (args.tp * args.pp))} when {devices} is divisible by "
+            f"tp*pp = {args.tp * args.pp}) or change --nodes/--gpus-per-node")
+    per_step = args.dp * args.micro_batch
+    if args.global_batch < 1 or args.global_batch % per_step:
+        lower = max(per_step, args.global_batch // per_step * per_step)
+        raise ConfigError(
+            f"--global-batch {args.global_batch} is not divisible by dp*micro-batch = "
+            f"{args.dp}*{args.micro_batch} = {per_step}; use --global-batch {lower} or "
+            f"{lower + per_step}")
+    schedule = args.schedule or ("interleaved-1f1b" if args.vpp > 1 else "1f1b")
+    return ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp,
+                          micro_batch_size=args.micro_batch,
+                          num_microbatches=args.global_batch // per_step, vpp=args.vpp,
+                          schedule=schedule, recompute=args.recompute, zero=args.zero)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tripar.partitioner.cost_model import step_estimate
+
+    cluster = cluster_from_args(args)
+    config = parallel_config(args, cluster.devices)
+    degrees = tuple(sorted({2, 4, 8, config.tp} - {1}))
+    graph = load_proxy_graph(args, tp_degrees=degrees)  # costs scale to the microbatch
+    estimate = step_estimate(graph, cluster, config, dtype=args.dtype,
+                             record_timeline=bool(args.timeline))
+    if args.timeline:
+        from tripar.partitioner.timeline import draw_timeline
+
+        draw_timeline(estimate.sim, args.timeline)
+    report = to_report(args.model, graph, cluster, config, estimate)
+    if args.format == "json":
+        print(json.dumps(report))
+    else:
+        _print(report, args.timeline)
+    return 0
+
+
+def to_report(model: str, graph, cluster, config: ParallelConfig, estimate) -> dict:
+    """The JSON object ``--format json`` prints."""
+    flops = sum(b.forward_flops + b.backward_flops for b in graph.blocks) / graph.batch_size
+    model_flops_per_s = flops * config.global_batch_size / estimate.step_time_s
+    bounds = (*estimate.boundaries, len(graph.blocks))
+    stages = []
+    for s, cost in enumerate(estimate.stage_costs):
+        blocks = graph.blocks[bounds[s]:bounds[s + 1]]
+        stages.append({
+            "stage": s, "rank": s % config.pp,
+            "blocks": [blocks[0].name, blocks[-1].name],
+            "block_range": [bounds[s], bounds[s + 1] - 1],
+            "layers": sum(b.kind == "layer" for b in blocks),
+            "time_s": estimate.stage_time_s[s],
+            "forward_s": cost.forward_s, "backward_input_s": cost.backward_input_s,
+            "backward_weight_s": cost.backward_weight_s, "recompute_s": cost.recompute_s,
+            "send_s": cost.send_s, "tail_s": cost.tail_s,
+            "activation_bytes": cost.activation_bytes, "static_bytes": cost.static_bytes,
+            "memory_bytes": estimate.stage_memory_bytes[s],
+            "recompute": estimate.recompute[s],
+        })
+    return {
+        "model": model,
+        "cluster": {"name": cluster.name, "device": cluster.device.name,
+                    "nodes": cluster.nodes, "devices_per_node": cluster.devices_per_node},
+        "config": {"dp": config.dp, "tp": config.tp, "pp": config.pp, "vpp": config.vpp,
+                   "micro_batch_size": config.micro_batch_size,
+                   "num_microbatches": config.num_microbatches,
+                   "global_batch_size": config.global_batch_size,
+                   "schedule": config.schedule, "recompute": config.recompute,
+                   "zero": config.zero, "seq_len": graph.seq_len},
+        "estimate": {"step_time_s": estimate.step_time_s,
+                     "tokens_per_s": estimate.tokens_per_s,
+                     "samples_per_s": estimate.samples_per_s,
+                     "peak_memory_bytes": estimate.peak_memory_bytes,
+                     "memory_limit_bytes": estimate.memory_limit_bytes,
+                     "fits": estimate.fits,
+                     "bubble_fraction": estimate.bubble_fraction,
+                     "model_flops_per_s_per_device": model_flops_per_s / config.devices},
+        "stages": stages,
+    }
+
+
+def _print(report: dict, timeline: str | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    est, cfg, cl = report["estimate"], report["config"], report["cluster"]
+    console = Console()
+    console.print(
+        f"[bold]{report['model']}[/] on {cl['nodes']} x {cl['devices_per_node']} "
+        f"{cl['device']}: dp={cfg['dp']} tp={cfg['tp']} pp={cfg['pp']} vpp={cfg['vpp']}, "
+        f"{cfg['num_microbatches']} microbatches of {cfg['micro_batch_size']} "
+        f"(global batch {cfg['global_batch_size']}, seq {cfg['seq_len']}), {cfg['schedule']}, "
+        f"recompute {cfg['recompute']}, zero {cfg['zero']}")
+    fits = "[green]fits[/]" if est["fits"] else "[red]DOES NOT FIT[/]"
+    console.print(
+        f"step {est['step_time_s'] * 1e3:.1f} ms | {est['tokens_per_s']:,.0f} tokens/s | "
+        f"{est['model_flops_per_s_per_device'] / 1e12:.3g} model TFLOP/s per device | "
+        f"bubble {est['bubble_fraction']:.1%} | peak memory "
+        f"{est['peak_memory_bytes'] / 2**30:.2f} of {est['memory_limit_bytes'] / 2**30:.1f} GiB "
+        f"({fits})")
+    table = Table(title="stages: ms per microbatch, peak GiB", box=None, pad_edge=False)
+    for column in ("stage", "rank", "blocks", "layers", "F", "B", "W", "R", "send", "tail",
+                   "recomp", "peak"):
+        table.add_column(column, justify="right")
+    for st in report["stages"]:
+        table.add_row(str(st["stage"]), str(st["rank"]), "-".join(map(str, st["block_range"])),
+                      str(st["layers"]), *(_ms(st[k]) for k in (
+                          "forward_s", "backward_input_s", "backward_weight_s", "recompute_s",
+                          "send_s", "tail_s")),
+                      f"{st['recompute']:.0%}", f"{st['memory_bytes'] / 2**30:.2f}")
+    console.print(table)
+    if timeline:
+        console.print(f"timeline written to {timeline}")
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms < 1000 else f"{ms:.0f}"

@@ -1,0 +1,420 @@
+"""Hardware profiles: what one device can do and how devices are connected.
+
+A :class:`DeviceSpec` holds datasheet peaks (FLOP/s per dtype, memory,
+memory bandwidth) and the :class:`Efficiency` curve that turns a peak into
+what a kernel actually achieves. A :class:`Cluster` adds the topology:
+nodes, devices per node and the intra-/inter-node links (bandwidth per
+device and direction, latency per message).
+
+The built-in GPUs carry the datasheet figures of ``shared/REFERENCE.md``
+and the efficiency fitted to the Megatron-LM table
+(``tripar/partitioner/calibration.json``, written by
+``benchmarks/fit_calibration.py``). ``tripar calibrate`` measures the local
+machine and writes a profile that :meth:`Cluster.from_file` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+from tripar.errors import ConfigError
+
+PROFILE_FORMAT = "tripar-cluster"
+PROFILE_VERSION = 1
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "tf32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2,
+               "float16": 2, "fp64": 8, "float64": 8}
+"""Bytes per element of the floating dtypes tripar trains in."""
+
+
+def dtype_bytes(dtype: str) -> int:
+    """Bytes per element of ``dtype`` (``torch.float32`` and ``fp32`` spellings both work).
+
+    >>> dtype_bytes("torch.bfloat16"), dtype_bytes("fp32")
+    (2, 4)
+    """
+    key = canonical_dtype(dtype)
+    return DTYPE_BYTES[key]
+
+
+def canonical_dtype(dtype: str) -> str:
+    """``fp32``, ``bf16``, ``fp16`` or ``fp64`` for any common spelling of a float dtype.
+
+    >>> canonical_dtype("torch.float16")
+    'fp16'
+    """
+    key = str(dtype).removeprefix("torch.").lower()
+    aliases = {"float32": "fp32", "float": "fp32", "tf32": "fp32", "bfloat16": "bf16",
+               "float16": "fp16", "half": "fp16", "float64": "fp64", "double": "fp64"}
+    key = aliases.get(key, key)
+    if key not in DTYPE_BYTES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16, fp64")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Efficiency:
+    """Achieved fractions of the datasheet peaks (fitted, never a single constant).
+
+    A matrix product (m, k, n) reaches ``matmul_max * x / (x + matmul_half)``
+    of peak FLOP/s, where ``x = m k n / (m k + k n + m n)`` is its arithmetic
+    intensity in FLOPs per element moved, halved: small or skinny products
+    are memory-bound and reach less. Work that is not a matrix product is
+    charged by bytes over ``memory`` times the memory bandwidth.
+
+    >>> eff = Efficiency(matmul_max=0.8, matmul_half=100.0)
+    >>> round(eff.matmul(4096, 4096, 4096), 3), round(eff.matmul(64, 64, 64), 3)
+    (0.745, 0.141)
+    """
+
+    matmul_max: float
+    """Fraction of peak FLOP/s an arbitrarily large matrix product reaches."""
+    matmul_half: float
+    """Size measure x at which a product reaches half of ``matmul_max``."""
+    memory: float = 0.8
+    """Fraction of the memory bandwidth that memory-bound kernels reach."""
+    memory_traffic: float = 2.0
+    """Bytes that non-matmul kernels (norms, softmax, activations, dropout) read and
+    write in a forward pass per byte the block saves for backward; the backward moves
+    twice as many."""
+    link: float = 0.8
+    """Fraction of a link's bandwidth that collectives and p2p reach (bus bandwidth)."""
+    launch_s: float = 0.0
+    """Fixed seconds per matrix product that no size hides (kernel launch, dispatch);
+    0 where launches overlap the previous kernel, as in large-model training."""
+    source: str = ""
+    """Where the numbers come from (fit, measurement)."""
+
+    def __post_init__(self) -> None:
+        for name in ("matmul_max", "memory", "link"):
+            value = getattr(self, name)
+            if not 0 < value <= 1:
+                raise ConfigError(f"Efficiency.{name} must be in (0, 1], got {value}")
+        if self.matmul_half < 0 or self.memory_traffic < 0 or self.launch_s < 0:
+            raise ConfigError(
+                f"Efficiency.matmul_half, memory_traffic and launch_s must be >= 0, got "
+                f"{self.matmul_half}, {self.memory_traffic} and {self.launch_s}")
+
+    @staticmethod
+    def size(m: float, k: float, n: float) -> float:
+        """The size measure x of a product (m, k) @ (k, n)."""
+        return m * k * n / (m * k + k * n + m * n)
+
+    def matmul(self, m: float, k: float, n: float) -> float:
+        """Fraction of peak FLOP/s a product (m, k) @ (k, n) reaches."""
+        x = self.size(m, k, n)
+        return self.matmul_max * x / (x + self.matmul_half)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Efficiency:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown efficiency fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    """One accelerator (or a CPU process): datasheet peaks plus its efficiency curve.
+
+    >>> a100 = builtin_device("a100-80g")
+    >>> a100.peak("bf16") / 1e12, a100.memory_bytes // 10**9
+    (312.0, 80)
+    """
+
+    name: str
+    peak_flops: tuple[tuple[str, float], ...]
+    """(dtype, dense FLOP/s) pairs; dtype in fp32, bf16, fp16."""
+    memory_bytes: int
+    memory_bandwidth: float
+    """Bytes per second of device memory."""
+    efficiency: Efficiency
+    default_dtype: str = "bf16"
+    """The dtype training runs in on this device unless told otherwise."""
+
+    def __post_init__(self) -> None:
+        if not self.peak_flops or any(f <= 0 for _, f in self.peak_flops):
+            raise ConfigError(f"device {self.name!r} needs positive peak FLOP/s, got "
+                              f"{self.peak_flops}")
+        if self.memory_bytes <= 0 or self.memory_bandwidth <= 0:
+            raise ConfigError(f"device {self.name!r} needs positive memory and bandwidth, got "
+                              f"{self.memory_bytes} B and {self.memory_bandwidth} B/s")
+
+    def peak(self, dtype: str) -> float:
+        """Dense peak FLOP/s in ``dtype`` (bf16 and fp16 fall back to each other)."""
+        table = dict(self.peak_flops)
+        key = canonical_dtype(dtype)
+        for candidate in (key, {"bf16": "fp16", "fp16": "bf16"}.get(key, key)):
+            if candidate in table:
+                return table[candidate]
+        raise ConfigError(f"device {self.name!r} has no peak for {dtype!r}; it lists "
+                          f"{', '.join(table)}")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "peak_flops": dict(self.peak_flops),
+                "memory_bytes": self.memory_bytes, "memory_bandwidth": self.memory_bandwidth,
+                "efficiency": self.efficiency.to_dict(), "default_dtype": self.default_dtype}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DeviceSpec:
+        try:
+            return cls(name=str(data["name"]),
+                       peak_flops=tuple((canonical_dtype(k), float(v))
+                                        for k, v in dict(data["peak_flops"]).items()),
+                       memory_bytes=int(data["memory_bytes"]),
+                       memory_bandwidth=float(data["memory_bandwidth"]),
+                       efficiency=Efficiency.from_dict(dict(data["efficiency"])),
+                       default_dtype=canonical_dtype(data.get("default_dtype", "bf16")))
+        except KeyError as missing:
+            raise ConfigError(f"device profile lacks field {missing}") from None
+        except (TypeError, ValueError) as error:
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(f"device profile has a malformed field: {error}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """Identical devices in identical nodes.
+
+    Bandwidths are per device and direction (a node's network is shared by
+    its devices); latencies are per message.
+
+    >>> c = Cluster.builtin("a100-80g", nodes=4, gpus_per_node=8)
+    >>> c.devices, c.intra_bandwidth / 1e9, c.inter_bandwidth / 1e9
+    (32, 300.0, 25.0)
+    """
+
+    device: DeviceSpec
+    nodes: int
+    devices_per_node: int
+    intra_bandwidth: float
+    """Bytes/s one device sends to another of its node (NVLink, shared memory)."""
+    intra_latency: float
+    """Seconds per message inside a node."""
+    inter_bandwidth: float
+    """Bytes/s one device sends to another node (its share of the node's network)."""
+    inter_latency: float
+    """Seconds per message between nodes."""
+    name: str = ""
+    measured: dict = field(default_factory=dict, compare=False)
+    """Raw measurements of ``tripar calibrate`` (matmul sweep, bandwidths), for reports."""
+
+    def __post_init__(self) -> None:
+        for attr in ("nodes", "devices_per_node"):
+            value = getattr(self, attr)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"cluster {attr} must be a positive integer, got {value!r}")
+        for attr in ("intra_bandwidth", "inter_bandwidth"):
+            if not getattr(self, attr) > 0:
+                raise ConfigError(f"cluster {attr} must be > 0, got {getattr(self, attr)}")
+        for attr in ("intra_latency", "inter_latency"):
+            if getattr(self, attr) < 0:
+                raise ConfigError(f"cluster {attr} must be >= 0, got {getattr(self, attr)}")
+
+    @property
+    def devices(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    def link(self, crosses_nodes: bool) -> tuple[float, float]:
+        """(latency s, achieved bandwidth B/s) of the link, efficiency applied."""
+        eff = self.device.efficiency.link
+        if crosses_nodes:
+            return self.inter_latency, self.inter_bandwidth * eff
+        return self.intra_latency, self.intra_bandwidth * eff
+
+    def resized(self, *, nodes: int | None = None, devices_per_node: int | None = None) -> Cluster:
+        """The same hardware with another node count or node size."""
+        return replace(self, nodes=nodes or self.nodes,
+                       devices_per_node=devices_per_node or self.devices_per_node)
+
+    @classmethod
+    def builtin(cls, gpu: str, *, nodes: int = 1, gpus_per_node: int = 8) -> Cluster:
+        """A cluster of built-in devices, with the vendor's node network."""
+        spec = builtin_device(gpu)
+        links = _LINKS[spec.name]
+        return cls(device=spec, nodes=nodes, devices_per_node=gpus_per_node,
+                   intra_bandwidth=links[0], intra_latency=links[1],
+                   inter_bandwidth=links[2], inter_latency=links[3],
+                   name=f"{nodes}x{gpus_per_node} {spec.name}")
+
+    def to_dict(self) -> dict:
+        return {"format": PROFILE_FORMAT, "version": PROFILE_VERSION, "name": self.name,
+                "device": self.device.to_dict(), "nodes": self.nodes,
+                "devices_per_node": self.devices_per_node,
+                "intra_bandwidth": self.intra_bandwidth, "intra_latency": self.intra_latency,
+                "inter_bandwidth": self.inter_bandwidth, "inter_latency": self.inter_latency,
+                "measured": self.measured}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Cluster:
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise ConfigError(f"not a tripar cluster profile: expected \"format\": "
+                              f"\"{PROFILE_FORMAT}\" (write one with `tripar calibrate`)")
+        if data.get("version") != PROFILE_VERSION:
+            raise ConfigError(f"cluster profile version {data.get('version')!r} is not "
+                              f"supported; this tripar reads version {PROFILE_VERSION}")
+        device = data.get("device")
+        if isinstance(device, str):
+            spec = builtin_device(device)
+        elif isinstance(device, dict):
+            spec = DeviceSpec.from_dict(device)
+        else:
+            raise ConfigError("cluster profile needs \"device\": a built-in name "
+                              f"({', '.join(BUILTIN_DEVICES)}) or a device object")
+        try:
+            return cls(device=spec, nodes=int(data["nodes"]),
+                       devices_per_node=int(data["devices_per_node"]),
+                       intra_bandwidth=float(data["intra_bandwidth"]),
+                       intra_latency=float(data["intra_latency"]),
+                       inter_bandwidth=float(data["inter_bandwidth"]),
+                       inter_latency=float(data["inter_latency"]),
+                       name=str(data.get("name", "")), measured=dict(data.get("measured", {})))
+        except KeyError as missing:
+            raise ConfigError(f"cluster profile lacks field {missing}") from None
+        except (TypeError, ValueError) as error:
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(f"cluster profile has a malformed field: {error}") from None
+
+    def to_file(self, path: str | Path) -> None:
+        """Write the profile as JSON (what ``--cluster FILE`` reads)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Cluster:
+        """Read a profile written by :meth:`to_file` or ``tripar calibrate``."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise ConfigError(f"cannot read cluster profile {path}: {error.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"cluster profile {path} is not valid JSON: {error}") from None
+        try:
+            return cls.from_dict(data)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from None
+
+
+# Datasheet figures (shared/REFERENCE.md). Peaks are dense; fp32 is the
+# non-tensor-core figure. Bandwidths are per direction: NVLink's "600 GB/s"
+# counts both directions, so one direction is 300 GB/s; a node's InfiniBand
+# (8 x 200 Gb/s on DGX A100) is shared by its 8 GPUs: 25 GB/s each.
+_GB = 1e9
+_DEVICES: dict[str, tuple[dict[str, float], int, float]] = {
+    # name: ({dtype: FLOP/s}, memory bytes, memory bandwidth B/s)
+    "a100-40g": ({"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 40 * 10**9, 1.555e12),
+    "a100-80g": ({"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 80 * 10**9, 2.039e12),
+    "h100-80g": ({"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 80 * 10**9, 3.35e12),
+    "h200": ({"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 141 * 10**9, 4.8e12),
+    "v100-32g": ({"fp16": 125e12, "fp32": 15.7e12}, 32 * 10**9, 0.9e12),
+    # One CPU process, as `tripar calibrate` measured the 2-core development VM (one thread:
+    # 36 GFLOP/s fp32, 11.5 GB/s copy): no datasheet; calibrate your own machine.
+    "cpu": ({"fp32": 36e9, "bf16": 36e9}, 16 * 2**30, 11.5e9),
+}
+# name: (intra B/s, intra latency s, inter B/s per device, inter latency s)
+_LINKS: dict[str, tuple[float, float, float, float]] = {
+    "a100-40g": (300 * _GB, 5e-6, 25 * _GB, 10e-6),
+    "a100-80g": (300 * _GB, 5e-6, 25 * _GB, 10e-6),
+    "h100-80g": (450 * _GB, 5e-6, 50 * _GB, 10e-6),
+    "h200": (450 * _GB, 5e-6, 50 * _GB, 10e-6),
+    # DGX-1: NVLink 300 GB/s both directions; 4 x 100 Gb/s EDR InfiniBand per 8 GPUs.
+    "v100-32g": (150 * _GB, 5e-6, 6.25 * _GB, 10e-6),
+    "cpu": (2.4 * _GB, 50e-6, 1.25 * _GB, 50e-6),  # gloo over loopback; 10 GbE between nodes
+}
+
+BUILTIN_DEVICES = tuple(_DEVICES)
+"""Names ``--gpu`` accepts."""
+
+
+def load_calibration() -> dict:
+    """The fitted efficiency parameters shipped in ``calibration.json``.
+
+    >>> sorted(load_calibration()["efficiency"])
+    ['cpu', 'gpu']
+    """
+    text = resources.files("tripar.partitioner").joinpath("calibration.json").read_text()
+    return json.loads(text)
+
+
+def builtin_efficiency(kind: str) -> Efficiency:
+    """The shipped efficiency curve for ``gpu`` or ``cpu`` devices."""
+    data = load_calibration()["efficiency"][kind]
+    return Efficiency.from_dict(data)
+
+
+def builtin_device(name: str) -> DeviceSpec:
+    """A built-in device by name; ConfigError names the known ones otherwise.
+
+    >>> builtin_device("h100-80g").peak("bf16") / 1e12
+    989.0
+    """
+    key = name.lower()
+    if key not in _DEVICES:
+        raise ConfigError(f"unknown GPU {name!r}; known devices: {', '.join(BUILTIN_DEVICES)} "
+                          "(or measure this machine with `tripar calibrate` and pass --cluster)")
+    peaks, memory, bandwidth = _DEVICES[key]
+    kind = "cpu" if key == "cpu" else "gpu"
+    return DeviceSpec(name=key, peak_flops=tuple(peaks.items()), memory_bytes=memory,
+                      memory_bandwidth=bandwidth, efficiency=builtin_efficiency(kind),
+                      default_dtype="fp32" if kind == "cpu" else "bf16")
+
+
+def fit_matmul_times(samples: list[tuple[int, int, int, float]]) -> tuple[float, float, float]:
+    """Fit ``seconds = 2 m k n / (peak x / (x + x_half)) + launch`` to measured products.
+
+    For a fixed ``x_half`` the model is linear in ``1 / peak`` and ``launch``, solved by
+    least squares on relative errors; ``x_half`` is searched on a log grid and refined.
+    Returns (peak FLOP/s, x_half, launch seconds), the curve's ``e_max`` being 1.
+
+    >>> def seconds(s):  # peak 1 TFLOP/s, x_half 100, 10 us per launch
+    ...     x = Efficiency.size(s, s, s)
+    ...     return 2 * s**3 / (1e12 * x / (x + 100.0)) + 1e-5
+    >>> fitted = fit_matmul_times([(s, s, s, seconds(s)) for s in (64, 256, 1024, 4096)])
+    >>> round(fitted[0] / 1e12, 3), round(fitted[1]), round(fitted[2] * 1e6, 2)
+    (1.0, 100, 10.0)
+    """
+    points = [(2.0 * m * k * n, Efficiency.size(m, k, n), t) for m, k, n, t in samples if t > 0]
+    if len(points) < 3:
+        raise ConfigError(f"need at least 3 timed products to fit, got {len(points)}")
+
+    def solve(half: float) -> tuple[float, float, float]:
+        # minimise sum ((a u_i + b) / t_i - 1)^2 with u_i = flops (x + half) / x
+        rows = [(f * (x + half) / x / t, 1.0 / t) for f, x, t in points]
+        suu = sum(u * u for u, _ in rows)
+        svv = sum(v * v for _, v in rows)
+        suv = sum(u * v for u, v in rows)
+        su, sv = sum(u for u, _ in rows), sum(v for _, v in rows)
+        det = suu * svv - suv * suv
+        a, b = ((su * svv - sv * suv) / det, (sv * suu - su * suv) / det) if det else (0.0, 0.0)
+        if b < 0 or a <= 0:  # no fixed cost: fit the slope alone
+            a, b = su / suu, 0.0
+        error = sum((a * u + b * v - 1.0) ** 2 for u, v in rows)
+        return error, a, b
+
+    xs = [x for _, x, _ in points]
+    lo, hi = math.log(min(xs) * 1e-3), math.log(max(xs) * 1e2)
+    grid = [lo + (hi - lo) * i / 199 for i in range(200)]
+    best = min(range(200), key=lambda i: solve(math.exp(grid[i]))[0])
+    a_log, b_log = grid[max(best - 1, 0)], grid[min(best + 1, 199)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        c, d = b_log - ratio * (b_log - a_log), a_log + ratio * (b_log - a_log)
+        if solve(math.exp(c))[0] < solve(math.exp(d))[0]:
+            b_log = d
+        else:
+            a_log = c
+    half = math.exp((a_log + b_log) / 2)
+    _, a, b = solve(half)
+    return 1.0 / a, half, b
