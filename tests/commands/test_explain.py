@@ -1,0 +1,31 @@
+"""``tripar explain``: what binds a plan and why the runners-up lost."""
+
+from __future__ import annotations
+
+import json
+
+from tripar.cli import main
+
+MODEL = "gpt:layers=4,hidden=256,heads=4,vocab=1000,seq=128"
+
+
+def test_explain_text_and_json(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    assert main(["plan", MODEL, "--gpus-per-node", "4", "--global-batch", "16",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["explain", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "what binds it (most first):" in text and "[memory] peak memory" in text
+    assert "why not the runners-up:" in text
+    assert main(["explain", str(out), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {b["binding"] for b in data["binds"]} >= {"memory", "compute"}
+    assert data["alternatives"] and all(a["reason"] for a in data["alternatives"])
+
+
+def test_explain_refuses_a_corrupt_plan(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": 1, "stages": [')
+    assert main(["explain", str(bad)]) == 2
+    assert "corrupt or truncated" in capsys.readouterr().err
