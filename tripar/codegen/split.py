@@ -38,6 +38,7 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from tripar.codegen.tp_rng import ForkedRNG
 from tripar.errors import PlanError
 
 # ---- data -----------------------------------------------------------------------------
@@ -223,6 +224,16 @@ def propagate_values(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any]) -> di
             out = super().run_node(n)
             values[n.name] = out
             return out
+
+        def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+            # a tensor-parallel program: collectives give shapes without communicating,
+            # and a forked random op draws on the default stream (values do not matter)
+            module = self.fetch_attr(target)
+            if callable(getattr(module, "meta_forward", None)):
+                return module.meta_forward(*args, **kwargs)
+            if isinstance(module, ForkedRNG):
+                return module.fn(*args, **kwargs)
+            return super().call_module(target, args, kwargs)
 
     try:
         with _reparametrize_module(gm, state), mode, torch.enable_grad():
@@ -419,7 +430,10 @@ def split_stages(
             index=s, num_stages=num, module=module,
             blocks=tuple(stage_blocks[s]) if stage_blocks is not None else (),
             received=tuple(_spec(n, values[n]) for n in received),
-            graph_inputs=tuple(_spec(p.name, values[p.name]) for p in gi),
+            graph_inputs=tuple(_spec(p.name, values[p.name])
+                               if isinstance(values[p.name], torch.Tensor)
+                               else TensorSpec(p.name, (), type(values[p.name]).__name__)
+                               for p in gi),
             graph_input_positions=tuple(placeholders.index(p) for p in gi),
             sent=tuple(_spec(n, values[n]) for n in live[s]) if s < num - 1 else (),
             params=params,

@@ -82,9 +82,13 @@ class DataParallel:
     def __init__(self, modules: Sequence[nn.Module], mesh: Mesh,
                  make_optimizer: OptimizerFactory, *, zero: bool = False,
                  bucket_bytes: int = 25 * 2**20,
-                 norm_duplicates: Collection[nn.Parameter] = ()) -> None:
+                 norm_duplicates: Collection[nn.Parameter] = (),
+                 isolate: Collection[nn.Parameter] = ()) -> None:
         """``modules``: this rank's stage modules; ``make_optimizer(params)``: builds the
-        optimizer (given the parameters, or with ``zero`` the flat owned shards)."""
+        optimizer (given the parameters, or with ``zero`` the flat owned shards).
+        ``isolate``: parameters that get a bucket of their own, so that their reduced
+        gradient (``reduced_grad``; with ZeRO the owned slice of it) is laid out the same
+        on every rank holding a replica (tied weights summed across pipeline stages)."""
         if bucket_bytes < 1:
             raise ConfigError(f"bucket_bytes must be positive, got {bucket_bytes}")
         self.mesh, self.zero = mesh, bool(zero)
@@ -98,7 +102,7 @@ class DataParallel:
         self.params = list(params.values())
         dup_ids = {id(p) for p in norm_duplicates}
         self._dup = [p for p in self.params if id(p) in dup_ids]
-        self.buckets = self._make_buckets(bucket_bytes, dup_ids)
+        self.buckets = self._make_buckets(bucket_bytes, dup_ids, {id(p) for p in isolate})
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
         self._counts: dict[int, int] = {}
@@ -117,12 +121,19 @@ class DataParallel:
 
     # ---- layout -------------------------------------------------------------------------------
 
-    def _make_buckets(self, bucket_bytes: int, dup_ids: set[int]) -> list[_Bucket]:
+    def _make_buckets(self, bucket_bytes: int, dup_ids: set[int],
+                      alone: set[int]) -> list[_Bucket]:
         pad_to = self.mesh.dp if self.zero else 1
         buckets: list[_Bucket] = []
         group: list[nn.Parameter] = []
         size = 0
         for p in reversed(self.params):
+            if id(p) in alone:
+                if group:
+                    buckets.append(self._bucket(group, pad_to, dup_ids))
+                    group, size = [], 0
+                buckets.append(self._bucket([p], pad_to, dup_ids))
+                continue
             group.append(p)
             size += p.numel() * p.element_size()
             if size >= bucket_bytes:
@@ -241,6 +252,24 @@ class DataParallel:
             for p in self.params:
                 if p.grad is not None:
                     yield p.grad, id(p) not in dup
+
+    @torch.no_grad()
+    def reload_shards(self) -> None:
+        """With ZeRO, copy the parameters' values into the owned fp32 shards the optimizer
+        steps (after the parameters were overwritten, e.g. by loading a checkpoint)."""
+        for shard, b in zip(self.shards, self.buckets):
+            shard.copy_(self._flat_params(b)[self._shard_slice(b)])
+
+    def reduced_grad(self, p: nn.Parameter) -> torch.Tensor | None:
+        """After ``finish``: the gradient of ``p`` this rank holds, averaged over dp -- ``p.grad``,
+        or with ZeRO the owned slice of its bucket (``p`` must be in ``isolate``). In-place
+        changes to it are what ``step`` uses."""
+        if not self.zero:
+            return p.grad
+        b = self._bucket_of[id(p)]
+        if len(b.params) != 1:
+            raise ConfigError("reduced_grad with ZeRO needs the parameter in isolate=")
+        return b.shard_grad
 
     def clip_grad_norm_(self, max_norm: float) -> float:
         """Scale the gradients so that their global L2 norm is at most ``max_norm``.

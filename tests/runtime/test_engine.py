@@ -1,0 +1,124 @@
+"""auto_parallel on real gloo ranks: every layout and schedule trains exactly like one process.
+
+One process group per world size runs every configuration (models x layouts x schedules x
+optimizers), rebuilding the ParallelModel each time inside the same ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tripar import api
+from tripar.models import load_model
+from tripar.runtime.testing import run_ranks
+
+MODELS = {
+    "gpt": "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8",
+    "llama": "llama:layers=2,hidden=32,heads=4,kv_heads=2,vocab=64,seq=8",
+    "bert": "bert:layers=2,hidden=32,heads=4,vocab=64,seq=8",
+    "vit": "vit:image=16,patch=8,layers=2,hidden=32,heads=4,classes=10",
+    "hf_gpt2": "hf:GPT2LMHeadModel:n_layer=2,n_embd=32,n_head=4,vocab_size=64,n_positions=16",
+}
+GLOBAL_BATCH, STEPS = 4, 3
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("scp", 1))
+# (dp, pp, schedule, vpp, zero) per world size; microbatches of one sample
+LAYOUTS = {
+    2: [(1, 2, s, v, 0) for s, v in SCHEDULES] + [(2, 1, "1f1b", 1, 0), (2, 1, "1f1b", 1, 1)],
+    4: [(1, 4, s, v, 0) for s, v in SCHEDULES if v == 1]
+       + [(2, 2, s, v, int(s == "1f1b")) for s, v in SCHEDULES],
+}
+# AdamW's eps is 1e-6: a key projection's bias has an exactly zero gradient (softmax does not
+# see it), so its computed gradient is rounding noise (~1e-9), which AdamW with eps=1e-8 turns
+# into steps of ~lr/10 whose sign depends on summation order (dp, microbatches).
+OPTIMIZERS = {
+    "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.1), 1e-5),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, eps=1e-6), 1e-4),
+}
+
+
+@functools.cache
+def _model(name: str):
+    spec = MODELS[name]
+    loaded = load_model(spec, batch_size=1, seq_len=8 if spec.startswith("hf:") else None)
+    example = loaded.example_kwargs or loaded.example_inputs
+    captured = api.capture_model(loaded.model, loaded.example_inputs, loaded.example_kwargs)
+    batches = []
+    for step in range(STEPS):
+        more = load_model(spec, batch_size=GLOBAL_BATCH, seed=100 + step,
+                          seq_len=8 if spec.startswith("hf:") else None)
+        batches.append(more.example_kwargs or more.example_inputs)
+    return loaded, example, captured, batches
+
+
+def _forward(model, batch):
+    return model(**batch) if isinstance(batch, dict) else model(*batch)
+
+
+def _micro(batch, k: int):
+    if isinstance(batch, dict):
+        return {key: t[k:k + 1] for key, t in batch.items()}
+    return tuple(t[k:k + 1] for t in batch)
+
+
+@functools.cache
+def reference(name: str, opt: str) -> dict[str, torch.Tensor]:
+    """Single-process training with the same one-sample microbatches (gradients accumulated)."""
+    loaded, _, _, batches = _model(name)
+    model = copy.deepcopy(loaded.model)
+    make_opt, _ = OPTIMIZERS[opt]
+    optimizer = make_opt(list(model.parameters()))
+    for batch in batches:
+        for k in range(GLOBAL_BATCH):
+            (_forward(model, _micro(batch, k)) / GLOBAL_BATCH).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(name: str, opt: str, dp: int, pp: int, schedule: str, vpp: int, zero: int,
+          steps: int = STEPS):
+    loaded, example, captured, batches = _model(name)
+    make_opt, _ = OPTIMIZERS[opt]
+    pm = api.auto_parallel(loaded.model, captured=captured, example_inputs=loaded.example_inputs,
+                           example_kwargs=loaded.example_kwargs, optimizer=make_opt,
+                           global_batch_size=GLOBAL_BATCH, dp=dp, tp=1, pp=pp, vpp=vpp,
+                           num_microbatches=GLOBAL_BATCH // dp, schedule=schedule, zero=zero,
+                           timeout_s=30)
+    losses = [pm.train_step(b) for b in batches[:steps]]
+    return pm, losses
+
+
+def _compare_all(world: int, names: list[str]) -> list[str]:
+    done = []
+    for name in names:
+        for opt in OPTIMIZERS:
+            ref = reference(name, opt)
+            rtol = OPTIMIZERS[opt][1]
+            for dp, pp, schedule, vpp, zero in LAYOUTS[world]:
+                t0 = time.perf_counter()
+                pm, losses = train(name, opt, dp, pp, schedule, vpp, zero)
+                what = f"{name} {opt} dp={dp} pp={pp} {schedule} vpp={vpp} zero={zero}"
+                assert pm.plan.parallel.schedule == schedule or pp == 1, what
+                full = pm.full_state_dict()
+                pm.close()
+                assert set(full) == set(ref), (what, set(full) ^ set(ref))
+                for key, value in ref.items():
+                    assert_close(full[key], value, rtol=rtol, atol=rtol,
+                                 msg=lambda m, key=key, what=what: f"{what}: {key}: {m}")
+                assert all(torch.isfinite(torch.tensor(losses))), what
+                done.append(f"{what} {time.perf_counter() - t0:.2f}s")
+    return done
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_layout_matches_single_process(world):
+    results = run_ranks(_compare_all, world, world, list(MODELS), timeout_s=300,
+                        pg_timeout_s=60)
+    print("\n".join(results[0]))
+    assert len(results[0]) == len(MODELS) * len(OPTIMIZERS) * len(LAYOUTS[world])

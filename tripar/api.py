@@ -1,0 +1,403 @@
+"""``tripar.auto_parallel``: capture -> analyze -> search -> build -> Engine.
+
+>>> import torch, tripar.api as api
+>>> from tripar.models import load_model
+>>> loaded = load_model("gpt:layers=1,hidden=16,heads=2,vocab=32,seq=8", batch_size=2)
+>>> model = api.auto_parallel(loaded.model, 1, example_inputs=loaded.example_inputs)
+>>> model.plan.parallel.devices, round(model.train_step(loaded.example_inputs), 1)
+(1, 3.5)
+
+Each step is a named function that does not change its input:
+
+- :func:`capture_model`: the FX graph of the model for the example batch, annotated
+  (``tripar.graph``), and which batch field feeds each graph input;
+- :func:`make_plan`: the planner's search (``tripar.partitioner.search``) under the
+  user's pins; every rank computes the same plan (checked when the job runs);
+- :func:`build`: this rank's stage programs -- split the graph per the plan
+  (``tripar.codegen.split``), give each stage its own weights (``tripar.codegen.weights``:
+  copied from a real model or initialised locally from a meta-built one) -- wired into
+  a :class:`~tripar.runtime.engine.ParallelModel` on the job's (pp, dp, tp) mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from tripar.errors import ConfigError, PlanError
+from tripar.partitioner.hardware import Cluster
+from tripar.plan.plan import Plan, model_fingerprint
+
+__all__ = ["Captured", "auto_parallel", "build", "capture_model", "default_optimizer",
+           "make_plan"]
+
+
+def default_optimizer(params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW, lr 1e-3, torch's other defaults: the optimizer when none is given."""
+    return torch.optim.AdamW(list(params), lr=1e-3)
+
+
+@dataclass(frozen=True, eq=False)
+class Captured:
+    """A model's graph for an example batch, and how batches feed it."""
+
+    model: nn.Module
+    gm: torch.fx.GraphModule
+    graph: Any
+    """The ``ProxyGraph`` (blocks, costs, TP regions) the planner reads."""
+    form: str
+    """``tuple`` (positional example) or ``dict`` (keyword example)."""
+    example: tuple | dict = field(repr=False)
+    """The example batch, in its form."""
+    keys: tuple[int | str | None, ...]
+    """Batch field feeding each flat graph input (None: a constant, e.g. a default)."""
+    constants: tuple[Any, ...]
+    """The value of each flat graph input in the example (used where ``keys`` is None)."""
+    splits: dict = field(default_factory=dict, repr=False)
+    """Stage splits made from this capture, by (stage blocks, microbatch size): a split
+    depends on nothing else, so plans that cut the model alike share one."""
+
+    @property
+    def batch_size(self) -> int:
+        return _batch_size(self.example)
+
+
+class _Field:
+    """Stands for a batch field while the graph's inputs are flattened."""
+
+    def __init__(self, key: int | str) -> None:
+        self.key = key
+
+
+def _batch_size(example: tuple | dict) -> int:
+    values = example.values() if isinstance(example, Mapping) else example
+    sizes = {int(t.shape[0]) for t in values if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if len(sizes) != 1:
+        raise ConfigError(f"the example batch needs tensors with one batch size (dim 0); "
+                          f"found sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _resize(example: tuple | dict, size: int) -> tuple | dict:
+    """The example with ``size`` samples (its first ones, repeated if it has fewer)."""
+    def one(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        reps = -(-size // t.shape[0])
+        return (t if reps == 1 else torch.cat([t] * reps))[:size]
+    if isinstance(example, Mapping):
+        return {k: one(v) for k, v in example.items()}
+    return tuple(one(v) for v in example)
+
+
+def capture_model(model: nn.Module, example_inputs: Sequence[Any] = (),
+                  example_kwargs: Mapping[str, Any] | None = None, *,
+                  model_config: dict | None = None) -> Captured:
+    """capture -> annotate -> build the proxy graph, for the example batch as given."""
+    from tripar.codegen.split import flat_graph_inputs
+    from tripar.graph.annotate import annotate
+    from tripar.graph.build import build_proxy_graph
+    from tripar.graph.capture import capture
+
+    args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    if args and kwargs:
+        raise ConfigError("give the example batch either as example_inputs (a tuple: batches "
+                          "are tuples) or as example_kwargs (a dict: batches are dicts), not both")
+    if not args and not kwargs:
+        raise ConfigError("auto_parallel needs an example batch: example_inputs=(...) or "
+                          "example_kwargs={...}, with the model's loss or loss_fn's inputs")
+    example: tuple | dict = kwargs if kwargs else args
+    size = _batch_size(example)
+    gm = capture(model, args, kwargs)
+    annotate(gm, args, kwargs)
+    seq = next((int(t.shape[1]) for t in (kwargs.values() if kwargs else args)
+                if isinstance(t, torch.Tensor) and t.dim() >= 2), 1)
+    graph = build_proxy_graph(gm, batch_size=size, seq_len=seq, model_config=model_config)
+    markers = flat_graph_inputs(gm, tuple(_Field(i) for i in range(len(args))),
+                                {k: _Field(k) for k in kwargs})
+    values = flat_graph_inputs(gm, args, kwargs)
+    keys = tuple(m.key if isinstance(m, _Field) else None for m in markers)
+    return Captured(model, gm, graph, "dict" if kwargs else "tuple", example, keys,
+                    tuple(values))
+
+
+def _for_micro_batch(captured: Captured, size: int) -> Captured:
+    """The capture for microbatches of ``size`` samples (the example resized): a graph from
+    ``torch.export`` fixes its batch size, so it is captured again; an FX graph is reused."""
+    if captured.batch_size == size:
+        return captured
+    from tripar.codegen.split import flat_graph_inputs
+    from tripar.graph.capture import capture
+
+    example = _resize(captured.example, size)
+    args = example if isinstance(example, tuple) else ()
+    kwargs = example if isinstance(example, dict) else {}
+    gm = captured.gm
+    if gm.meta.get("tripar_tracer") == "export":
+        gm = capture(captured.model, args, kwargs, method="export")
+    values = flat_graph_inputs(gm, args, kwargs)
+    return Captured(captured.model, gm, captured.graph, captured.form, example, captured.keys,
+                    tuple(values))
+
+
+_NO_TP = ("the runtime does not run tensor-parallel plans yet (the rewrite in "
+          "tripar.codegen.tensor_parallel is not wired into auto_parallel); use tp=1")
+
+
+def make_plan(captured: Captured, cluster: Cluster, global_batch: int, *,
+              dp: int | None = None, tp: int | None = None, pp: int | None = None,
+              vpp: int | None = None, num_microbatches: int | None = None,
+              schedule: str | None = None, recompute: str | None = None,
+              zero: int | bool | None = None, model_spec: str = "") -> Plan:
+    """The planner's best plan for ``captured`` on ``cluster`` under the given pins."""
+    from tripar.partitioner.search import Pins, search
+
+    if tp is not None and tp > 1:
+        raise ConfigError(f"tp={tp}: {_NO_TP}")
+    tp = 1
+    if vpp is not None and vpp > 1 and schedule is None:
+        schedule = "interleaved-1f1b"
+    zero_pin = None if zero is None else int(bool(zero))
+    devices = cluster.devices
+    if num_microbatches is None:
+        dps: list[int | None] = [dp]
+    else:
+        if num_microbatches < 1:
+            raise ConfigError(f"num_microbatches must be >= 1, got {num_microbatches}")
+        rest = devices // ((tp or 1) * (pp or 1))
+        dps = [dp] if dp is not None else [d for d in range(1, rest + 1) if rest % d == 0]
+        dps = [d for d in dps if global_batch % (d * num_microbatches) == 0]
+        if not dps:
+            raise ConfigError(f"global batch {global_batch} is not divisible by dp x "
+                              f"num_microbatches={num_microbatches} for any dp"
+                              + (f" (dp={dp})" if dp else "") + "; choose a global batch that "
+                              "is a multiple of dp x num_microbatches")
+    best: Plan | None = None
+    for d in dps:
+        mbs = None if num_microbatches is None else global_batch // (d * num_microbatches)
+        pins = Pins(dp=d, tp=tp, pp=pp, vpp=vpp, micro_batch_size=mbs, schedule=schedule,
+                    recompute=recompute, zero=zero_pin)
+        plan = search(captured.graph, cluster, global_batch, pins=pins, model_spec=model_spec)
+        if best is None or plan.estimate.step_time_s < best.estimate.step_time_s:
+            best = plan
+    assert best is not None
+    return best
+
+
+def _cluster_for(devices: int | Cluster | None, cluster: Cluster | None, world: int) -> Cluster:
+    if isinstance(devices, Cluster):
+        cluster = devices
+    if cluster is None:
+        import os
+
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if world % per_node:
+            per_node = world
+        kind = "cpu"
+        if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
+            name = torch.cuda.get_device_name().lower()
+            kind = next((k for key, k in (("h200", "h200"), ("h100", "h100-80g"),
+                                          ("a100", "a100-80g"), ("v100", "v100-32g"))
+                         if key in name), "")
+            if not kind:
+                raise ConfigError(f"no built-in profile for GPU {name!r}; pass cluster= "
+                                  f"(tripar calibrate writes one)")
+        cluster = Cluster.builtin(kind, nodes=world // per_node, gpus_per_node=per_node)
+    if cluster.devices != world:
+        raise ConfigError(f"the cluster has {cluster.devices} devices but the job has {world} "
+                          f"ranks; start {cluster.devices} ranks or describe the job's devices")
+    return cluster
+
+
+def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
+                  example_inputs: Sequence[Any] = (), example_kwargs: Mapping[str, Any] | None
+                  = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+                  optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+                  global_batch_size: int | None = None, cluster: Cluster | None = None,
+                  dp: int | None = None, tp: int | None = None, pp: int | None = None,
+                  vpp: int | None = None, num_microbatches: int | None = None,
+                  schedule: str | None = None, recompute: str | None = None,
+                  zero: int | bool | None = None, plan: Plan | None = None,
+                  max_grad_norm: float | None = None, seed: int = 0, timeout_s: float = 300.0,
+                  model_spec: str = "", captured: Captured | None = None):
+    """Plan and build ``model`` for data, tensor and pipeline parallelism on this job.
+
+    ``devices``: None inside a started job (torchrun, ``tripar train``, an initialised
+    process group: the whole world), an int (the job's size; 1 runs in this process), or a
+    Cluster (its device profile for the planner). ``example_inputs`` (tuple) or
+    ``example_kwargs`` (dict) is one batch; train batches take its form (extra fields are
+    passed to ``loss_fn`` only). ``global_batch_size`` defaults to the example's batch size.
+    ``loss_fn(outputs, microbatch)``; None uses the model's own loss (a scalar output, or
+    ``.loss``). ``optimizer(params)`` builds the optimizer (default AdamW, lr 1e-3). The pins
+    (dp, tp, pp, vpp, num_microbatches, schedule, recompute, zero) fix what they name; the
+    search chooses the rest, or ``plan`` (from ``tripar plan``) is used as is. A model on the
+    meta device is initialised stage by stage under ``seed``. ``captured`` reuses a
+    :func:`capture_model` result of the same model and example. Every rank calls it with the
+    same arguments. Returns a :class:`~tripar.runtime.engine.ParallelModel`.
+    """
+    from tripar.runtime.launch import ensure_process_group
+
+    world = ensure_process_group(None if isinstance(devices, Cluster) else devices,
+                                 timeout_s=timeout_s)
+    if isinstance(devices, Cluster) and devices.devices != world:
+        raise ConfigError(f"devices is a cluster of {devices.devices} devices, but the job has "
+                          f"{world} ranks")
+    captured = captured or capture_model(model, example_inputs, example_kwargs)
+    if captured.model is not model:
+        raise ConfigError("captured= was made from another model; pass the same model")
+    batch = global_batch_size or captured.batch_size
+    if plan is None:
+        plan = make_plan(captured, _cluster_for(devices, cluster, world), batch, dp=dp, tp=tp,
+                         pp=pp, vpp=vpp, num_microbatches=num_microbatches, schedule=schedule,
+                         recompute=recompute, zero=zero, model_spec=model_spec)
+    else:
+        plan.validate()
+        plan.check_model(model_fingerprint(captured.graph.blocks))
+        if plan.parallel.devices != world:
+            raise PlanError(f"the plan is for {plan.parallel.devices} devices, the job has "
+                            f"{world} ranks")
+    _check_same_plan(plan)
+    if plan.parallel.tp > 1:
+        raise ConfigError(f"the plan uses tp={plan.parallel.tp}: {_NO_TP}")
+    return build(captured, plan, loss_fn=loss_fn, optimizer=optimizer or default_optimizer,
+                 max_grad_norm=max_grad_norm, seed=seed, timeout_s=timeout_s)
+
+
+def _check_same_plan(plan: Plan) -> None:
+    """Refuse to run when ranks computed different plans (a non-deterministic search)."""
+    import torch.distributed as dist
+
+    if dist.get_world_size() == 1:
+        return
+    key = (plan.parallel, tuple(s.blocks for s in plan.stages), plan.schedule)
+    keys: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, key)
+    differ = [r for r, k in enumerate(keys) if k != keys[0]]
+    if differ:
+        raise PlanError(f"ranks {differ} computed a different plan from rank 0's; pass the "
+                        f"same arguments on every rank, or give plan= (tripar plan)")
+
+
+def build(captured: Captured, plan: Plan, *, loss_fn: Callable | None = None,
+          optimizer: Callable = default_optimizer, max_grad_norm: float | None = None,
+          seed: int = 0, timeout_s: float = 300.0, mesh: Any = None):
+    """This rank's ParallelModel for ``plan``: mesh, stage split, own weights, engine."""
+    from tripar.runtime.mesh import build_mesh
+
+    par = plan.parallel
+    if mesh is None:
+        mesh = build_mesh(par.pp, par.dp, par.tp, timeout_s=timeout_s)
+    key = (tuple(s.blocks for s in plan.stages), par.micro_batch_size)
+    if key not in captured.splits:
+        from tripar.codegen.split import split_for_plan
+
+        micro = _for_micro_batch(captured, par.micro_batch_size)
+        captured.splits[key] = (micro, split_for_plan(micro.gm, plan, list(micro.constants)))
+    micro, split = captured.splits[key]
+    try:
+        return _build_rank(micro, split, plan, mesh, loss_fn=loss_fn,
+                           make_optimizer=optimizer, max_grad_norm=max_grad_norm, seed=seed)
+    except BaseException as exc:
+        mesh.report_failure(f"{mesh.describe()} failed building its stages "
+                            f"{[s.index for s in plan.stages if s.rank == mesh.coords.pp]}: "
+                            f"{type(exc).__name__}: {exc}")
+        raise
+
+
+class _Bound(nn.Module):
+    """A stage whose graph also reads inputs that no batch field gives (constants)."""
+
+    def __init__(self, module: nn.Module, layout: tuple[tuple[bool, Any], ...]) -> None:
+        super().__init__()
+        self.module = module
+        self._layout = layout  # (from the batch?, constant) per graph input, in order
+
+    def forward(self, *args: Any) -> Any:
+        it = iter(args)
+        n_received = len(args) - sum(1 for fed, _ in self._layout if fed)
+        call = [next(it) for _ in range(n_received)]
+        call += [next(it) if fed else value for fed, value in self._layout]
+        return self.module(*call)
+
+
+def _build_rank(captured: Captured, split: Any, plan: Plan, mesh: Any, *,
+                loss_fn: Callable | None, make_optimizer: Callable,
+                max_grad_norm: float | None, seed: int):
+    from tripar.codegen.split import rank_stages
+    from tripar.codegen.weights import materialize_stage
+    from tripar.runtime.engine import BatchLayout, LocalParam, ParallelModel
+    from tripar.runtime.executor import StageProgram
+    from tripar.runtime.p2p import TensorSpec
+    from tripar.runtime.tied import TiedWeight
+
+    model, par = captured.model, plan.parallel
+    # every name of each original tensor; the first is canonical
+    names: dict[int, list[str]] = {}
+    for fqn, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(fqn)
+    canon = {fqn: group[0] for group in names.values() for fqn in group}
+    aliases = {group[0]: tuple(group) for group in names.values()}
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+
+    holders: dict[str, set[int]] = {}
+    for st in split.stages:
+        for _, fqn in st.params:
+            holders.setdefault(canon.get(fqn, fqn), set()).add(st.index % par.pp)
+    tied = [TiedWeight(fqn, tuple(sorted(ranks))) for fqn, ranks in sorted(holders.items())
+            if len(ranks) > 1]
+
+    def spec(t: Any) -> TensorSpec:
+        return TensorSpec(t.shape, getattr(torch, t.dtype))
+
+    programs, local, buffers = [], [], {}
+    shared: dict[str, nn.Parameter] = {}
+    state_names = set(model.state_dict(keep_vars=True))
+    for st in rank_stages(split, par.pp, mesh.coords.pp):
+        weights = {"meta_model": model, "seed": seed} if on_meta else {"source": model}
+        module = materialize_stage(st, device=mesh.device, **weights)
+        fqn_of = dict(st.params)
+        for prefix, owner in module.named_modules():
+            for attr, p in list(owner._parameters.items()):
+                if p is None:
+                    continue
+                local_name = f"{prefix}.{attr}" if prefix else attr
+                key = canon.get(fqn_of.get(local_name, local_name), local_name)
+                if key in shared:  # the same weight in another stage of this rank: one tensor
+                    owner._parameters[attr] = shared[key]
+                else:
+                    shared[key] = p
+                    local.append(LocalParam(key, p, tuple(p.shape), _whole(p.shape)))
+        for name, b in module.named_buffers():
+            if name in state_names:
+                buffers[name] = b
+        keys = [captured.keys[i] for i in st.graph_input_positions]
+        call: nn.Module = module
+        if any(k is None for k in keys):
+            call = _Bound(module, tuple((k is not None, captured.constants[i])
+                                        for k, i in zip(keys, st.graph_input_positions)))
+        programs.append(StageProgram(
+            stage=st.index, module=call, inputs=tuple(spec(t) for t in st.received),
+            outputs=tuple(spec(t) for t in st.sent),
+            batch_inputs=tuple(k for k in keys if k is not None)))
+
+    held_buffers = {name for st in split.stages for name, _ in st.module.named_buffers()}
+    extra = {} if on_meta else {k: v for k, v in model.state_dict().items()
+                                if k not in held_buffers and canon.get(k, k) not in holders}
+    example = captured.example
+    fields = [(k, t) for k, t in (example.items() if isinstance(example, dict)
+                                  else enumerate(example)) if isinstance(t, torch.Tensor)]
+    layout = BatchLayout(captured.form, tuple((k, tuple(t.shape[1:]), t.dtype) for k, t in fields
+                                              if k in set(captured.keys)),
+                         par.global_batch_size)
+    return ParallelModel(plan=plan, mesh=mesh, programs=programs, params=local, buffers=buffers,
+                         aliases=aliases, tied=tied, layout=layout,
+                         make_optimizer=make_optimizer, loss_fn=loss_fn,
+                         max_grad_norm=max_grad_norm, extra_state=extra)
+
+
+def _whole(shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    return tuple((0, int(n)) for n in shape)

@@ -1,0 +1,344 @@
+"""Sharded, atomic, reshardable checkpoints of a ParallelModel: model and optimizer by FQN.
+
+Layout of a checkpoint directory::
+
+    manifest.json              what was saved, and which file holds which FQN
+    shard-<save id>-<rank>.pt  one per rank that holds something
+
+Every tensor is stored as *pieces* under the original model's FQNs: a piece is
+``(fqn, key, box, flat, tensor)`` -- ``key`` is ``param`` or ``optim.<state name>``
+(``optim.exp_avg``, ``optim.exp_avg_sq``, ``optim.step`` for AdamW); ``box`` the
+``[start, stop)`` per dim of the whole tensor that a rank holds (all of it without
+tensor parallelism); ``flat`` the ``[a, b)`` range of that box's flattened values
+the piece carries (all of it, except for ZeRO-1 optimizer state, where each dp rank
+holds a slice of a flat bucket). Loading therefore does not care which plan wrote a
+checkpoint: each rank reads the files the manifest names for the FQNs it holds,
+assembles them, and cuts out its own box (and its ZeRO slice).
+
+Atomicity: each rank writes its shard to a temporary file, flushes it to disk and
+renames it to a name carrying this save's id; after a barrier rank 0 writes the
+manifest the same way -- last. A crash at any point before the manifest's rename
+leaves the previous manifest, and the files it names, in place; files no manifest
+names are removed after a successful save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from tripar.errors import PlanError
+
+if TYPE_CHECKING:
+    from tripar.runtime.engine import ParallelModel
+
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+
+FORMAT, VERSION = "tripar-checkpoint", 1
+MANIFEST = "manifest.json"
+
+Box = tuple[tuple[int, int], ...]
+Piece = tuple[str, str, Box, tuple[int, int], torch.Tensor]
+
+
+class CheckpointError(PlanError):
+    """A checkpoint is missing, corrupt, or was written for another model."""
+
+
+# ---- what a rank holds ---------------------------------------------------------------------
+
+def _pieces(pm: ParallelModel) -> list[Piece]:
+    mesh, dp = pm.mesh, pm.data_parallel
+    skip = {id(p) for p in pm.tied.duplicates}
+    out: list[Piece] = []
+    counted = [lp for lp in pm.params if lp.counts and id(lp.param) not in skip]
+    if mesh.coords.dp == 0:
+        for lp in counted:
+            out.append((lp.fqn, "param", lp.box, (0, lp.param.numel()), lp.param.detach()))
+        if mesh.coords.tp == 0:
+            for name, t in pm.buffers.items():
+                out.append((name, "param", _whole(t.shape), (0, t.numel()), t.detach()))
+        if mesh.rank == 0:
+            for name, t in pm.extra_state.items():
+                out.append((name, "param", _whole(t.shape), (0, t.numel()), t.detach()))
+    if not dp.zero:
+        if mesh.coords.dp == 0:
+            for lp in counted:
+                for key, value in dp.optimizer.state.get(lp.param, {}).items():
+                    if _is_elementwise(value, lp.param.numel()):
+                        out.append((lp.fqn, f"optim.{key}", lp.box, (0, value.numel()),
+                                    value.detach().reshape(lp.param.shape)))
+                    elif isinstance(value, torch.Tensor) and value.dim() == 0:
+                        out.append((lp.fqn, f"optim.{key}", (), (0, 1), value.detach()))
+        return out
+    by_param = {id(lp.param): lp for lp in counted}
+    for shard, b in zip(dp.shards, dp.buckets):
+        state = dp.optimizer.state.get(shard, {})
+        lo = mesh.coords.dp * (b.padded // mesh.dp)
+        hi = lo + b.padded // mesh.dp
+        for p, off in zip(b.params, b.offsets):
+            lp = by_param.get(id(p))
+            a, z = max(lo, off), min(hi, off + p.numel())
+            if lp is None or a >= z:
+                continue
+            for key, value in state.items():
+                if _is_elementwise(value, shard.numel()):
+                    out.append((lp.fqn, f"optim.{key}", lp.box, (a - off, z - off),
+                                value.detach()[a - lo:z - lo]))
+                elif isinstance(value, torch.Tensor) and value.dim() == 0:
+                    out.append((lp.fqn, f"optim.{key}", (), (0, 1), value.detach()))
+    return out
+
+
+def _is_elementwise(value: Any, numel: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == numel
+
+
+def _whole(shape: Any) -> Box:
+    return tuple((0, int(n)) for n in shape)
+
+
+def _hyper(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    group = optimizer.param_groups[0]
+    out = {}
+    for k, v in group.items():
+        if k == "params":
+            continue
+        if isinstance(v, torch.Tensor):
+            v = v.item()
+        if isinstance(v, (int, float, bool, str, type(None), tuple, list)):
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# ---- save ----------------------------------------------------------------------------------
+
+def _durable_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier(pm: ParallelModel, what: str) -> None:
+    pm.mesh.wait([dist.barrier(async_op=True)], what=what)
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    _durable_write(directory / MANIFEST,
+                   lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    try:  # make the rename itself durable
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def save_checkpoint(pm: ParallelModel, directory: str | os.PathLike) -> Path:
+    """Write ``pm``'s model and optimizer to ``directory`` (a collective; atomic)."""
+    mesh = pm.mesh
+    path = Path(directory)
+    ids: list[Any] = [uuid.uuid4().hex[:12] if mesh.rank == 0 else None]
+    dist.broadcast_object_list(ids, src=0)
+    save_id = ids[0]
+    if mesh.rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    _barrier(pm, "the checkpoint directory")
+    pieces = _pieces(pm)
+    name = f"shard-{save_id}-{mesh.rank:05d}.pt"
+    index = sorted({(p[0], p[1]) for p in pieces})
+    if pieces:
+        payload = [(f, k, b, fl, t.cpu().clone()) for f, k, b, fl, t in pieces]
+        _durable_write(path / name, lambda f: torch.save(payload, f))
+    shapes = {lp.fqn: list(lp.shape) for lp in pm.params}
+    shapes.update({n: list(t.shape) for n, t in pm.buffers.items()})
+    shapes.update({n: list(t.shape) for n, t in pm.extra_state.items()})
+    gathered: list[Any] = [None] * mesh.world_size
+    dist.all_gather_object(gathered, (name if pieces else None, index, shapes))
+    if mesh.rank == 0:
+        files: dict[str, list[str]] = defaultdict(list)
+        all_shapes: dict[str, list[int]] = {}
+        for file, held, sh in gathered:
+            all_shapes.update(sh)
+            for fqn, key in held:
+                files[f"{fqn}|{key}"].append(file)
+        plan = pm.plan
+        manifest = {
+            "format": FORMAT, "version": VERSION, "save_id": save_id,
+            "model": {"spec": plan.model.spec, "fingerprint": pm.fingerprint},
+            "parallel": {"dp": plan.parallel.dp, "tp": plan.parallel.tp,
+                         "pp": plan.parallel.pp, "zero": plan.parallel.zero},
+            "steps": pm.steps,
+            "optimizer": {"class": type(pm.optimizer).__name__, "hyper": _hyper(pm.optimizer)},
+            "shapes": all_shapes,
+            "aliases": {k: list(v) for k, v in pm.aliases.items() if len(v) > 1},
+            "files": {k: sorted(set(v)) for k, v in sorted(files.items())},
+        }
+        _write_manifest(path, manifest)
+    _barrier(pm, "the checkpoint manifest")
+    if mesh.rank == 0:
+        keep = {MANIFEST} | {file for file, _, _ in gathered if file}
+        for child in path.iterdir():
+            if child.is_file() and child.name not in keep and (
+                    child.name.startswith(("shard-", ".tmp-"))):
+                child.unlink(missing_ok=True)
+    return path
+
+
+# ---- load ----------------------------------------------------------------------------------
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of a checkpoint directory, checked for format and version."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {directory}: {MANIFEST} is missing "
+                              f"(an interrupted first save leaves none)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is corrupt ({error}); restore it or use an older "
+                              f"checkpoint") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a tripar checkpoint manifest")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {manifest.get('version')!r}; "
+                              f"this tripar reads version {VERSION}")
+    return manifest
+
+
+def _read_pieces(directory: Path, files: set[str], wanted: set[tuple[str, str]]
+                 ) -> dict[tuple[str, str], list[tuple[Box, tuple[int, int], torch.Tensor]]]:
+    found: dict[tuple[str, str], list] = defaultdict(list)
+    for file in sorted(files):
+        try:
+            payload = torch.load(directory / file, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable shard is the same problem
+            raise CheckpointError(f"checkpoint shard {directory / file} cannot be read "
+                                  f"({type(error).__name__}: {str(error)[:200]}); the "
+                                  f"checkpoint is incomplete or corrupt") from None
+        for fqn, key, box, flat, tensor in payload:
+            if (fqn, key) in wanted:
+                found[(fqn, key)].append((tuple(tuple(b) for b in box), tuple(flat), tensor))
+    return found
+
+
+def _assemble(shape: list[int], pieces: list[tuple[Box, tuple[int, int], torch.Tensor]]
+              ) -> torch.Tensor:
+    if not shape and pieces and not pieces[0][0]:
+        return pieces[0][2].clone()  # a scalar (the optimizer's step)
+    full = torch.empty(shape, dtype=pieces[0][2].dtype)
+    boxes: dict[Box, torch.Tensor] = {}
+    for box, (a, b), tensor in pieces:
+        numel = 1
+        for lo, hi in box:
+            numel *= hi - lo
+        flat = boxes.setdefault(box, torch.empty(numel, dtype=tensor.dtype))
+        flat[a:b] = tensor.reshape(-1)
+    for box, flat in boxes.items():
+        full[tuple(slice(lo, hi) for lo, hi in box)] = flat.view([hi - lo for lo, hi in box])
+    return full
+
+
+def load_checkpoint(pm: ParallelModel, directory: str | os.PathLike) -> None:
+    """Load ``directory`` (written by ``save_checkpoint`` under any plan) into ``pm``."""
+    path = Path(directory)
+    manifest = read_manifest(path)
+    if manifest["model"]["fingerprint"] != pm.fingerprint:
+        raise CheckpointError(
+            f"the checkpoint at {path} is for model {manifest['model']['spec']!r} (fingerprint "
+            f"{manifest['model']['fingerprint']}), this model's fingerprint is "
+            f"{pm.fingerprint}; load it into the model it was saved from")
+    files, shapes = manifest["files"], manifest["shapes"]
+    wanted: set[tuple[str, str]] = set()
+    names = [lp.fqn for lp in pm.params] + list(pm.buffers) + list(pm.extra_state)
+    for fqn in names:
+        if f"{fqn}|param" not in files:
+            raise CheckpointError(f"the checkpoint at {path} has no tensor {fqn!r}")
+        wanted.add((fqn, "param"))
+    optim_keys = sorted({k.split("|", 1)[1] for k in files if "|optim." in k})
+    for lp in pm.params:
+        wanted |= {(lp.fqn, k) for k in optim_keys if f"{lp.fqn}|{k}" in files}
+    needed = {f for fqn, key in wanted for f in files[f"{fqn}|{key}"]}
+    found = _read_pieces(path, needed, wanted)
+    full = {}
+    for k in wanted:
+        if found.get(k):
+            scalar = k[1] != "param" and not found[k][0][0]
+            full[k] = _assemble([] if scalar else shapes[k[0]], found[k])
+    missing = sorted(f"{f} ({k})" for f, k in wanted if (f, k) not in full)
+    if missing:
+        raise CheckpointError(f"the checkpoint at {path} lacks {missing[:5]}: a shard file is "
+                              f"missing or truncated")
+    with torch.no_grad():
+        for lp in pm.params:
+            lp.param.copy_(_cut(full[(lp.fqn, "param")], lp.box))
+        for name, t in pm.buffers.items():
+            t.copy_(full[(name, "param")])
+        for name, t in pm.extra_state.items():
+            t.copy_(full[(name, "param")])
+    pm.data_parallel.reload_shards()
+    _load_optimizer(pm, full, optim_keys, manifest)
+    pm.steps = int(manifest.get("steps", 0))
+    _barrier(pm, "every rank to finish loading the checkpoint")
+
+
+def _cut(tensor: torch.Tensor, box: Box) -> torch.Tensor:
+    return tensor[tuple(slice(lo, hi) for lo, hi in box)]
+
+
+def _load_optimizer(pm: ParallelModel, full: dict, keys: list[str], manifest: dict) -> None:
+    dp, mesh = pm.data_parallel, pm.mesh
+    opt = dp.optimizer
+    hyper = manifest.get("optimizer", {}).get("hyper", {})
+    for group in opt.param_groups:
+        for k, v in hyper.items():
+            if k in group:
+                group[k] = tuple(v) if isinstance(group[k], tuple) else v
+    opt.state.clear()
+    if not keys:
+        return
+    if not dp.zero:
+        for lp in pm.params:
+            state = {}
+            for key in keys:
+                value = full.get((lp.fqn, key))
+                if value is None:
+                    continue
+                state[key.removeprefix("optim.")] = (
+                    value.clone() if value.dim() == 0
+                    else _cut(value, lp.box).to(lp.param.dtype).clone())
+            if state:
+                opt.state[lp.param] = state
+        return
+    fqn_of = {id(lp.param): lp for lp in pm.params}
+    for shard, b in zip(dp.shards, dp.buckets):
+        lo = mesh.coords.dp * (b.padded // mesh.dp)
+        hi = lo + b.padded // mesh.dp
+        state = {}
+        for key in keys:
+            flat = torch.zeros(b.padded, dtype=shard.dtype)
+            scalar = None
+            for p, off in zip(b.params, b.offsets):
+                lp = fqn_of[id(p)]
+                value = full.get((lp.fqn, key))
+                if value is None:
+                    continue
+                if value.dim() == 0:
+                    scalar = value
+                else:
+                    flat[off:off + p.numel()] = _cut(value, lp.box).reshape(-1)
+            name = key.removeprefix("optim.")
+            state[name] = scalar.clone() if scalar is not None else flat[lo:hi].clone()
+        opt.state[shard] = state
