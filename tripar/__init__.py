@@ -1,7 +1,36 @@
-"""tripar: automatic data, pipeline and tensor parallelism for PyTorch training."""
+"""tripar: automatic data, pipeline and tensor parallelism for PyTorch training.
+
+The public surface is small:
+
+- ``auto_parallel(model, devices, ...)``: plan, build and run a model in parallel;
+  returns a ``ParallelModel`` (``train_step``, ``eval_step``, ``save``, ``load``);
+- ``Plan``: the plan as data (``tripar plan`` writes it, ``tripar explain`` reads it);
+- ``Cluster``: the machines a plan is made for;
+- ``TriparError``: the base of every error tripar raises on purpose.
+
+Names load on first use, so that ``tripar plan`` never imports the runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from tripar.errors import TriparError
 
 __version__ = "0.1.0"
 
-__all__ = ["TriparError", "__version__"]
+_LAZY = {
+    "auto_parallel": "tripar.api",
+    "ParallelModel": "tripar.runtime.engine",
+    "Plan": "tripar.plan.plan",
+    "Cluster": "tripar.partitioner.hardware",
+}
+
+__all__ = ["Cluster", "ParallelModel", "Plan", "TriparError", "__version__", "auto_parallel"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tripar' has no attribute {name!r}")
