@@ -39,11 +39,29 @@ def test_plan_text_summary(capsys):
     assert "estimate: step" in text and "runners-up:" in text
 
 
-def test_contradicting_pins_exit_with_a_message(capsys):
-    code = main(["plan", MODEL, "--gpus-per-node", "4", "--global-batch", "16", "--dp", "3"])
-    assert code == 2
+def test_contradicting_pins_exit_with_one_clear_message(capsys):
+    cases = [
+        (["--gpus-per-node", "8", "--dp", "3"], "--dp 3 does not divide the 8 devices"),
+        (["--gpus-per-node", "8", "--tp", "3"], "--tp 3: no tensor-parallel region"),
+        (["--gpus-per-node", "4", "--dp", "4", "--micro-batch", "3"],
+         "global batch 16 is not divisible by dp x micro-batch = 4 x 3 = 12"),
+        (["--gpus-per-node", "4", "--vpp", "2", "--schedule", "gpipe"],
+         "needs schedule interleaved-1f1b"),
+    ]
+    for extra, want in cases:
+        code = main(["plan", MODEL, "--global-batch", "16", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and want in err, (extra, err)
+        assert err.count("error:") == 1 and "Traceback" not in err
+    main(["plan", MODEL, "--global-batch", "16", "--gpus-per-node", "8", "--tp", "3"])
+    assert "4 attention heads, which 3 does not divide" in capsys.readouterr().err
+
+
+def test_gpt3_on_one_node_fails_naming_the_stage_bytes_and_fix(capsys):
+    code = main(["plan", "gpt:layers=96,hidden=12288,heads=96,vocab=51200,seq=2048",
+                 "--gpu", "a100-80g", "--nodes", "1", "--gpus-per-node", "8",
+                 "--global-batch", "8"])
     err = capsys.readouterr().err
-    assert "no configuration matches 4 devices" in err and "dp=3" in err
-    code = main(["plan", MODEL, "--gpus-per-node", "4", "--global-batch", "16", "--vpp", "2",
-                 "--schedule", "gpipe"])
-    assert code == 2 and "needs schedule interleaved-1f1b" in capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "pipeline stage" in err and "bytes more than the 80000000000 bytes" in err
+    assert "fix: one model replica needs at least" in err and "nodes of 8" in err

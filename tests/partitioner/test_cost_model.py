@@ -262,3 +262,40 @@ def test_step_estimate_interleaved_and_zero_bubble():
     assert len(inter.stage_costs) == 8 and len(inter.rank_memory_bytes) == 4
     assert inter.bubble_fraction < plain.bubble_fraction
     assert zb.step_time_s < plain.step_time_s
+
+
+def test_block_costs_shard_a_subset_of_regions():
+    from tripar.commands._model_args import proxy_graph_for
+    from tripar.errors import ConfigError
+    from tripar.partitioner.cost_model import block_costs, shardable_regions
+    from tripar.partitioner.hardware import Cluster
+    from tripar.plan.config import ParallelConfig
+
+    graph = proxy_graph_for("gpt:layers=2,hidden=256,heads=4,vocab=1000,seq=128")
+    cluster = Cluster.builtin("a100-80g")
+    tp2 = ParallelConfig(1, 2, 1, 1, 1)
+    every = shardable_regions(graph, 2)
+    full = block_costs(graph, cluster, tp2)
+    assert full == block_costs(graph, cluster, tp2, tp_regions=every)
+    none = block_costs(graph, cluster, tp2, tp_regions=())
+    assert none[1] == block_costs(graph, cluster, ParallelConfig(1, 1, 1, 1, 1))[1]
+    mlp = block_costs(graph, cluster, tp2, tp_regions=[r for r in every if r.endswith(":mlp")])
+    attn = block_costs(graph, cluster, tp2,
+                       tp_regions=[r for r in every if r.endswith(":attention")])
+    layer = 1
+    # the MLP holds 2/3 of a GPT layer's weights (8h^2 of 12h^2), attention the rest
+    for part in (mlp, attn):
+        assert full[layer].params < part[layer].params < none[layer].params
+        assert full[layer].forward_s - full[layer].tp_comm_s / 2 < part[layer].forward_s
+    saved_mlp = none[layer].params - mlp[layer].params
+    saved_attn = none[layer].params - attn[layer].params
+    assert 1.9 < saved_mlp / saved_attn < 2.1
+    assert mlp[layer].tp_comm_s == attn[layer].tp_comm_s > 0
+    # heads=4: attention is not proven at tp=8, so only the MLP shards there
+    tp8 = block_costs(graph, cluster, ParallelConfig(1, 8, 1, 1, 1))
+    assert "blocks.0:attention" not in shardable_regions(graph, 8)
+    # the MLP's share split 8 ways instead of 2: (1 - 1/8) / (1 - 1/2) = 1.75 times the saving
+    assert abs((none[layer].params - tp8[layer].params) / saved_mlp - 1.75) < 0.01
+    with pytest.raises(ConfigError, match="not proven at that degree"):
+        block_costs(graph, cluster, ParallelConfig(1, 8, 1, 1, 1),
+                    tp_regions=["blocks.0:attention"])

@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         from tripar.partitioner.partition_milp import build_partition_milp
         from tripar.partitioner.search import partition_problem
 
-        problem = partition_problem(graph, cluster, plan.parallel, dtype=args.dtype)
+        problem = partition_problem(graph, cluster, plan.parallel, dtype=args.dtype,
+                                    tp_regions=[r.name for r in plan.tp_regions])
         build_partition_milp(problem).dump_lp(args.dump_lp)
     if args.format == "json":
         print(json.dumps(plan.to_dict()))

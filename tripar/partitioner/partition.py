@@ -251,6 +251,9 @@ class PartitionSolution:
     solver: str
     status: str
     solve_time_s: float
+    work: int = 0
+    """Units of work the solver did (DP cells, stage evaluations): a clock-free measure of
+    its cost, for scaling checks."""
 
     @property
     def boundaries(self) -> tuple[int, ...]:
@@ -454,7 +457,7 @@ class _StageTable:
     of identical layers share one computation.
     """
 
-    def __init__(self, problem: PartitionProblem) -> None:
+    def __init__(self, problem: PartitionProblem, *, tables: bool = True) -> None:
         self.problem = problem
         n = problem.num_blocks
         type_key: dict[tuple[int, float], int] = {}
@@ -492,7 +495,7 @@ class _StageTable:
         cut = np.zeros(n + 1)
         cut[1:n] = problem.cut_s
         self.cut = cut
-        self.tables = [self._stage(s) for s in range(problem.num_stages)]
+        self.tables = [self._stage(s) for s in range(problem.num_stages)] if tables else []
 
     def valid(self, s: int) -> np.ndarray:
         """Ranges stage s can hold while every other stage keeps at least one block."""
@@ -600,7 +603,7 @@ def _trace(args: list[np.ndarray], n: int) -> list[int]:
     return bounds[::-1]
 
 
-def solve_partition_dp(problem: PartitionProblem) -> PartitionSolution:
+def solve_partition_dp(problem: PartitionProblem, *, use_runs: bool = True) -> PartitionSolution:
     """Exact minimum of the step-time model over contiguous partitions and recompute sets.
 
     For each candidate bottleneck value ``B`` (a stage time that some stage can
@@ -611,6 +614,9 @@ def solve_partition_dp(problem: PartitionProblem) -> PartitionSolution:
     Cost: ``O(n^2 k)`` per candidate (numpy), plus one recompute choice per
     distinct range composition and stage, so a chain of identical layers
     costs about as much as its length, not the square of the number of types.
+    With ``use_runs`` (default), a chain with a long run of identical blocks is solved
+    by layer counts instead (:mod:`tripar.partitioner.partition_runs`, same optimum,
+    work linear in the run's length); ``use_runs=False`` forces the DP over ranges.
 
     >>> prob = PartitionProblem.uniform(6, stages=3, activation_bytes=10, input_bytes=1,
     ...                                 memory_limit_bytes=40, num_microbatches=4)
@@ -624,10 +630,19 @@ def solve_partition_dp(problem: PartitionProblem) -> PartitionSolution:
         raise InfeasibleError(
             f"cannot cut {n} blocks into {k} non-empty pipeline stages; use at most {n} "
             f"stages (pp * vpp <= {n})")
+    if use_runs:
+        from tripar.partitioner.partition_runs import find_run, solve_partition_runs
+
+        run = find_run(problem)
+        fast = solve_partition_runs(problem, run) if run is not None else None
+        if fast is not None:
+            return fast
     table = _StageTable(problem)
+    cells = [k * (n + 1) ** 2]
     steady = problem.num_microbatches * problem.virtual_stages - 1
     v = problem.virtual_stages
     free_sum, free_args = _chain_dp(table.tables, _INF)
+    cells[0] += k * (n + 1) ** 2
     if not math.isfinite(free_sum):
         raise diagnose_infeasible(problem)
     if steady == 0:
@@ -637,6 +652,7 @@ def solve_partition_dp(problem: PartitionProblem) -> PartitionSolution:
         lo, hi = 0, len(values) - 1      # smallest feasible cap, by bisection
         while lo < hi:
             mid = (lo + hi) // 2
+            cells[0] += k * (n + 1) ** 2
             if math.isfinite(_chain_dp(table.tables, values[mid])[0]):
                 hi = mid
             else:
@@ -646,13 +662,16 @@ def solve_partition_dp(problem: PartitionProblem) -> PartitionSolution:
             if free_sum / v + steady * cap >= best_value:
                 break
             total, args = _chain_dp(table.tables, cap)
+            cells[0] += k * (n + 1) ** 2
             if total / v + steady * cap < best_value:
                 best_value, best_args = total / v + steady * cap, args
     bounds = _trace(best_args, n)
     rec = [table.recompute_blocks(s, bounds[s], bounds[s + 1] if s + 1 < k else n)
            for s in range(k)]
-    return evaluate_partition(problem, bounds, rec, solver="dp", status="optimal",
-                              solve_time_s=time.perf_counter() - start)
+    sol = evaluate_partition(problem, bounds, rec, solver="dp", status="optimal",
+                             solve_time_s=time.perf_counter() - start)
+    return PartitionSolution(sol.stages, sol.objective_s, sol.bottleneck_s, sol.solver,
+                             sol.status, sol.solve_time_s, work=cells[0])
 
 
 def diagnose_infeasible(problem: PartitionProblem) -> InfeasibleError:
@@ -667,7 +686,7 @@ def diagnose_infeasible(problem: PartitionProblem) -> InfeasibleError:
     n, k = problem.num_blocks, problem.num_stages
     if n < k:
         return InfeasibleError(f"cannot cut {n} blocks into {k} non-empty pipeline stages")
-    table = _StageTable(problem)
+    table = _StageTable(problem, tables=False)
     least = []  # least memory of each (stage, first, stop) minus its budget
     for s in range(k):
         over = (table.least_memory(s) - problem.memory_limit_bytes[s]).astype(np.float64)

@@ -42,7 +42,7 @@ from tripar.errors import PlanError
 from tripar.partitioner.stage_cost import StageCost
 from tripar.plan.schedule import Schedule
 
-__all__ = ["SimResult", "TimelineEvent", "simulate"]
+__all__ = ["EncodedSchedule", "SimResult", "TimelineEvent", "encode_schedule", "simulate"]
 
 
 class TimelineEvent(NamedTuple):
@@ -107,10 +107,12 @@ def simulate(
     stage_costs: Sequence[StageCost],
     *,
     record_timeline: bool = True,
+    encoded: EncodedSchedule | None = None,
 ) -> SimResult:
     """Play ``schedule`` forward in time with per-virtual-stage costs.
 
-    ``stage_costs[s]`` is virtual stage s's cost (``len == pp * vpp``).
+    ``stage_costs[s]`` is virtual stage s's cost (``len == pp * vpp``). ``encoded``:
+    ``encode_schedule(schedule)``, when the caller simulates the same schedule often.
 
     >>> from tripar.partitioner.schedules import build_schedule
     >>> cost = StageCost(forward_s=1.0, backward_input_s=1.0, backward_weight_s=1.0)
@@ -126,7 +128,9 @@ def simulate(
             f"StageCost per virtual stage"
         )
     pp = schedule.pp
-    g = _encode(schedule, stage_costs)
+    if encoded is None or encoded.schedule is not schedule:
+        encoded = encode_schedule(schedule)
+    g = _encode(encoded, stage_costs)
     end = _play(schedule, g)
     start = end - g.dur
 
@@ -195,26 +199,36 @@ def simulate(
 
 
 @dataclass(frozen=True, slots=True)
-class _Encoded:
-    """All ranks' actions concatenated (rank 0's, then rank 1's, ...), as flat arrays."""
+class EncodedSchedule:
+    """A schedule's actions as flat arrays, independent of stage costs: build it once with
+    :func:`encode_schedule` and pass it to :func:`simulate` for every costing of the same
+    schedule (the search simulates one schedule under many partitions)."""
 
+    schedule: Schedule
     n: int
     rank_bounds: list[int]
     stage: np.ndarray
     kind: np.ndarray
     mb: np.ndarray
-    dur: np.ndarray
+    split: np.ndarray
+    """Per stage: whether its backward is split into B and W."""
     dep: list[int]
-    """Index of the action whose end this one waits for; -1: none; -2: missing."""
-    delay: list[float]
-    alloc: np.ndarray
-    free: np.ndarray
+    """Index of the action whose end this one waits for; -1: none."""
+    send_from: np.ndarray
+    """Stage whose ``send_s`` delays this action's dependency; -1: none."""
     holds: np.ndarray
     releases: np.ndarray
     pending: np.ndarray
 
 
-def _encode(schedule: Schedule, stage_costs: Sequence[StageCost]) -> _Encoded:
+def encode_schedule(schedule: Schedule) -> EncodedSchedule:
+    """Check ``schedule`` once and lay its actions out as arrays (see EncodedSchedule).
+
+    >>> from tripar.partitioner.schedules import build_schedule
+    >>> enc = encode_schedule(build_schedule("1f1b", 2, 4))
+    >>> enc.n, enc.rank_bounds
+    (16, [0, 8, 16])
+    """
     m, num_stages = schedule.num_microbatches, schedule.num_stages
     last = num_stages - 1
     flat = [a for acts in schedule.actions for a in acts]
@@ -228,11 +242,6 @@ def _encode(schedule: Schedule, stage_costs: Sequence[StageCost]) -> _Encoded:
     mb = np.array(mbs, dtype=np.int64)
     split = np.zeros(num_stages, dtype=bool)
     split[stage[kind == 4]] = True
-    costs = np.array([(c.forward_s, c.forward_s, c.recompute_s, c.backward_input_s,
-                       c.backward_weight_s) for c in stage_costs], dtype=float)
-    costs[:, 3] += np.where(split, 0.0, costs[:, 4])
-    dur = costs[stage, kind]
-    send = np.array([c.send_s for c in stage_costs] + [0.0])
     key = stage * m + mb
     ids = np.arange(n)
     is_fwd, is_bwd = kind <= 1, kind == 3
@@ -244,24 +253,54 @@ def _encode(schedule: Schedule, stage_costs: Sequence[StageCost]) -> _Encoded:
         schedule.validate()  # raises, naming the rank and step
         raise PlanError(f"schedule {schedule.name!r} is malformed")
     dep = np.full(n, -1, dtype=np.int64)
-    delay = np.zeros(n)
+    send_from = np.full(n, -1, dtype=np.int64)
     wants_fwd = is_fwd & (stage > 0)
     dep[wants_fwd] = fwd_id[key[wants_fwd] - m]
-    delay[wants_fwd] = send[stage[wants_fwd] - 1]
+    send_from[wants_fwd] = stage[wants_fwd] - 1
     wants_bwd = is_bwd & (stage < last)
     dep[wants_bwd] = bwd_id[key[wants_bwd] + m]
-    delay[wants_bwd] = send[stage[wants_bwd]]
+    send_from[wants_bwd] = stage[wants_bwd]
+    holds = ((kind == 0) | (kind == 2)).astype(np.int64)
+    pending = np.select([is_bwd & split[stage], kind == 4], [1, -1], 0)
+    return EncodedSchedule(schedule, n, bounds, stage, kind, mb, split, dep.tolist(),
+                           send_from, holds, is_bwd.astype(np.int64), pending)
 
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """An encoded schedule with one set of stage costs applied."""
+
+    n: int
+    rank_bounds: list[int]
+    stage: np.ndarray
+    kind: np.ndarray
+    mb: np.ndarray
+    dur: np.ndarray
+    dep: list[int]
+    delay: list[float]
+    alloc: np.ndarray
+    free: np.ndarray
+    holds: np.ndarray
+    releases: np.ndarray
+    pending: np.ndarray
+
+
+def _encode(enc: EncodedSchedule, stage_costs: Sequence[StageCost]) -> _Encoded:
+    stage, kind, split = enc.stage, enc.kind, enc.split
+    costs = np.array([(c.forward_s, c.forward_s, c.recompute_s, c.backward_input_s,
+                       c.backward_weight_s) for c in stage_costs], dtype=float)
+    costs[:, 3] += np.where(split, 0.0, costs[:, 4])
+    dur = costs[stage, kind]
+    send = np.array([c.send_s for c in stage_costs] + [0.0])
+    delay = np.where(enc.send_from >= 0, send[enc.send_from], 0.0)
     act_b = np.array([c.activation_bytes for c in stage_costs], dtype=np.int64)
     in_b = np.array([c.input_bytes for c in stage_costs], dtype=np.int64)
     wg_b = np.where(split, [c.weight_grad_bytes for c in stage_costs], 0).astype(np.int64)
-    holds = ((kind == 0) | (kind == 2)).astype(np.int64)
-    alloc = np.where(holds == 1, act_b[stage], np.where(kind == 1, in_b[stage], 0))
+    alloc = np.where(enc.holds == 1, act_b[stage], np.where(kind == 1, in_b[stage], 0))
     free = np.select([kind == 2, kind == 3, kind == 4],
                      [in_b[stage], act_b[stage] - wg_b[stage], wg_b[stage]], 0)
-    pending = np.select([is_bwd & split[stage], kind == 4], [1, -1], 0)
-    return _Encoded(n, bounds, stage, kind, mb, dur, dep.tolist(), delay.tolist(), alloc, free,
-                    holds, is_bwd.astype(np.int64), pending)
+    return _Encoded(enc.n, enc.rank_bounds, stage, kind, enc.mb, dur, enc.dep,
+                    delay.tolist(), alloc, free, enc.holds, enc.releases, enc.pending)
 
 
 def _well_formed(kind: np.ndarray, key: np.ndarray, ids: np.ndarray, fwd_id: np.ndarray,

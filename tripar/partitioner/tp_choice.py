@@ -149,6 +149,10 @@ def choose_tp_regions(candidates: Sequence[TPCandidate], *, degree: int, memory_
                       dump_lp: str | Path | None = None) -> TPChoice:
     """Pick the regions to shard at ``degree``: least step time within the memory limit.
 
+    With ``solver="auto"``, when sharding exactly the groups that save time fits in
+    memory, that is the optimum and no solver runs (``solver`` of the result:
+    ``closed-form``); otherwise the ILP is solved (HiGHS or CBC through pulp).
+
     >>> mlp = TPRegion("mlp", "h.0", (), (), "all_reduce", "all_reduce", 8, (2, 4))
     >>> att = TPRegion("attention", "h.0", (), (), "all_reduce", "all_reduce", 8, (4,))
     >>> cands = [TPCandidate(mlp, 1.0, 3.0, 300), TPCandidate(att, 1.0, 0.5, 200)]
@@ -172,14 +176,28 @@ def choose_tp_regions(candidates: Sequence[TPCandidate], *, degree: int, memory_
             f"tensor-parallel degree, more pipeline stages, ZeRO-1 or recomputation")
     if dump_lp is not None:
         milp.dump_lp(dump_lp)
+    free = {key for key, group in milp.groups.items()
+            if sum(c.collective_s - c.compute_saving_s for c in group) < 0}
+    free_memory = memory_bytes - sum(c.memory_saving_bytes for key in free
+                                     for c in milp.groups[key])
+    if solver == "auto" and free_memory <= memory_limit_bytes:
+        # The unconstrained optimum (shard exactly the groups that save time) fits, so it is
+        # the ILP's optimum too: no solver run is needed.
+        return _choice(milp, free, "closed-form", 0.0, start)
     record = run_solver(milp.lp, solver)
     if record.status != "optimal":
         raise PlanError(f"the tensor-parallel ILP ended with status {record.status!r} "
                         f"({record.solver}); write it out with dump_lp to inspect it")
+    picked = {key for key in milp.groups if (milp.variables[key].value() or 0.0) > 0.5}
+    return _choice(milp, picked, record.solver, record.objective, start)
+
+
+def _choice(milp: TPMilp, picked: set[str], solver: str, objective: float,
+            start: float) -> TPChoice:
     sharded, replicated = [], list(milp.unsupported)
-    delta, memory = 0.0, memory_bytes
+    delta, memory = 0.0, milp.memory_bytes
     for key, group in milp.groups.items():
-        if (milp.variables[key].value() or 0.0) > 0.5:
+        if key in picked:
             for cand in group:
                 sharded.append(cand.region)
                 delta += cand.collective_s - cand.compute_saving_s
@@ -188,5 +206,6 @@ def choose_tp_regions(candidates: Sequence[TPCandidate], *, degree: int, memory_
             for cand in group:
                 replicated.append((cand.region, "its collectives cost more time than sharding "
                                                 "saves, and memory fits without it"))
-    return TPChoice(degree, tuple(sharded), tuple(replicated), delta, memory, record.solver,
-                    record.status, record.objective, time.perf_counter() - start)
+    objective = delta if solver == "closed-form" else objective
+    return TPChoice(milp.degree, tuple(sharded), tuple(replicated), delta, memory, solver,
+                    "optimal", objective, time.perf_counter() - start)
