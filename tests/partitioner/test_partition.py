@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import time
 
 import pytest
 
@@ -258,14 +257,10 @@ def test_identical_layers_scale_about_linearly():
             in_flight=one_f_one_b_in_flight(16, 64), memory_limit_bytes=40 * 10**9,
             num_microbatches=64, cut_s=[0.0005] * (n - 1))
 
-    timings = {}
+    # How its time grows with depth is measured in benchmarks/plan_scaling.py and by the
+    # counted work in tests/partitioner/test_partition_runs.py, not by the wall clock here.
     for layers in (48, 96):
-        start = time.perf_counter()
         sol = solve_partition_dp(gpt(layers))
-        timings[layers] = time.perf_counter() - start
         assert all(st.memory_bytes <= 40 * 10**9 for st in sol.stages)
         assert 0 < sum(len(st.recompute) for st in sol.stages) < layers  # partial recompute
         assert sum(st.num_blocks for st in sol.stages) == layers + 2
-    assert timings[96] < 2.0
-    # O(n^2) numpy work per DP: allow a factor well under the cubic 8x for doubling n
-    assert timings[96] < 6 * timings[48] + 0.2, timings

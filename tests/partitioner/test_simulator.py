@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -199,15 +198,10 @@ def test_bad_inputs():
     assert r.step_time_s == simulate(s, uniform(2)).step_time_s
 
 
-def test_large_interleaved_simulates_fast():
+def test_large_interleaved_schedule_simulates_completely():
+    # Its speed (under 2 s) is measured by benchmarks/simulate_speed.py, not here.
     p, m, v = 64, 512, 2
-    t0 = time.perf_counter()
     s = build_schedule("interleaved-1f1b", p, m, vpp=v)
-    t1 = time.perf_counter()
     r = simulate(s, uniform(p * v, v, activation_bytes=1, send_s=0.001))
-    t2 = time.perf_counter()
-    print(f"p=64 m=512 v=2: build {t1 - t0:.2f} s, simulate {t2 - t1:.2f} s, "
-          f"{len(r.events)} actions")
     assert len(r.events) == 2 * p * v * m
-    assert t2 - t1 < 2.0
     assert r.peak_inflight[0] == v * p + p - 1
