@@ -193,7 +193,9 @@ def propagate_values(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any]) -> di
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     # a graph exported from a meta-built model has device=meta baked in: stay on meta
-    on_meta = any(t.device.type == "meta" for t in gm.parameters())
+    # (unless its device constants were retargeted: then they decide)
+    baked = baked_devices(gm)
+    on_meta = "meta" in baked if baked else any(t.device.type == "meta" for t in gm.parameters())
     device = "meta" if on_meta else "cpu"
 
     def fake(t: torch.Tensor) -> torch.Tensor:
@@ -246,6 +248,26 @@ def propagate_values(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any]) -> di
             f"{first}; a graph from torch.export fixes the batch it was captured with, so "
             "capture the model with a microbatch-sized example") from error
     return values
+
+
+def baked_devices(gm: torch.fx.GraphModule) -> set[str]:
+    """Device types written into the graph's arguments (``torch.export`` records the
+    capture's device in ``arange``, ``to`` and its tensor-metadata asserts).
+
+    >>> import torch
+    >>> baked_devices(torch.fx.symbolic_trace(lambda x: x.to(torch.device("meta"))))
+    {'meta'}
+    """
+    found: set[str] = set()
+
+    def visit(value: Any) -> Any:
+        if isinstance(value, torch.device):
+            found.add(value.type)
+        return value
+
+    for node in gm.graph.nodes:
+        pytree.tree_map(visit, (node.args, node.kwargs))
+    return found
 
 
 def _is_guard(node: torch.fx.Node) -> bool:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from tripar.codegen.split import StageProgram, StageSplit
+from tripar.codegen.tp_shard import take_shard
 from tripar.errors import PlanError
 
 
@@ -170,13 +171,17 @@ def materialize_stage(
     init: Callable[[nn.Module], None] = default_init,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    shards: Mapping[str, Any] | None = None,
 ) -> torch.fx.GraphModule:
     """A copy of ``stage.module`` holding its own tensors, from ``source`` (a real model:
     copied) or ``meta_model`` (initialised locally, see the module docstring).
 
     Tensors of the graph that the model does not have (constants lifted by
     ``torch.export``) are copied from the stage's graph; they must be real. Tied
-    parameters within the stage stay one tensor.
+    parameters within the stage stay one tensor. ``shards`` (FQN ->
+    ``tripar.codegen.tp_shard.ParamShard``) cuts this tensor-parallel rank's slice of
+    each weight a tensor-parallel stage holds sliced; the full tensor of such a weight
+    exists only while it is cut (as Megatron's CPU initialisation does).
     """
     if (source is None) == (meta_model is None):
         raise PlanError("materialize_stage needs exactly one of source= (a real model) or "
@@ -210,6 +215,14 @@ def materialize_stage(
             value = tensor
         key = id(tensor)  # the stage's own sharing (ties within the stage) decides identity
         if key not in made:
+            cut = (shards or {}).get(fqn)
+            if cut is not None and tuple(value.shape) != tuple(tensor.shape):
+                value = take_shard(value.detach(), cut.dim, tuple(cut.parts), cut.t, cut.rank)
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise PlanError(f"stage {stage.index}: {local} ({fqn}) has shape "
+                                f"{tuple(tensor.shape)} in the stage but {tuple(value.shape)} in "
+                                "the model; the stage was split from another model, or a "
+                                "tensor-parallel slice is missing from shards=")
             data = value.detach().to(target, copy=True)
             made[key] = nn.Parameter(data, requires_grad=tensor.requires_grad) if is_param \
                 else data
