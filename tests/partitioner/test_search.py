@@ -148,3 +148,19 @@ def test_search_is_deterministic_and_reports_runners_up():
     assert all(alt.reason for alt in a.alternatives)
     assert [r.problem for r in a.solvers] == ["search", "partition"]
     assert a.schedule and len(a.schedule) == a.parallel.pp
+
+
+def test_tied_embedding_and_head_are_sharded_together():
+    # A tied weight sharded for the LM head but not for the embedding cannot be built:
+    # the two regions share one decision.
+    from tripar.commands._model_args import proxy_graph_for
+    from tripar.partitioner.hardware import Cluster
+    from tripar.partitioner.search import Pins, _Search
+
+    graph = proxy_graph_for("gpt:layers=2,hidden=256,heads=4,vocab=512,seq=64",
+                            batch_size=1, seq_len=64, tp_degrees=(2,))
+    cluster = Cluster.builtin("cpu", nodes=1, gpus_per_node=4)
+    groups = [names for _, names in _Search(graph, cluster, 8, Pins(tp=2, pp=2), None,
+                                            16).groups(2)]
+    tied = [names for names in groups if any(n.endswith(":lm_head") for n in names)]
+    assert len(tied) == 1 and any(n.endswith(":embedding") for n in tied[0]), groups

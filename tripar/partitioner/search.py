@@ -274,13 +274,17 @@ class _Search:
             signature = {b.name: b.signature for b in self.graph.blocks}
             proven = set(_shardable(self.graph, tp))
             grouped: dict[tuple[str, str], list[str]] = {}
+            weights: dict[tuple[str, str], set[str]] = {}
             for r in self.graph.tp_regions:
                 name = f"{r.block}:{r.kind}"
                 if name in proven:
-                    grouped.setdefault((signature.get(r.block, r.block), r.kind), []).append(name)
+                    key = (signature.get(r.block, r.block), r.kind)
+                    grouped.setdefault(key, []).append(name)
+                    weights.setdefault(key, set()).update(
+                        [fqn for fqn, _ in r.shards] + list(r.tied))
             self._groups[tp] = [(names[0] + (f" (+{len(names) - 1} alike)" if len(names) > 1
                                               else ""), tuple(names))
-                                for names in grouped.values()]
+                                for names in _merge_sharing(grouped, weights)]
         return self._groups[tp]
 
     def all_regions(self, tp: int) -> frozenset[str]:
@@ -933,3 +937,23 @@ def partition_problem(graph: ProxyGraph, cluster: Cluster, config: ParallelConfi
     shard = (frozenset(tp_regions) if tp_regions is not None else
              state.all_regions(config.tp))
     return state.partition_problem(config, [0] * config.pp, shard)
+
+
+def _merge_sharing(grouped: dict, weights: dict) -> list[list[str]]:
+    """Merge region groups that shard one weight (a tied embedding and LM head): they
+    must be sharded together or not at all, so they share one decision.
+
+    >>> _merge_sharing({"a": ["emb"], "b": ["head"], "c": ["mlp"]},
+    ...                {"a": {"wte.weight"}, "b": {"wte.weight"}, "c": {"fc.weight"}})
+    [['emb', 'head'], ['mlp']]
+    """
+    merged: list[tuple[set[str], list[str]]] = []
+    for key, names in grouped.items():
+        own = set(weights.get(key, ()))
+        names = list(names)
+        for other in [m for m in merged if m[0] & own]:
+            merged.remove(other)
+            own |= other[0]
+            names = other[1] + names
+        merged.append((own, names))
+    return [names for _, names in merged]
