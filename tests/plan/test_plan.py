@@ -309,3 +309,16 @@ def plans(draw):
 def test_json_round_trip_of_any_plan(plan):
     assert Plan.from_json(plan.to_json()) == plan
     assert Plan.from_json(plan.to_json(indent=None)) == plan
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000,
+                                  '{"schema_version": 1, "model": ' + "9" * 5000 + "}"])
+def test_plan_json_that_breaks_the_json_reader(text):
+    with pytest.raises(PlanError, match="corrupt"):
+        Plan.from_json(text)
+
+
+def test_a_binary_plan_file(tmp_path):
+    (tmp_path / "p.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(PlanError, match="p.json"):
+        Plan.load(tmp_path / "p.json")

@@ -602,6 +602,9 @@ class Plan:
             raise PlanError(f"plan JSON is corrupt or truncated at line {error.lineno} column "
                             f"{error.colno} ({error.msg}); re-create it with `tripar plan`"
                             ) from None
+        except (ValueError, RecursionError) as error:  # absurd nesting or number lengths
+            raise PlanError(f"plan JSON is corrupt ({type(error).__name__}: "
+                            f"{str(error)[:80]}); re-create it with `tripar plan`") from None
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> Path:
@@ -618,6 +621,9 @@ class Plan:
             text = path.read_text()
         except OSError as error:
             raise PlanError(f"cannot read plan file {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"cannot read plan file {path}: not UTF-8 text; give the JSON "
+                            f"file `tripar plan --out` wrote") from None
         try:
             return cls.from_json(text)
         except PlanError as error:
