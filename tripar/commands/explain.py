@@ -63,7 +63,7 @@ def explanation(plan: Plan) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = Plan.load(args.plan).validate()
+    plan = Plan.load(args.plan, validate=True)
     report = explanation(plan)
     if args.format == "json":
         print(json.dumps(report))

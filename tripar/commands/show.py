@@ -34,7 +34,7 @@ def timeline_result(plan: Plan):
 
 
 def run(args: argparse.Namespace) -> int:
-    plan = Plan.load(args.plan).validate()
+    plan = Plan.load(args.plan, validate=True)
     print(plan.render(), end="")
     if plan.schedule:
         schedule = plan.to_schedule()

@@ -614,8 +614,9 @@ class Plan:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Plan:
-        """Read a plan written by :meth:`save` (or ``tripar plan --out``)."""
+    def load(cls, path: str | Path, *, validate: bool = False) -> Plan:
+        """Read a plan written by :meth:`save` (or ``tripar plan --out``); with
+        ``validate``, also check it, naming the file in any error."""
         path = Path(path)
         try:
             text = path.read_text()
@@ -625,7 +626,8 @@ class Plan:
             raise PlanError(f"cannot read plan file {path}: not UTF-8 text; give the JSON "
                             f"file `tripar plan --out` wrote") from None
         try:
-            return cls.from_json(text)
+            plan = cls.from_json(text)
+            return plan.validate() if validate else plan
         except PlanError as error:
             raise PlanError(f"{path}: {error}") from None
 
