@@ -21,6 +21,7 @@ Each step is a named function that does not change its input:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +33,8 @@ from tripar.errors import ConfigError, PlanError
 from tripar.partitioner.hardware import Cluster
 from tripar.plan.plan import Plan, model_fingerprint
 
-__all__ = ["Captured", "auto_parallel", "build", "capture_model", "default_optimizer",
-           "make_plan"]
+__all__ = ["Captured", "auto_parallel", "build", "capture_model", "check_pins",
+           "default_optimizer", "make_plan"]
 
 
 def default_optimizer(params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
@@ -148,6 +149,66 @@ _NO_TP = ("the runtime does not run tensor-parallel plans yet (the rewrite in "
           "tripar.codegen.tensor_parallel is not wired into auto_parallel); use tp=1")
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_pins(devices: int, global_batch: int, *, dp: int | None = None,
+               tp: int | None = None, pp: int | None = None,
+               num_microbatches: int | None = None, heads: int | None = None,
+               hidden: int | None = None) -> None:
+    """Raise ConfigError, with the numbers and a fix, for pins no plan can satisfy.
+
+    What ``auto_parallel`` and ``tripar train`` check before any search or process:
+    positive pins, pinned degrees that multiply into ``devices``, a pinned tp that
+    divides the model's ``heads`` and ``hidden`` size (when known) and that the runtime
+    runs, and a global batch divisible by dp x num_microbatches.
+
+    >>> try:
+    ...     check_pins(8, 16, dp=3)
+    ... except ConfigError as error:
+    ...     print(error)
+    the pinned degrees dp=3 multiply to 3, which does not divide the job's 8 devices \
+(dp*tp*pp must equal 8); pin degrees whose product divides 8: 1, 2, 4, 8
+    """
+    pins = {"dp": dp, "tp": tp, "pp": pp, "num_microbatches": num_microbatches}
+    for name, value in pins.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+        raise ConfigError(f"the global batch must be a positive integer, got {global_batch!r}")
+    pinned = {k: v for k, v in pins.items() if k != "num_microbatches" and v is not None}
+    product = math.prod(pinned.values())
+    shown = " x ".join(f"{k}={v}" for k, v in pinned.items())
+    if len(pinned) == 3 and product != devices:
+        raise ConfigError(f"dp*tp*pp = {dp}*{tp}*{pp} = {product}, but the job has {devices} "
+                          f"devices; choose degrees whose product is {devices}")
+    if pinned and devices % product:
+        raise ConfigError(f"the pinned degrees {shown} multiply to {product}, which does not "
+                          f"divide the job's {devices} devices (dp*tp*pp must equal {devices}); "
+                          f"pin degrees whose product divides {devices}: "
+                          f"{', '.join(map(str, _divisors(devices)))}")
+    if tp is not None and tp > 1:
+        for what, size in (("attention heads", heads), ("hidden size", hidden)):
+            if size and size % tp:
+                fit = [d for d in _divisors(size) if d > 1 and devices % d == 0]
+                raise ConfigError(f"tp={tp} does not divide the model's {what} ({size}); a "
+                                  f"tensor-parallel degree must split every layer evenly: pin "
+                                  f"tp to a divisor of {size}"
+                                  + (f" ({', '.join(map(str, fit))})" if fit else "")
+                                  + " or tp=1")
+        raise ConfigError(f"tp={tp}: {_NO_TP}")
+    if num_microbatches is not None:
+        rest = devices // product if pinned else devices
+        dps = [dp] if dp is not None else [d for d in _divisors(rest)]
+        if not any(global_batch % (d * num_microbatches) == 0 for d in dps):
+            raise ConfigError(f"global batch {global_batch} is not divisible by dp x "
+                              f"num_microbatches={num_microbatches} for any dp"
+                              + (f" (dp={dp})" if dp else "") + "; choose a global batch that "
+                              "is a multiple of dp x num_microbatches")
+
+
 def make_plan(captured: Captured, cluster: Cluster, global_batch: int, *,
               dp: int | None = None, tp: int | None = None, pp: int | None = None,
               vpp: int | None = None, num_microbatches: int | None = None,
@@ -156,8 +217,12 @@ def make_plan(captured: Captured, cluster: Cluster, global_batch: int, *,
     """The planner's best plan for ``captured`` on ``cluster`` under the given pins."""
     from tripar.partitioner.search import Pins, search
 
-    if tp is not None and tp > 1:
-        raise ConfigError(f"tp={tp}: {_NO_TP}")
+    config = captured.graph.model_config or {}
+    heads = config.get("heads") or max((getattr(r, "heads", 0) or 0
+                                        for r in captured.graph.tp_regions), default=0)
+    check_pins(cluster.devices, global_batch, dp=dp, tp=tp, pp=pp,
+               num_microbatches=num_microbatches, heads=heads or None,
+               hidden=config.get("hidden"))
     tp = 1
     if vpp is not None and vpp > 1 and schedule is None:
         schedule = "interleaved-1f1b"
@@ -166,16 +231,10 @@ def make_plan(captured: Captured, cluster: Cluster, global_batch: int, *,
     if num_microbatches is None:
         dps: list[int | None] = [dp]
     else:
-        if num_microbatches < 1:
-            raise ConfigError(f"num_microbatches must be >= 1, got {num_microbatches}")
         rest = devices // ((tp or 1) * (pp or 1))
         dps = [dp] if dp is not None else [d for d in range(1, rest + 1) if rest % d == 0]
-        dps = [d for d in dps if global_batch % (d * num_microbatches) == 0]
-        if not dps:
-            raise ConfigError(f"global batch {global_batch} is not divisible by dp x "
-                              f"num_microbatches={num_microbatches} for any dp"
-                              + (f" (dp={dp})" if dp else "") + "; choose a global batch that "
-                              "is a multiple of dp x num_microbatches")
+        dps = [d for d in dps if global_batch % (d * num_microbatches) == 0]  # not empty:
+        # check_pins refused a batch that no dp x num_microbatches divides
     best: Plan | None = None
     for d in dps:
         mbs = None if num_microbatches is None else global_batch // (d * num_microbatches)
@@ -275,7 +334,14 @@ def _check_same_plan(plan: Plan) -> None:
         return
     key = (plan.parallel, tuple(s.blocks for s in plan.stages), plan.schedule)
     keys: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(keys, key)
+    try:
+        dist.all_gather_object(keys, key)
+    except RuntimeError as exc:  # a rank died or stalled before the comparison
+        from tripar.runtime.mesh import CommError, short_cause
+
+        raise CommError(f"rank {dist.get_rank()} lost a peer while the ranks compared their "
+                        f"plans ({short_cause(exc)}); another rank died, stalled or failed "
+                        f"earlier: check its log") from exc
     differ = [r for r, k in enumerate(keys) if k != keys[0]]
     if differ:
         raise PlanError(f"ranks {differ} computed a different plan from rank 0's; pass the "
@@ -290,7 +356,7 @@ def build(captured: Captured, plan: Plan, *, loss_fn: Callable | None = None,
 
     par = plan.parallel
     if mesh is None:
-        mesh = build_mesh(par.pp, par.dp, par.tp, timeout_s=timeout_s)
+        mesh = build_mesh(par.pp, par.dp, par.tp, timeout_s=timeout_s, vpp=par.vpp)
     key = (tuple(s.blocks for s in plan.stages), par.micro_batch_size)
     if key not in captured.splits:
         from tripar.codegen.split import split_for_plan

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from tripar.errors import TriparError
@@ -44,12 +45,22 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except TriparError as error:
         if args.debug:
+            for name in ("traceback", "details"):  # a failed rank's traceback, a tracer's output
+                detail = getattr(error, name, "")
+                if isinstance(detail, str) and detail.strip():
+                    print(detail, file=sys.stderr)
             raise
         print(f"tripar {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"tripar {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tripar show plan.json | head`: the reader left; say nothing
+        try:  # keep the interpreter's final flush from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
 
 
 if __name__ == "__main__":

@@ -23,6 +23,10 @@ class ModelSpecError(ConfigError):
 class CaptureError(TriparError):
     """Neither tracer could turn the model into a graph."""
 
+    details: str = ""
+    """What the tracers printed while failing (torch.export's partial graph): shown by
+    ``tripar --debug``, kept out of the message."""
+
 
 class PlanError(TriparError):
     """A plan or schedule is inconsistent, corrupt or does not match its use."""

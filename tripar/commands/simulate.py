@@ -12,7 +12,7 @@ import json
 
 from tripar.commands._cluster_args import add_cluster_args, cluster_from_args
 from tripar.commands._model_args import add_model_args, load_proxy_graph
-from tripar.errors import ConfigError
+from tripar.errors import ConfigError, InfeasibleError
 from tripar.plan.config import RECOMPUTE, SCHEDULES, ParallelConfig
 
 
@@ -75,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     config = parallel_config(args, cluster.devices)
     degrees = tuple(sorted({2, 4, 8, config.tp} - {1}))
     graph = load_proxy_graph(args, tp_degrees=degrees)  # costs scale to the microbatch
+    check_tp(graph, config.tp)
     estimate = step_estimate(graph, cluster, config, dtype=args.dtype,
                              record_timeline=bool(args.timeline))
     if args.timeline:
@@ -86,7 +87,45 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         _print(report, args.timeline)
+    if not estimate.fits:
+        raise InfeasibleError(does_not_fit(estimate, config))
     return 0
+
+
+def check_tp(graph, tp: int) -> None:
+    """ConfigError unless the model's tensor-parallel regions shard ``tp`` ways (tp > 1)."""
+    if tp == 1:
+        return
+    proven = sorted({d for r in graph.tp_regions for d in r.degrees})
+    if tp in proven:
+        return
+    config = graph.model_config or {}
+    heads = config.get("heads") or max((r.heads for r in graph.tp_regions), default=0)
+    hidden = config.get("hidden") or 0
+    why = next((f"--tp {tp} does not divide the model's {what} ({size})"
+                for what, size in (("attention heads", heads), ("hidden size", hidden))
+                if size and size % tp), f"--tp {tp} splits no layer of the model evenly")
+    raise ConfigError(f"{why}: no tensor-parallel region of the model shards {tp} ways "
+                      f"(proven degrees: {', '.join(map(str, proven)) or 'none'}); use "
+                      + "".join(f"--tp {d} or " for d in proven) + "--tp 1")
+
+
+def does_not_fit(estimate, config: ParallelConfig) -> str:
+    """The shortfall of a configuration that needs more memory than a device has, and fixes."""
+    ranks = estimate.rank_memory_bytes or (estimate.peak_memory_bytes,)
+    rank = max(range(len(ranks)), key=lambda r: ranks[r])
+    need, limit = estimate.peak_memory_bytes, estimate.memory_limit_bytes
+    stages = [s for s in range(config.pp * config.vpp) if s % config.pp == rank]
+    fixes = ["--recompute full"] if config.recompute != "full" else []
+    if config.dp > 1 and not config.zero:
+        fixes.append("--zero 1")
+    if config.micro_batch_size > 1:
+        fixes.append("a smaller --micro-batch")
+    fixes += ["a larger --pp or --tp", "more devices, or `tripar plan` to search"]
+    return (f"the configuration does not fit: pipeline rank {rank} (stage"
+            f"{'s' if len(stages) > 1 else ''} {', '.join(map(str, stages))}) needs {need} "
+            f"bytes ({need / 2**30:.2f} GiB) at its peak, {need - limit} bytes more than the "
+            f"{limit} bytes ({limit / 2**30:.2f} GiB) a device has; fix: {', '.join(fixes)}")
 
 
 def to_report(model: str, graph, cluster, config: ParallelConfig, estimate) -> dict:

@@ -212,14 +212,27 @@ class _Progress:
                                f"{message['tokens_per_s']:>9,.0f} tokens/s")
 
 
+def _check_before_launch(opts: dict[str, Any], nproc: int) -> None:
+    """Fail before any process starts, with the Python API's message, on a bad MODEL, pins
+    no plan can meet, or a checkpoint to load that is missing, corrupt or of another version."""
+    from tripar.api import check_pins
+    from tripar.models.spec import load_model
+
+    loaded = load_model(_spec(opts["model"]), seq_len=opts["seq"], device="meta")
+    check_pins(nproc, opts["global_batch"], dp=opts["dp"], tp=opts["tp"], pp=opts["pp"],
+               num_microbatches=opts["num_microbatches"], heads=loaded.config.get("heads"),
+               hidden=loaded.config.get("hidden"))
+    if opts["load"]:
+        from tripar.runtime.checkpoint import read_manifest
+
+        read_manifest(opts["load"])
+
+
 def run(args: argparse.Namespace) -> int:
     from tripar.runtime.launch import launch_local
 
     opts = _options(args)
-    from tripar.models.spec import load_model
-
-    # a bad MODEL fails here, before any process starts
-    load_model(_spec(opts["model"]), seq_len=opts["seq"], device="meta")
+    _check_before_launch(opts, args.nproc)
     every = args.log_every or max(1, math.ceil(opts["steps"] / 10))
     t0 = time.perf_counter()
     with _Progress(opts["steps"], every, args.format == "text") as progress:

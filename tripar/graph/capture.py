@@ -17,10 +17,14 @@ was chosen in ``gm.meta["tripar_tracer_reason"]``.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import os
+import sys
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -64,11 +68,15 @@ def _split_leaves(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...],
 
 
 def _where_in_user_code(error: BaseException) -> str:
-    """``file.py:line`` of the deepest traceback frame outside torch, or ``""``."""
+    """``file.py:line (`code`)`` of the deepest traceback frame outside torch, or ``""``."""
     frames = traceback.extract_tb(error.__traceback__)
     for frame in reversed(frames):
         if not frame.filename.startswith(_TORCH_DIR) and "tripar/graph" not in frame.filename:
-            return f"{os.path.basename(frame.filename)}:{frame.lineno}"
+            code = (frame.line or "").strip()
+            if len(code) > 80:
+                code = code[:77] + "..."
+            return f"{os.path.basename(frame.filename)}:{frame.lineno}" + (
+                f" (`{code}`)" if code else "")
     return ""
 
 
@@ -131,6 +139,24 @@ def _trace_fx(
 class _TracerFailure(Exception):
     """One tracer's failure, already summarised."""
 
+    details: str = ""
+    """What the tracer printed while it failed (torch.export prints its partial graph)."""
+
+
+@contextlib.contextmanager
+def _quiet_torch(sink: io.StringIO) -> Iterator[None]:
+    """Collect what torch writes to stderr and mute its log records for the duration: a
+    failed ``torch.export`` prints its partial graph and warnings, which the CaptureError
+    summarises (the full text is in ``CaptureError.details``)."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        with contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        logger.setLevel(level)
+
 
 def _trace_export(
     model: nn.Module, args: Sequence[Any], kwargs: dict[str, Any]
@@ -151,15 +177,21 @@ def _trace_export(
         torch.nn.modules.module.register_module_forward_pre_hook(pre_hook),
         torch.nn.modules.module.register_module_forward_hook(post_hook),
     ]
+    noise = io.StringIO()
     try:
-        program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+        with _quiet_torch(noise):
+            program = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     except Exception as error:  # noqa: BLE001 - any tracing failure is reported
         failed_at.extend(stack)
         module, module_type = failed_at[-1] if failed_at else ("", "")
-        raise _TracerFailure(_describe_failure("export", error, module, module_type)) from error
+        failure = _TracerFailure(_describe_failure("export", error, module, module_type))
+        failure.details = noise.getvalue()
+        raise failure from error
     finally:
         for handle in handles:
             handle.remove()
+    if noise.getvalue():
+        sys.stderr.write(noise.getvalue())  # what a successful export said, as it said it
     gm = program.module()
     if not isinstance(gm, torch.fx.GraphModule):  # pragma: no cover - torch API drift
         raise _TracerFailure(f"export: .module() returned {type(gm).__name__}, not a GraphModule")
@@ -197,6 +229,7 @@ def capture(
     kwargs = dict(example_kwargs or {})
     leaf_types, leaf_names = _split_leaves(leaf_modules)
     failures: list[str] = []
+    details: list[str] = []
     if method in ("auto", "fx"):
         try:
             gm = _trace_fx(model, args, kwargs, leaf_types, leaf_names)
@@ -213,6 +246,7 @@ def capture(
             gm = _trace_export(model, args, kwargs)
         except _TracerFailure as failure:
             failures.append(str(failure))
+            details.append(failure.details)
         else:
             gm.meta["tripar_tracer"] = "export"
             gm.meta["tripar_tracer_reason"] = (
@@ -221,9 +255,11 @@ def capture(
             )
             return gm
     tried = " and ".join(f.split(":", 1)[0] for f in failures)
-    raise CaptureError(
+    error = CaptureError(
         f"could not capture {type(model).__name__} with {tried}:\n  "
         + "\n  ".join(failures)
         + "\nfix: mark the failing module as a leaf (leaf_modules=[...]), or remove the "
         "data-dependent control flow it uses"
     )
+    error.details = "\n".join(details)
+    raise error

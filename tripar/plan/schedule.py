@@ -67,7 +67,17 @@ class ActionKind(str, enum.Enum):
 
 
 _KINDS = {k.value: k for k in ActionKind}
-_ACTION_RE = re.compile(r"(\d+)?([FfRBW])(\d+)")
+_ACTION_RE = re.compile(r"([0-9]+)?([FfRBW])([0-9]+)")
+_MAX_DIGITS = 9
+"""Longest number a schedule's text may hold (a billion stages is already absurd)."""
+
+
+def _int(text: str, what: str) -> int:
+    """A decimal number of the schedule text; PlanError when it is absurdly long."""
+    if len(text) > _MAX_DIGITS:
+        raise PlanError(f"{what} {text[:20]}{'...' if len(text) > 20 else ''} has "
+                        f"{len(text)} digits; a schedule's numbers have at most {_MAX_DIGITS}")
+    return int(text)
 
 
 class Action(NamedTuple):
@@ -100,6 +110,8 @@ class Action(NamedTuple):
     @staticmethod
     def parse(text: str, *, stage: int | None = None) -> Action:
         """Read ``2F3``, or ``F3`` when ``stage`` is given; raise PlanError otherwise."""
+        if not isinstance(text, str):
+            raise PlanError(f"an action is text such as 'F3' or '1B0', got {text!r}")
         m = _ACTION_RE.fullmatch(text.strip())
         if m is None:
             raise PlanError(
@@ -113,8 +125,8 @@ class Action(NamedTuple):
                     f"action {text!r} names no stage; with several stages per rank write it "
                     f"as <stage>{text}, e.g. '0{text}'"
                 )
-            return Action(stage, _KINDS[kind], int(mb))
-        return Action(int(stage_text), _KINDS[kind], int(mb))
+            return Action(stage, _KINDS[kind], _int(mb, "microbatch"))
+        return Action(_int(stage_text, "stage"), _KINDS[kind], _int(mb, "microbatch"))
 
 
 def format_grid(
@@ -186,12 +198,16 @@ class Schedule:
     """Per rank, in execution order."""
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[\w.+-]+", self.name):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[\w.+-]+", self.name):
             raise PlanError(f"schedule name {self.name!r} must be one word (letters, digits, -_.+)")
         for field in ("pp", "vpp", "num_microbatches"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise PlanError(f"Schedule.{field} must be a positive integer, got {value!r}")
+        if not isinstance(self.actions, tuple) or not all(
+                isinstance(acts, tuple) for acts in self.actions):
+            raise PlanError(f"Schedule.actions must be a tuple of per-rank tuples of Actions, "
+                            f"got {type(self.actions).__name__}")
         if len(self.actions) != self.pp:
             raise PlanError(
                 f"schedule {self.name!r} has action lists for {len(self.actions)} ranks but "
@@ -241,24 +257,28 @@ class Schedule:
     @staticmethod
     def from_text(text: str) -> Schedule:
         """Parse ``to_text``'s form; blank lines and ``#`` comments are ignored."""
+        if not isinstance(text, str):
+            raise PlanError(f"schedule text must be a str, got {type(text).__name__}")
         lines = [ln.split("#", 1)[0].strip() for ln in text.splitlines()]
         lines = [ln for ln in lines if ln]
         if not lines:
             raise PlanError("empty schedule text: expected 'schedule NAME pp=P vpp=V microbatches=M'")
-        head = re.fullmatch(r"schedule\s+(\S+)\s+pp=(\d+)\s+vpp=(\d+)\s+microbatches=(\d+)",
-                            lines[0])
+        head = re.fullmatch(r"schedule\s+(\S+)\s+pp=([0-9]+)\s+vpp=([0-9]+)\s+"
+                            r"microbatches=([0-9]+)", lines[0])
         if head is None:
             raise PlanError(
                 f"bad schedule header {lines[0]!r}: expected "
                 f"'schedule NAME pp=P vpp=V microbatches=M'"
             )
-        name, pp, vpp, m = head.group(1), int(head.group(2)), int(head.group(3)), int(head.group(4))
+        name = head.group(1)
+        pp, vpp, m = (_int(head.group(i), k) for i, k in ((2, "pp"), (3, "vpp"),
+                                                          (4, "microbatches")))
         if len(lines) - 1 != pp:
             raise PlanError(f"schedule header says pp={pp} but {len(lines) - 1} rank lines follow")
         ranks: list[tuple[Action, ...]] = []
         for rank, line in enumerate(lines[1:]):
-            body = re.fullmatch(r"rank\s+(\d+)\s*:(.*)", line)
-            if body is None or int(body.group(1)) != rank:
+            body = re.fullmatch(r"rank\s+([0-9]+)\s*:(.*)", line)
+            if body is None or _int(body.group(1), "rank") != rank:
                 raise PlanError(f"expected a line 'rank {rank}: ACTIONS...', got {line!r}")
             ranks.append(_parse_actions(body.group(2).split(), rank, pp, vpp))
         return Schedule(name, pp, vpp, m, tuple(ranks))
@@ -275,14 +295,23 @@ class Schedule:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Schedule:
-        """Inverse of ``to_dict``."""
-        try:
-            pp, vpp = int(data["pp"]), int(data["vpp"])
-            ranks = data["actions"]
-            name, m = str(data["name"]), int(data["num_microbatches"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PlanError(f"schedule data is missing or has a malformed field: {exc!r}") from exc
-        if not isinstance(ranks, (list, tuple)) or len(ranks) != pp:
+        """Inverse of ``to_dict``; PlanError names a missing or mistyped field."""
+        if not isinstance(data, dict):
+            raise PlanError(f"schedule data must be an object, got {type(data).__name__}")
+        for key, kinds, words in (("name", str, "a string"), ("pp", int, "an integer"),
+                                  ("vpp", int, "an integer"),
+                                  ("num_microbatches", int, "an integer"),
+                                  ("actions", (list, tuple), "a list of lists")):
+            if key not in data:
+                raise PlanError(f"schedule data is missing or has a malformed field: it lacks "
+                                f"{key!r}")
+            value = data[key]
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise PlanError(f"schedule data is missing or has a malformed field: {key!r} "
+                                f"must be {words}, got {repr(value)[:60]}")
+        pp, vpp, m = data["pp"], data["vpp"], data["num_microbatches"]
+        ranks, name = data["actions"], data["name"]
+        if len(ranks) != pp or not all(isinstance(t, (list, tuple)) for t in ranks):
             raise PlanError(f"schedule data has pp={pp} but its 'actions' is not {pp} lists")
         return Schedule(name, pp, vpp, m, tuple(
             _parse_actions(tokens, rank, pp, vpp) for rank, tokens in enumerate(ranks)))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -43,6 +44,7 @@ __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 FORMAT, VERSION = "tripar-checkpoint", 1
 MANIFEST = "manifest.json"
+_SHARD_NAME = re.compile(r"shard-[0-9a-f]+-[0-9]+\.pt")
 
 Box = tuple[tuple[int, int], ...]
 Piece = tuple[str, str, Box, tuple[int, int], torch.Tensor]
@@ -151,7 +153,8 @@ def save_checkpoint(pm: ParallelModel, directory: str | os.PathLike) -> Path:
     mesh = pm.mesh
     path = Path(directory)
     ids: list[Any] = [uuid.uuid4().hex[:12] if mesh.rank == 0 else None]
-    dist.broadcast_object_list(ids, src=0)
+    with mesh.guard("the checkpoint's save id from rank 0", (0,)):
+        dist.broadcast_object_list(ids, src=0)
     save_id = ids[0]
     if mesh.rank == 0:
         path.mkdir(parents=True, exist_ok=True)
@@ -166,7 +169,8 @@ def save_checkpoint(pm: ParallelModel, directory: str | os.PathLike) -> Path:
     shapes.update({n: list(t.shape) for n, t in pm.buffers.items()})
     shapes.update({n: list(t.shape) for n, t in pm.extra_state.items()})
     gathered: list[Any] = [None] * mesh.world_size
-    dist.all_gather_object(gathered, (name if pieces else None, index, shapes))
+    with mesh.guard("every rank's checkpoint shard to be written"):
+        dist.all_gather_object(gathered, (name if pieces else None, index, shapes))
     if mesh.rank == 0:
         files: dict[str, list[str]] = defaultdict(list)
         all_shapes: dict[str, list[int]] = {}
@@ -206,16 +210,51 @@ def read_manifest(directory: str | os.PathLike) -> dict:
         raise CheckpointError(f"no checkpoint at {directory}: {MANIFEST} is missing "
                               f"(an interrupted first save leaves none)")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is corrupt ({error}); restore it or use an older "
-                              f"checkpoint") from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # unreadable, not UTF-8, not JSON
+        raise CheckpointError(f"{path} is corrupt ({type(error).__name__}: "
+                              f"{str(error)[:200]}); restore it or use an older checkpoint"
+                              ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a tripar checkpoint manifest")
+        raise CheckpointError(f"{path} is not a tripar checkpoint manifest (no \"format\": "
+                              f"\"{FORMAT}\")")
     if manifest.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {manifest.get('version')!r}; "
-                              f"this tripar reads version {VERSION}")
+                              f"this tripar reads version {VERSION}: load it with the tripar "
+                              f"that wrote it")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{path} is corrupt: {problem}; restore it or use an older "
+                              f"checkpoint")
     return manifest
+
+
+def _manifest_problem(m: dict) -> str:
+    """What is wrong with the fields ``load_checkpoint`` reads, or ``""``."""
+    model = m.get("model")
+    if not isinstance(model, dict) or not all(isinstance(model.get(k), str)
+                                              for k in ("spec", "fingerprint")):
+        return "'model' must hold the strings 'spec' and 'fingerprint'"
+    steps = m.get("steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        return f"'steps' must be an integer >= 0, got {steps!r}"
+    files, shapes = m.get("files"), m.get("shapes")
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and "|" in k and isinstance(v, list) and v
+            and all(isinstance(f, str) and _SHARD_NAME.fullmatch(f) for f in v)
+            for k, v in files.items()):
+        return "'files' must map 'fqn|key' to lists of shard file names in the checkpoint"
+    if not isinstance(shapes, dict) or not all(
+            isinstance(v, list) and all(isinstance(n, int) and not isinstance(n, bool)
+                                        and n >= 0 for n in v) for v in shapes.values()):
+        return "'shapes' must map each FQN to a list of sizes"
+    missing = sorted({k.split("|", 1)[0] for k in files} - set(shapes))
+    if missing:
+        return f"'shapes' lacks {missing[:3]}"
+    optimizer = m.get("optimizer", {})
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("hyper", {}), dict):
+        return "'optimizer' must be an object with a 'hyper' object"
+    return ""
 
 
 def _read_pieces(directory: Path, files: set[str], wanted: set[tuple[str, str]]
@@ -228,10 +267,22 @@ def _read_pieces(directory: Path, files: set[str], wanted: set[tuple[str, str]]
             raise CheckpointError(f"checkpoint shard {directory / file} cannot be read "
                                   f"({type(error).__name__}: {str(error)[:200]}); the "
                                   f"checkpoint is incomplete or corrupt") from None
+        if not isinstance(payload, list) or not all(_is_piece(p) for p in payload):
+            raise CheckpointError(f"checkpoint shard {directory / file} does not hold tripar "
+                                  f"checkpoint pieces (fqn, key, box, range, tensor); the "
+                                  f"checkpoint is corrupt or another program wrote that file")
         for fqn, key, box, flat, tensor in payload:
             if (fqn, key) in wanted:
                 found[(fqn, key)].append((tuple(tuple(b) for b in box), tuple(flat), tensor))
     return found
+
+
+def _is_piece(p: Any) -> bool:
+    return (isinstance(p, tuple) and len(p) == 5 and isinstance(p[0], str)
+            and isinstance(p[1], str) and isinstance(p[4], torch.Tensor)
+            and isinstance(p[2], (tuple, list)) and all(
+                isinstance(b, (tuple, list)) and len(b) == 2 for b in p[2])
+            and isinstance(p[3], (tuple, list)) and len(p[3]) == 2)
 
 
 def _assemble(shape: list[int], pieces: list[tuple[Box, tuple[int, int], torch.Tensor]]
@@ -276,7 +327,18 @@ def load_checkpoint(pm: ParallelModel, directory: str | os.PathLike) -> None:
     for k in wanted:
         if found.get(k):
             scalar = k[1] != "param" and not found[k][0][0]
-            full[k] = _assemble([] if scalar else shapes[k[0]], found[k])
+            try:
+                full[k] = _assemble([] if scalar else shapes[k[0]], found[k])
+            except (RuntimeError, ValueError, IndexError) as error:
+                raise CheckpointError(f"the checkpoint at {path} is corrupt: the pieces of "
+                                      f"{k[0]} ({k[1]}) do not fit its shape {shapes[k[0]]} "
+                                      f"({type(error).__name__}: {str(error)[:120]})") from None
+    for lp in pm.params:
+        got = full.get((lp.fqn, "param"))
+        if got is not None and list(got.shape) != list(lp.shape):
+            raise CheckpointError(f"the checkpoint at {path} has {lp.fqn} of shape "
+                                  f"{list(got.shape)}, this model's is {list(lp.shape)}; load it "
+                                  f"into the model it was saved from")
     missing = sorted(f"{f} ({k})" for f, k in wanted if (f, k) not in full)
     if missing:
         raise CheckpointError(f"the checkpoint at {path} lacks {missing[:5]}: a shard file is "

@@ -227,7 +227,8 @@ class ParallelModel:
                 for fqn, t in self.buffers.items():
                     pieces.append((fqn, tuple(t.shape), _whole(t.shape), t.detach().cpu()))
         gathered: list[Any] = [None] * self.mesh.world_size
-        dist.all_gather_object(gathered, pieces)
+        with self.mesh.guard("every rank's parameters for the full state dict"):
+            dist.all_gather_object(gathered, pieces)
         out: dict[str, torch.Tensor] = {}
         for rank_pieces in gathered:
             for fqn, shape, box, t in rank_pieces:

@@ -8,11 +8,15 @@ rendezvous), or, for a job of one device, a private single-process gloo group.
 ``launch_local(fn, nproc, *args)`` is what ``tripar train --nproc N`` runs: N local
 processes on gloo (a file store in a temporary directory, no port), each calling
 ``fn(*args)``. A rank may send progress messages to the launcher with ``report``
-(``on_message`` receives them, e.g. to draw a progress bar). A rank that raises makes
-the launcher raise ``LaunchError`` naming it, with its traceback, after giving the
-other ranks ``grace_s`` to stop on their own (their runtime raises within the
-process-group timeout, naming the failed rank); whatever is left is terminated. A
-KeyboardInterrupt in the launcher terminates every local process before it propagates.
+(``on_message`` receives them, e.g. to draw a progress bar). A rank that raises or dies
+makes the launcher raise ``LaunchError`` naming it (its traceback in
+``LaunchError.traceback``), after giving the other ranks ``grace_s`` to stop on their
+own (their runtime raises within the process-group timeout, naming the failed rank);
+whatever is left is terminated. A user error (a ``TriparError`` such as ``ConfigError``
+or ``PlanError``, e.g. a bad pin or a corrupt checkpoint) is raised again in the
+launcher as itself, so ``tripar train`` reports it as the Python API does. A
+KeyboardInterrupt in the launcher (Ctrl-C reaches every local process) terminates
+every local process before it propagates.
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ __all__ = ["LaunchError", "ensure_process_group", "launch_local", "report"]
 
 
 class LaunchError(TriparError, RuntimeError):
-    """A local rank failed; the message names it and carries its traceback."""
+    """A local rank failed; the message names it, ``traceback`` is the rank's traceback."""
+
+    def __init__(self, message: str, traceback: str = "") -> None:
+        super().__init__(message)
+        self.traceback = traceback
 
 
 def ensure_process_group(devices: int | None = None, *, timeout_s: float = 300.0) -> int:
@@ -99,6 +107,7 @@ def _child(rank: int, world: int, init: str, timeout_s: float, threads: int,
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     _CONN.append(conn)
+    no_process_locks()
     code = 1
     try:
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
@@ -110,14 +119,73 @@ def _child(rank: int, world: int, init: str, timeout_s: float, threads: int,
         pass
     except BaseException as exc:  # noqa: BLE001 - reported to the launcher
         try:
-            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                       user_error(exc)))
         except Exception:  # noqa: BLE001 - the launcher is gone
             pass
     finally:
         conn.close()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        child_exit(code)
+
+
+def no_process_locks() -> None:
+    """Keep libraries from making multiprocessing semaphores in a rank (tqdm's lock, which
+    ``torch.fx.Interpreter`` creates): a rank ends with ``os._exit`` or a signal, and its
+    semaphores would be reported as leaked when the launcher exits."""
+    try:
+        import threading
+
+        import tqdm
+
+        tqdm.tqdm.set_lock(threading.RLock())
+    except Exception:  # noqa: BLE001 - no tqdm, nothing to do
+        pass
+
+
+def child_exit(code: int) -> None:
+    """End a rank process at once: flush its output, release what multiprocessing made."""
+    import multiprocessing.util
+
+    try:
+        multiprocessing.util._run_finalizers(0)
+    except Exception:  # noqa: BLE001 - exiting anyway
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def user_error(exc: BaseException) -> TriparError | None:
+    """``exc`` if it is a user error the launcher should raise again as itself (a picklable
+    TriparError that is not another rank's failure), else None."""
+    from tripar.runtime.mesh import CommError, RankFailedError
+
+    if not isinstance(exc, TriparError) or isinstance(exc, (RankFailedError, CommError,
+                                                            LaunchError)):
+        return None
+    try:
+        import pickle
+
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - sent as text only
+        return None
+    return exc
+
+
+def exit_reason(code: int | None) -> str:
+    """``exited with code 3`` or ``was killed by signal SIGKILL``, for a process exit code.
+
+    >>> exit_reason(-9), exit_reason(3)
+    ('was killed by signal SIGKILL', 'exited with code 3')
+    """
+    if code is not None and code < 0:
+        import signal
+
+        try:
+            return f"was killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def launch_local(fn: Callable[..., Any], nproc: int, *args: Any, timeout_s: float = 300.0,
@@ -162,7 +230,7 @@ def launch_local(fn: Callable[..., Any], nproc: int, *args: Any, timeout_s: floa
 def _collect(procs: list, conns: list[Connection], on_message: Callable | None,
              grace_s: float) -> list[Any]:
     values: dict[int, Any] = {}
-    errors: dict[int, tuple[str, str]] = {}
+    errors: dict[int, tuple[str, str, TriparError | None]] = {}
     waiting = {conns[r]: r for r in range(len(procs))}
     deadline = None
     while waiting:
@@ -176,8 +244,8 @@ def _collect(procs: list, conns: list[Connection], on_message: Callable | None,
                 kind, *payload = conn.recv()
             except (EOFError, OSError):
                 procs[rank].join(1.0)
-                errors[rank] = (f"process exited with code {procs[rank].exitcode} without "
-                                "reporting", "")
+                errors[rank] = (f"the process {exit_reason(procs[rank].exitcode)} without "
+                                "reporting an error", "", None)
                 del waiting[conn]
             else:
                 if kind == "msg":
@@ -188,22 +256,25 @@ def _collect(procs: list, conns: list[Connection], on_message: Callable | None,
                 if kind == "ok":
                     values[rank] = payload[0]
                 else:
-                    errors[rank] = (payload[0], payload[1])
+                    errors[rank] = (payload[0], payload[1], payload[2])
             if errors and deadline is None:
                 deadline = time.monotonic() + grace_s
     if errors or waiting:
         first = min(errors) if errors else min(waiting.values())
-        why, tb = errors.get(first, ("stopped", ""))
+        why, tb, user = errors.get(first, ("stopped", "", None))
         # the rank whose error is not a RankFailedError/CommError is the one that failed first
-        for rank, (text, trace) in sorted(errors.items()):
+        for rank, (text, trace, exc) in sorted(errors.items()):
             if not text.startswith(("RankFailedError", "CommError")):
-                first, why, tb = rank, text, trace
+                first, why, tb, user = rank, text, trace, exc
                 break
-        others = "; ".join(f"rank {r}: {e[0].splitlines()[0][:200]}"
+        if user is not None:
+            raise user  # a user error: the same exception the Python API raises
+        others = "; ".join(f"rank {r}: {e[0].splitlines()[0][:300]}"
                            for r, e in sorted(errors.items()) if r != first)
         stopped = sorted(waiting.values())
         raise LaunchError(f"rank {first} of {len(procs)} failed: {why}"
-                          + (f"\n{tb}" if tb else "")
                           + (f"\nthen {others}" if others else "")
-                          + (f"\nranks {stopped} were stopped" if stopped else ""))
+                          + (f"\nranks {stopped} were stopped" if stopped else "")
+                          + (f"\n(rank {first}'s traceback: LaunchError.traceback, or "
+                             f"`tripar --debug ...`)" if tb else ""), traceback=tb)
     return [values[r] for r in range(len(procs))]

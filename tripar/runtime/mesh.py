@@ -13,13 +13,18 @@ writer wins. A rank whose wait then fails -- the peer's process exited and its
 connection closed, or the timeout ran out -- reads that line and raises
 ``RankFailedError`` naming the failed rank; with no line it raises ``CommError``
 naming the peer it waited for. So a raising rank stops the others within one
-timeout, and usually at once (its exit closes the connections).
+timeout, and usually at once (its exit closes the connections). A rank that dies
+without a word (killed, ``os._exit``) is named by the others from the wait that
+failed: its rank, coordinates and stages, and whether its connection closed (it
+died) or the timeout ran out (it stalled).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,10 +63,13 @@ class Mesh:
     Built by ``build_mesh``; the runtime's other pieces take it instead of process groups.
     """
 
-    def __init__(self, device_mesh: DeviceMesh, *, timeout_s: float, backend: str) -> None:
+    def __init__(self, device_mesh: DeviceMesh, *, timeout_s: float, backend: str,
+                 vpp: int = 1) -> None:
         self.device_mesh = device_mesh
         self.timeout_s = float(timeout_s)
         self.backend = backend
+        self.vpp = int(vpp)
+        """Virtual stages per pipeline rank (to name the stages a failed peer runs)."""
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.pp, self.dp, self.tp = (int(n) for n in device_mesh.mesh.shape)
@@ -115,6 +123,22 @@ class Mesh:
         c = self.coords
         return f"rank {self.rank} (pp {c.pp}, dp {c.dp}, tp {c.tp})"
 
+    def coords_of(self, rank: int) -> MeshCoords:
+        """The coordinates of global rank ``rank`` (tp innermost, as ``build_mesh`` lays out)."""
+        return MeshCoords(rank // (self.dp * self.tp), rank // self.tp % self.dp, rank % self.tp)
+
+    def stages_of(self, rank: int) -> tuple[int, ...]:
+        """The virtual stages global rank ``rank`` runs: p, p + pp, ... for its pp coordinate p."""
+        p = self.coords_of(rank).pp
+        return tuple(p + k * self.pp for k in range(self.vpp))
+
+    def describe_rank(self, rank: int) -> str:
+        """``rank 1 (pp 1, dp 0, tp 0), which runs stage 1``: any rank of the mesh."""
+        c, stages = self.coords_of(rank), self.stages_of(rank)
+        runs = (f"stage {stages[0]}" if len(stages) == 1
+                else f"stages {', '.join(map(str, stages))}")
+        return f"rank {rank} (pp {c.pp}, dp {c.dp}, tp {c.tp}), which runs {runs}"
+
     # ---- faults ----------------------------------------------------------------------------
 
     def report_failure(self, message: str) -> None:
@@ -149,22 +173,74 @@ class Mesh:
             try:
                 work.wait(timeout)
             except Exception as exc:  # noqa: BLE001 - re-raised with who failed
-                raise self._wait_error(what, peers, exc) from exc
+                raise self._wait_error(what, peers, exc, self.timeout_s) from exc
 
-    def _wait_error(self, what: str, peers: Sequence[int], exc: BaseException) -> TriparError:
+    @contextlib.contextmanager
+    def guard(self, what: str, peers: Sequence[int] | None = None) -> Iterator[None]:
+        """Name who failed when a blocking collective in the block fails (``all_gather_object``,
+        ``broadcast_object_list``: bounded by the default group's timeout, not ``wait``'s).
+        ``peers``: the global ranks it involves (default: the world)."""
+        try:
+            yield
+        except (RankFailedError, CommError):
+            raise
+        except RuntimeError as exc:  # the backend's error: a lost connection or a timeout
+            ranks = range(self.world_size) if peers is None else peers
+            raise self._wait_error(what, tuple(ranks), exc) from exc
+
+    def _wait_error(self, what: str, peers: Sequence[int], exc: BaseException,
+                    waited_s: float | None = None) -> TriparError:
         failure = self.failure()
         if failure is not None:
             return RankFailedError(
                 f"{failure}. {self.describe()} stopped while waiting for {what}."
             )
-        who = (f"rank {peers[0]}" if len(peers) == 1
-               else f"ranks {list(peers)}" if peers else "its peers")
-        return CommError(
-            f"{self.describe()} waited for {what} from {who} and gave up "
-            f"(timeout {self.timeout_s:g} s): {type(exc).__name__}: {str(exc).strip()[:300]}. "
-            f"{who.capitalize()} died, stalled or runs a different schedule; check its log, "
-            f"or raise timeout_s if it is only slow."
-        )
+        return CommError(self.lost_peer_message(what, peers, exc, waited_s))
+
+    def lost_peer_message(self, what: str, peers: Sequence[int], exc: BaseException,
+                          waited_s: float | None = None) -> str:
+        """Why a wait for ``peers`` failed with no failure reported: they died or stalled.
+        ``waited_s``: the timeout the wait had (None: the process group's)."""
+        peers = tuple(peers) or tuple(range(self.world_size))  # none named: the whole world
+        others = [p for p in peers if p != self.rank] or list(peers)
+        if len(others) == 1:
+            who, short = self.describe_rank(others[0]), f"rank {others[0]}"
+        else:
+            who = "one of " + "; ".join(self.describe_rank(p) for p in others)
+            short = f"one of ranks {others}"
+        cause = short_cause(exc)
+        if _connection_lost(exc):
+            return (f"{self.describe()} lost {who}, while waiting for {what}: its connection "
+                    f"closed ({cause}), so {short} died or was killed without reporting an "
+                    f"error. Check {short}'s log (out of memory, a signal, os._exit).")
+        waited = (f"waited {waited_s:g} s (timeout_s)" if waited_s is not None
+                  else "waited the process group's timeout")
+        return (f"{self.describe()} {waited} for {what} from {who} and gave up ({cause}). "
+                f"{short[0].upper()}{short[1:]} stalled, died or runs a different schedule; "
+                f"check its log, or raise timeout_s if it is only slow.")
+
+
+_LOST = ("connection reset", "connection closed", "broken pipe", "end of file", "eof",
+         "connection refused", "socket closed")
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether a failed wait means the peer's process is gone (not just late)."""
+    text = str(exc).lower()
+    return "timed out" not in text and "timeout" not in text and any(w in text for w in _LOST)
+
+
+def short_cause(exc: BaseException) -> str:
+    """The backend's error without its source path and boilerplate.
+
+    >>> short_cause(RuntimeError("[/src/gloo/pair.cc:537] Read error: Connection reset by "
+    ...                          "peer. This is typically caused by a remote worker hanging"))
+    'RuntimeError: Read error: Connection reset by peer.'
+    """
+    text = " ".join(str(exc).split())
+    text = re.sub(r"\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    text = text.split(" This is typically caused")[0].strip()
+    return f"{type(exc).__name__}: {text[:240]}"
 
 
 def _default_store() -> dist.Store | None:
@@ -186,12 +262,12 @@ def _options(backend: str, timeout: datetime.timedelta) -> Any:
 
 
 def build_mesh(pp: int, dp: int, tp: int, *, backend: str | None = None,
-               timeout_s: float = 600.0) -> Mesh:
+               timeout_s: float = 600.0, vpp: int = 1) -> Mesh:
     """Lay the initialised world out as a (pp, dp, tp) mesh, tp innermost.
 
     ``backend`` defaults to the default group's (gloo on CPU, nccl on CUDA); every
-    group created gets ``timeout_s``. A collective: every rank calls it with the same
-    arguments.
+    group created gets ``timeout_s``; ``vpp`` (virtual stages per pipeline rank) only
+    names stages in errors. A collective: every rank calls it with the same arguments.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError("build_mesh needs an initialised default process group; call "
@@ -203,6 +279,8 @@ def build_mesh(pp: int, dp: int, tp: int, *, backend: str | None = None,
     if pp * dp * tp != world:
         raise ConfigError(f"mesh pp={pp} x dp={dp} x tp={tp} = {pp * dp * tp} ranks, but the "
                           f"world has {world}; choose degrees whose product is {world}")
+    if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
+        raise ConfigError(f"vpp must be a positive integer, got {vpp!r}")
     if not timeout_s > 0:
         raise ConfigError(f"timeout_s must be positive, got {timeout_s!r}")
     if backend is None:
@@ -215,4 +293,4 @@ def build_mesh(pp: int, dp: int, tp: int, *, backend: str | None = None,
         device_type, (pp, dp, tp), mesh_dim_names=AXES,
         backend_override={axis: (backend, _options(backend, timeout)) for axis in AXES},
     )
-    return Mesh(device_mesh, timeout_s=timeout_s, backend=backend)
+    return Mesh(device_mesh, timeout_s=timeout_s, backend=backend, vpp=vpp)

@@ -10,8 +10,8 @@ their own errors) and are then terminated. Nothing waits longer than ``timeout_s
 raising, for tests of failures.
 
 Processes are started from a forkserver that has imported torch (and torch._dynamo,
-which the first optimizer imports) once, so a start costs a fork, not an interpreter
-and seconds of imports. Each rank computes with one
+which the first optimizer imports) and tripar's API and engine once, so a start costs a
+fork, not an interpreter and seconds of imports. Each rank computes with one
 thread (``OMP_NUM_THREADS=1``): the ranks share the machine's cores. ``fn`` must be
 a module-level function; test modules imported by pytest's importlib mode are
 found again by their file.
@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 import torch.multiprocessing as mp
+
+from tripar.runtime.launch import exit_reason
 
 __all__ = ["RankProcessError", "RankResult", "run_ranks", "spawn_ranks"]
 
@@ -106,8 +108,10 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
 
 def _context() -> Any:
     ctx = mp.get_context("forkserver")
-    # torch._dynamo is what the first optimizer construction imports (seconds); load it once.
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "torch.optim"])
+    # torch._dynamo is what the first optimizer construction imports (seconds); load it, and
+    # what auto_parallel imports, once.
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "torch.optim",
+                                "tripar.api", "tripar.runtime.engine"])
     return ctx
 
 
@@ -127,9 +131,9 @@ def _collect(procs: list, conns: list[Connection], start: float, timeout_s: floa
                 status, *payload = conn.recv()
             except (EOFError, OSError):
                 procs[rank].join(1.0)
-                results[rank] = RankResult(rank, False, error=f"process exited with code "
-                                           f"{procs[rank].exitcode} without reporting",
-                                           seconds=time.monotonic() - start)
+                results[rank] = RankResult(rank, False, error=f"the process "
+                                           f"{exit_reason(procs[rank].exitcode)} without "
+                                           f"reporting", seconds=time.monotonic() - start)
             else:
                 if status == "ok":
                     results[rank] = RankResult(rank, True, payload[0],
@@ -177,8 +181,11 @@ def _resolve(ref: tuple[str, str, str]) -> Callable[..., Any]:
 
 def _child_main(rank: int, world_size: int, init: str, pg_timeout_s: float,
                 ref: tuple[str, str, str], args: tuple, conn: Connection) -> None:
+    from tripar.runtime.launch import child_exit, no_process_locks
+
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+    no_process_locks()
     code = 1
     try:
         import torch.distributed as dist
@@ -196,6 +203,4 @@ def _child_main(rank: int, world_size: int, init: str, pg_timeout_s: float,
             pass
     finally:
         conn.close()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        child_exit(code)
