@@ -392,9 +392,11 @@ class BlockCheck:
     model_forward_ms: float
     model_backward_ms: float
     model_product_ms: float
-    """The cost model's time for the products and attention FLOPs (fwd + bwd)."""
+    """The cost model's time for the products and attention (fwd + bwd): its total less
+    ``model_memory_ms``."""
     model_memory_ms: float
-    """The cost model's memory-bound term (fwd + bwd: 3 x traffic x saved / bandwidth)."""
+    """The cost model's time for everything else (fwd + bwd): the memory-bound term
+    ``3 x traffic x saved / bandwidth`` plus ``2 x op_s x ops``."""
 
 
 def block_check(cfg: MeasureConfig, repeats: int = 10) -> BlockCheck:
@@ -420,10 +422,11 @@ def block_check(cfg: MeasureConfig, repeats: int = 10) -> BlockCheck:
         block = captured.graph.blocks[names.index("blocks.0")]
         cost = block_costs(captured.graph, cluster, one)[names.index("blocks.0")]
         spec = cluster.device
-        peak = spec.peak(spec.default_dtype)
         rate = spec.memory_bandwidth * spec.efficiency.memory
-        memory_ms = 3 * spec.efficiency.memory_traffic * cost.saved_bytes / rate * 1e3
-        products_ms = 3 * block.forward_flops / peak * 1e3
+        memory_ms = (3 * spec.efficiency.memory_traffic * cost.saved_bytes / rate
+                     + 2 * spec.efficiency.op_s * block.ops) * 1e3
+        model_ms = (cost.forward_s + cost.backward_input_s + cost.backward_weight_s) * 1e3
+        products_ms = model_ms - memory_ms
         module = loaded.model.blocks[0]
         x = torch.randn(cfg.micro_batch_size, cfg.seq, cfg.hidden, requires_grad=True)
         forward, backward = [], []

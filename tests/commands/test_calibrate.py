@@ -10,7 +10,13 @@ import pytest
 
 from tripar.cli import main
 from tripar.commands._cluster_args import add_cluster_args, cluster_from_args
-from tripar.commands.calibrate import QUICK_SIZES, fit_alpha_beta
+from tripar.commands.calibrate import (
+    QUICK_OPERATOR_SIZES,
+    QUICK_SIZES,
+    fit_alpha_beta,
+    fit_operator_times,
+    fit_optimizer_times,
+)
 from tripar.errors import ConfigError
 from tripar.partitioner.hardware import Cluster
 
@@ -70,3 +76,38 @@ def test_fit_alpha_beta_is_least_squares():
     samples = [{"bytes": b, "seconds": 2e-5 + b / 4e9} for b in (0, 1e6, 1e7, 1e8)]
     alpha, beta = fit_alpha_beta(samples)
     assert alpha == pytest.approx(2e-5, rel=1e-6) and beta == pytest.approx(4e9, rel=1e-6)
+
+
+def test_calibration_times_backward_products_operators_and_the_optimizer(profile):
+    cluster = Cluster.from_file(profile)
+    measured, eff = cluster.measured, cluster.device.efficiency
+    for s in measured["matmul"]:  # seconds: the mean of the forward and the 2 backward ones
+        assert s["seconds"] == pytest.approx((s["forward_seconds"] + s["backward_seconds"]) / 3)
+    operators = measured["operators"]
+    assert len(operators) == len(QUICK_OPERATOR_SIZES)
+    assert all(o["ops"] >= 10 and o["saved_bytes"] > 0 and o["seconds"] > 0 for o in operators)
+    assert operators[-1]["saved_bytes"] > 100 * operators[0]["saved_bytes"]
+    assert eff.op_s > 0 or eff.memory_traffic > 0
+    bandwidth = cluster.device.memory_bandwidth
+    for o in operators:  # the fit follows the timings (loosely: busy cores)
+        fitted = 2 * o["ops"] * eff.op_s + 3 * eff.memory_traffic * o["saved_bytes"] / bandwidth
+        assert fitted == pytest.approx(o["seconds"], rel=1.0)
+    steps = measured["optimizer"]
+    assert len(steps) == 3 and eff.optimizer_bytes >= 0 and eff.optimizer_tensor_s >= 0
+    for o in steps:
+        fitted = o["tensors"] * eff.optimizer_tensor_s + o["params"] * eff.optimizer_bytes \
+            / bandwidth
+        assert fitted == pytest.approx(o["seconds"], rel=1.0)
+
+
+def test_host_cost_fits_are_nonnegative_least_squares():
+    # Times below the bytes' line (a negative intercept): no negative per-operator cost.
+    rows = [{"ops": 12, "saved_bytes": b, "seconds": 3 * 2.0 * b / 1e10 - 1e-6}
+            for b in (1e5, 1e6, 1e7)]
+    op_s, traffic = fit_operator_times(rows, 1e10)
+    assert op_s == 0.0 and traffic == pytest.approx(2.0, rel=0.05)
+    steps = [{"tensors": n, "params": n * 10, "seconds": n * 1e-5} for n in (1, 8, 64)]
+    tensor_s, per_param = fit_optimizer_times(steps, 1e10)
+    assert tensor_s == pytest.approx(1e-5) and per_param == 0.0
+    with pytest.raises(ConfigError, match="at least 2"):
+        fit_operator_times(rows[:1], 1e10)

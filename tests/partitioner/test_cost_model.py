@@ -299,3 +299,44 @@ def test_block_costs_shard_a_subset_of_regions():
     with pytest.raises(ConfigError, match="not proven at that degree"):
         block_costs(graph, cluster, ParallelConfig(1, 8, 1, 1, 1),
                     tp_regions=["blocks.0:attention"])
+
+
+def _with_host_costs(cluster: Cluster, **fields) -> Cluster:
+    device = dataclasses.replace(cluster.device, efficiency=dataclasses.replace(
+        cluster.device.efficiency, **fields))
+    return dataclasses.replace(cluster, device=device)
+
+
+def test_per_operator_overhead_is_paid_in_forward_and_backward():
+    base = example_graph(layers=2)
+    ops = {"embedding": 5, "layer": 22, "head": 3}  # equal signatures, equal counts
+    graph = dataclasses.replace(base, blocks=[dataclasses.replace(b, ops=ops[b.kind])
+                                              for b in base.blocks])
+    cpu = Cluster.builtin("cpu")
+    slow = _with_host_costs(cpu, op_s=1e-4)
+    plain, ops0 = block_costs(graph, cpu, cfg()), block_costs(base, slow, cfg())
+    charged = block_costs(graph, slow, cfg())
+    assert ops0 == block_costs(base, cpu, cfg())  # no operators counted: nothing added
+    for block, a, b in zip(graph.blocks, plain, charged):
+        assert b.forward_s - a.forward_s == pytest.approx(block.ops * 1e-4)
+        assert b.backward_input_s - a.backward_input_s == pytest.approx(block.ops * 1e-4)
+        assert b.backward_weight_s == pytest.approx(a.backward_weight_s)
+
+
+def test_optimizer_step_counts_bytes_and_tensors():
+    base = example_graph(layers=2)
+    count = {"embedding": 2, "layer": 12, "head": 1}  # equal signatures, equal counts
+    names = [tuple(f"{b.name}.p{j}" for j in range(count[b.kind])) for b in base.blocks]
+    graph = dataclasses.replace(base, blocks=[dataclasses.replace(b, param_names=n)
+                                              for b, n in zip(base.blocks, names)])
+    cpu = Cluster.builtin("cpu")
+    tuned = _with_host_costs(cpu, optimizer_bytes=70.0, optimizer_tensor_s=2e-5)
+    params = sum(b.params for b in graph.blocks)
+    rate = cpu.device.memory_bandwidth * cpu.device.efficiency.memory
+    (before,) = stage_costs(graph, cpu, cfg())
+    (after,) = stage_costs(graph, tuned, cfg())
+    assert before.tail_s == pytest.approx(params * cost_model.ADAM_STEP_BYTES / rate)
+    tensors = sum(len(n) for n in names)
+    assert after.tail_s == pytest.approx(params * 70.0 / rate + tensors * 2e-5)
+    two = stage_costs(graph, tuned, cfg(pp=2))
+    assert sum(s.tail_s for s in two) == pytest.approx(after.tail_s)

@@ -77,6 +77,9 @@ def test_profile_may_name_a_builtin_device(tmp_path):
     (lambda d: d["device"].update(memory_bytes=-1), "positive memory"),
     (lambda d: d["device"]["efficiency"].update(matmul_max=3.0), "matmul_max"),
     (lambda d: d["device"]["efficiency"].update(bogus=1), "unknown efficiency fields"),
+    (lambda d: d["device"]["efficiency"].update(op_s=-1e-6), "op_s must be a finite number >= 0"),
+    (lambda d: d["device"]["efficiency"].update(optimizer_bytes=float("inf")),
+     "optimizer_bytes.*must be a finite"),
     (lambda d: d["device"]["peak_flops"].update(int4=1.0), "unknown dtype 'int4'"),
 ])
 def test_malformed_profiles(tmp_path, mutate, message):
@@ -128,3 +131,18 @@ def test_device_peak_and_dtype_errors():
     assert dtype_bytes("torch.bfloat16") == 2
     with pytest.raises(ConfigError, match="unknown dtype"):
         dtype_bytes("int3")
+
+
+def test_host_overheads_default_to_none_and_round_trip(tmp_path):
+    gpu = builtin_device("h100-80g").efficiency  # GPUs: launches overlap the kernels
+    assert gpu.op_s == 0.0 and gpu.optimizer_tensor_s == 0.0 and gpu.optimizer_bytes == 28.0
+    data = Cluster.builtin("cpu").to_dict()
+    data["device"]["efficiency"].update(op_s=7e-6, optimizer_bytes=64.0,
+                                        optimizer_tensor_s=3e-5)
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(data))
+    eff = Cluster.from_file(path).device.efficiency
+    assert (eff.op_s, eff.optimizer_bytes, eff.optimizer_tensor_s) == (7e-6, 64.0, 3e-5)
+    del data["device"]["efficiency"]["op_s"]  # profiles written before these fields load
+    path.write_text(json.dumps(data))
+    assert Cluster.from_file(path).device.efficiency.op_s == 0.0

@@ -47,6 +47,32 @@ def test_zero1_and_clipping_match_single_process(world, layouts):
     assert all(len(r) == 3 for r in results), results
 
 
+def _pipeline_only(schedules: list[str]) -> list[str]:
+    """pp=2, dp=1: nothing to reduce, so no bucket is copied or launched; training (with
+    clipping, whose norm sums over pp) still matches one process."""
+    mesh = build_mesh(2, 1, 1, timeout_s=30)
+    done = []
+    for schedule in schedules:
+        for clip in (None, 0.5):
+            got = train_and_compare(mesh, schedule, 1, "adamw", clip=clip)
+            assert got["overlapped"] == 0, (schedule, got["overlapped"])
+            done.append(f"{schedule} clip={clip}")
+    from tripar.runtime.data_parallel import DataParallel
+
+    sync = DataParallel([torch.nn.Linear(2, 2)], mesh, lambda ps: torch.optim.SGD(ps, lr=0.1))
+    assert sync._hooks == [], "dp=1 without ZeRO must register no gradient hooks"
+    zero = DataParallel([torch.nn.Linear(2, 2)], mesh, lambda ps: torch.optim.SGD(ps, lr=0.1),
+                        zero=True)
+    assert len(zero._hooks) == 2  # ZeRO at dp=1 still flattens into its shards
+    zero.remove_hooks()
+    return done
+
+
+def test_pipeline_only_skips_the_reduction_and_still_clips():
+    results = run_ranks(_pipeline_only, 2, ["1f1b", "zb-h1"], timeout_s=120)
+    assert all(len(r) == 4 for r in results), results
+
+
 def test_local_batch_slices_dim0():
     class FakeMesh:
         dp = 2

@@ -6,6 +6,20 @@ the gloo p2p and all-reduce latency and bandwidth between two local
 processes started with ``torch.multiprocessing``. The profile it writes is
 read by every command through ``--cluster FILE``.
 
+Each product is timed as a training step runs it: the forward ``x @ w.T`` and the
+backward's two products on transposed operands (``dy @ w``, and ``dy.T @ x``, a
+reduction over the tokens), so the fitted curve is that of forward + backward. On a
+CPU it also times what is not a product, which there runs on the critical path:
+
+- a set of normalisation, softmax, GELU, view and elementwise operators, forward and
+  backward at several sizes, captured and annotated like a model (so its operator
+  count and saved bytes are what ``Block.ops`` and ``Block.saved_bytes`` count), fitted
+  to ``2 x ops x op_s + 3 x memory_traffic x saved bytes / bandwidth``;
+- ``torch.optim.AdamW.step`` on few large and many small tensors, fitted to
+  ``tensors x optimizer_tensor_s + parameters x optimizer_bytes / bandwidth``.
+
+On a GPU those stay at the GPU defaults (launches overlap the kernels there).
+
 One machine cannot measure the network between nodes: the inter-node link
 is taken from ``--inter-bandwidth`` / ``--inter-latency`` and recorded as
 assumed.
@@ -32,12 +46,23 @@ from tripar.partitioner.hardware import (
     load_calibration,
 )
 
-FULL_SIZES = (128, 256, 512, 1024, 2048)
+FULL_SIZES = (64, 128, 256, 512, 1024, 2048)
 QUICK_SIZES = (32, 64, 128, 256)
 GPU_SIZES = (256, 512, 1024, 2048, 4096, 8192)
 GPU_QUICK_SIZES = (256, 1024, 4096)
 FULL_PAYLOADS = (2**10, 2**16, 2**20, 2**24)
 QUICK_PAYLOADS = (2**8, 2**14, 2**18, 2**20)
+FULL_OPERATOR_SIZES = ((8, 16), (32, 64), (128, 256), (512, 256), (1024, 512), (2048, 1024))
+QUICK_OPERATOR_SIZES = ((8, 16), (64, 64), (256, 128))
+"""(tokens, hidden) of the operator set."""
+FULL_OPTIMIZER_SIZES = ((64, 64), (64, 2**14), (16, 2**16), (4, 2**20))
+QUICK_OPTIMIZER_SIZES = ((32, 64), (32, 2**12), (2, 2**18))
+"""(tensors, elements per tensor) of the optimizer steps."""
+TIME_BUDGET_S = 1.0
+"""Seconds one measurement may take beyond its first 3 samples (big products)."""
+COLD_BYTES = 64 * 2**20
+"""Operand bytes a product's timing cycles through (copies of its operands), so that, as
+in a training step, its operands do not sit in the cache from the previous call."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -73,14 +98,17 @@ def _sync(device: str) -> None:
 
 
 def _timed(fn, device: str, repeats: int) -> float:
-    """Seconds per call: the least disturbed of ``repeats`` samples. On a GPU each sample
-    launches 20 calls back to back and synchronises once, so it times the kernels, not
-    the launch-and-wait round trip."""
+    """Seconds per call: the least disturbed of ``repeats`` samples (fewer, but at least 3,
+    once the samples took ``TIME_BUDGET_S``). On a GPU each sample launches 20 calls back
+    to back and synchronises once, so it times the kernels, not the launch-and-wait round
+    trip."""
     inner = 20 if device == "cuda" else 1
     fn()  # warm-up
     _sync(device)
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
+        if len(times) >= 3 and sum(times) * inner > TIME_BUDGET_S:
+            break
         start = time.perf_counter()
         for _ in range(inner):
             fn()
@@ -90,19 +118,161 @@ def _timed(fn, device: str, repeats: int) -> float:
 
 
 def measure_matmul(device: str, dtype: str, sizes: tuple[int, ...], repeats: int) -> list[dict]:
-    """FLOP/s of square and skinny products (m, k, n) at each size."""
+    """Square and skinny products (m, k, n) at each size, as training runs them: the
+    forward ``x (m, k) @ w.T`` and the backward's ``dy (m, n) @ w (n, k)`` and
+    ``dy.T (n, m) @ x (m, k)``. ``seconds`` is their mean (a product's time averaged over
+    forward and backward), which the efficiency curve is fitted to. Each call takes the
+    next of enough copies of the operands to fill ``COLD_BYTES``: a layer's operands come
+    from memory, not from the cache of an identical call just before."""
+    import itertools
+
     import torch
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    width = torch.empty((), dtype=torch_dtype).element_size()
     samples = []
     for size in sizes:
         for m, k, n in ((size, size, size), (4 * size, size, size // 4 or 1)):
-            a = torch.randn(m, k, device=device, dtype=torch_dtype)
-            b = torch.randn(k, n, device=device, dtype=torch_dtype)
-            seconds = _timed(lambda a=a, b=b: torch.mm(a, b), device, repeats)
+            copies = max(1, COLD_BYTES // ((m * k + n * k + m * n) * width))
+            sets = [(torch.randn(m, k, device=device, dtype=torch_dtype),
+                     torch.randn(n, k, device=device, dtype=torch_dtype),
+                     torch.randn(m, n, device=device, dtype=torch_dtype))
+                    for _ in range(copies)]
+
+            def timed(product, sets=sets) -> float:
+                cycle = itertools.cycle(sets)
+                return _timed(lambda: product(*next(cycle)), device, repeats)
+
+            forward = timed(lambda x, w, dy: torch.mm(x, w.t()))
+            grad_input = timed(lambda x, w, dy: torch.mm(dy, w))
+            grad_weight = timed(lambda x, w, dy: torch.mm(dy.t(), x))
+            del sets
+            seconds = (forward + grad_input + grad_weight) / 3
             samples.append({"m": m, "k": k, "n": n, "seconds": seconds,
+                            "forward_seconds": forward,
+                            "backward_seconds": grad_input + grad_weight,
                             "flops_per_s": 2.0 * m * k * n / seconds})
     return samples
+
+
+def _operator_set():
+    """A module of the operators a transformer layer runs besides its products (layer
+    norms, head split and merge views, a scaled softmax, GELU, residual adds)."""
+    import torch
+    from torch import nn
+
+    class OperatorSet(nn.Module):
+        def __init__(self, hidden: int) -> None:
+            super().__init__()
+            self.heads = max(1, hidden // 64) if hidden >= 64 else 1
+            self.ln_1, self.ln_2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, h = x.shape
+            y = self.ln_1(x).view(b, t, self.heads, h // self.heads).transpose(1, 2)
+            y = torch.softmax(y * 0.125, dim=-1).transpose(1, 2).contiguous().view(b, t, h)
+            x = x + y
+            return x + nn.functional.gelu(self.ln_2(x))
+
+    return OperatorSet
+
+
+def measure_operators(sizes: tuple[tuple[int, int], ...], repeats: int) -> list[dict]:
+    """Forward + backward seconds of the operator set at each (tokens, hidden) on the
+    CPU, with its operator count and saved bytes as tripar's graph analysis counts them."""
+    import torch
+
+    from tripar.graph.annotate import annotate
+    from tripar.graph.build import build_proxy_graph
+    from tripar.graph.capture import capture
+
+    operator_set = _operator_set()
+    samples = []
+    for tokens, hidden in sizes:
+        module = operator_set(hidden)
+        x = torch.randn(1, tokens, hidden)
+        gm = capture(module, (x,))
+        annotate(gm, (x,))
+        graph = build_proxy_graph(gm, batch_size=1, seq_len=tokens)
+        x.requires_grad_(True)
+        grad = torch.ones(1, tokens, hidden)
+        seconds = _timed(lambda m=module, x=x, g=grad: m(x).backward(g), "cpu", repeats)
+        samples.append({"tokens": tokens, "hidden": hidden,
+                        "ops": sum(b.ops for b in graph.blocks),
+                        "saved_bytes": sum(b.saved_bytes for b in graph.blocks),
+                        "seconds": seconds})
+    return samples
+
+
+def measure_optimizer(sizes: tuple[tuple[int, int], ...], repeats: int) -> list[dict]:
+    """Seconds of one ``torch.optim.AdamW`` step (its defaults) over ``tensors`` parameter
+    tensors of ``numel`` elements each, on the CPU."""
+    import torch
+
+    samples = []
+    for tensors, numel in sizes:
+        params = [torch.nn.Parameter(torch.randn(numel)) for _ in range(tensors)]
+        for p in params:
+            p.grad = torch.randn(numel)
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        seconds = _timed(optimizer.step, "cpu", repeats)
+        samples.append({"tensors": tensors, "params": tensors * numel, "seconds": seconds})
+    return samples
+
+
+def _fit_two(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
+    """Least squares of ``a u + c v = t`` on relative errors, ``a, c >= 0``: (a, c)."""
+    def alone(i: int) -> tuple[float, float]:
+        num = sum(r[i] / r[2] for r in rows)
+        den = sum((r[i] / r[2]) ** 2 for r in rows)
+        return (num / den if den else 0.0), sum(
+            (r[i] * (num / den if den else 0.0) / r[2] - 1) ** 2 for r in rows)
+
+    suu = sum((u / t) ** 2 for u, _, t in rows)
+    svv = sum((v / t) ** 2 for _, v, t in rows)
+    suv = sum(u * v / t**2 for u, v, t in rows)
+    su, sv = sum(u / t for u, _, t in rows), sum(v / t for _, v, t in rows)
+    det = suu * svv - suv * suv
+    if det > 0:
+        a, c = (su * svv - sv * suv) / det, (sv * suu - su * suv) / det
+        if a >= 0 and c >= 0:
+            return a, c
+    (a, error_a), (c, error_c) = alone(0), alone(1)
+    return (a, 0.0) if error_a <= error_c else (0.0, c)
+
+
+def fit_operator_times(samples: list[dict], bandwidth: float) -> tuple[float, float]:
+    """Fit ``seconds = 2 ops op_s + 3 traffic saved_bytes / bandwidth`` (a forward and a
+    backward pass, the backward moving twice the forward's bytes); returns
+    (op_s, traffic).
+
+    >>> rows = [{"ops": 12, "saved_bytes": b, "seconds": 24 * 5e-6 + 3 * 4 * b / 1e10}
+    ...         for b in (1e3, 1e5, 1e7)]
+    >>> op_s, traffic = fit_operator_times(rows, 1e10)
+    >>> round(op_s * 1e6, 3), round(traffic, 3)
+    (5.0, 4.0)
+    """
+    if len(samples) < 2:
+        raise ConfigError(f"need at least 2 timed operator sets to fit, got {len(samples)}")
+    return _fit_two([(2.0 * s["ops"], 3.0 * s["saved_bytes"] / bandwidth, s["seconds"])
+                     for s in samples if s["seconds"] > 0])
+
+
+def fit_optimizer_times(samples: list[dict], bandwidth: float) -> tuple[float, float]:
+    """Fit ``seconds = tensors x tensor_s + params x bytes / bandwidth``; returns
+    (tensor_s, bytes per parameter).
+
+    >>> rows = [{"tensors": n, "params": n * e, "seconds": n * 2e-5 + n * e * 60 / 1e10}
+    ...         for n, e in ((64, 64), (4, 2**20), (16, 2**16))]
+    >>> tensor_s, per_param = fit_optimizer_times(rows, 1e10)
+    >>> round(tensor_s * 1e6, 3), round(per_param, 3)
+    (20.0, 60.0)
+    """
+    if len(samples) < 2:
+        raise ConfigError(f"need at least 2 timed optimizer steps to fit, got {len(samples)}")
+    tensor_s, per_param_s = _fit_two([(float(s["tensors"]), float(s["params"]), s["seconds"])
+                                      for s in samples if s["seconds"] > 0])
+    return tensor_s, per_param_s * bandwidth
 
 
 def measure_memory_bandwidth(device: str, quick: bool, repeats: int) -> float:
@@ -208,6 +378,20 @@ def calibrate(*, quick: bool, device: str, dtype: str | None, devices_per_node: 
     peak, x_half, launch = fit_matmul_times(
         [(s["m"], s["k"], s["n"], s["seconds"]) for s in matmuls])
     bandwidth = measure_memory_bandwidth(device, quick, repeats)
+    shipped = load_calibration()["efficiency"]["cpu" if device == "cpu" else "gpu"]
+    host: dict = {}
+    if device == "cpu":
+        operators = measure_operators(QUICK_OPERATOR_SIZES if quick else FULL_OPERATOR_SIZES,
+                                      repeats)
+        steps = measure_optimizer(QUICK_OPTIMIZER_SIZES if quick else FULL_OPTIMIZER_SIZES,
+                                  repeats)
+        op_s, traffic = fit_operator_times(operators, bandwidth)
+        tensor_s, optimizer_bytes = fit_optimizer_times(steps, bandwidth)
+        host = {"operators": operators, "optimizer": steps}
+        overheads = {"op_s": op_s, "memory_traffic": traffic, "optimizer_tensor_s": tensor_s,
+                     "optimizer_bytes": optimizer_bytes}
+    else:  # launches overlap the kernels: the GPU defaults
+        overheads = {"memory_traffic": shipped["memory_traffic"]}
     links = measure_links(QUICK_PAYLOADS if quick else FULL_PAYLOADS, repeats, timeout_s)
     p2p_alpha, p2p_beta = fit_alpha_beta(links["p2p"])
     # 2 ranks: all-reduce = 2 alpha + M / beta_bus; its bandwidth over the p2p one is the
@@ -225,16 +409,14 @@ def calibrate(*, quick: bool, device: str, dtype: str | None, devices_per_node: 
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         memory = int(memory_gb * 1e9) if memory_gb else total // per_node
         name = "cpu (measured)"
-    shipped = load_calibration()["efficiency"]["cpu" if device == "cpu" else "gpu"]
-    efficiency = Efficiency(matmul_max=1.0, matmul_half=x_half, memory=1.0,
-                            memory_traffic=shipped["memory_traffic"], link=link_eff,
-                            launch_s=launch,
+    efficiency = Efficiency(matmul_max=1.0, matmul_half=x_half, memory=1.0, link=link_eff,
+                            launch_s=launch, **overheads,
                             source=f"tripar calibrate{' --quick' if quick else ''} on "
                                    f"{socket.gethostname()}")
     spec = DeviceSpec(name=name, peak_flops=((dtype, peak),), memory_bytes=memory,
                       memory_bandwidth=bandwidth, efficiency=efficiency, default_dtype=dtype)
     measured = {"dtype": dtype, "matmul": matmuls, "memory_bandwidth": bandwidth,
-                "p2p": links["p2p"], "all_reduce": links["all_reduce"],
+                **host, "p2p": links["p2p"], "all_reduce": links["all_reduce"],
                 "p2p_alpha_beta": [p2p_alpha, p2p_beta],
                 "all_reduce_alpha_beta": [ar_alpha, ar_beta],
                 "inter_node": "assumed (--inter-bandwidth/--inter-latency), not measured"}
@@ -281,6 +463,9 @@ def _print_summary(cluster: Cluster, path: str) -> None:
         f"fitted peak {peak / 1e9:.1f} GFLOP/s ({spec.default_dtype}), x_half="
         f"{eff.matmul_half:.1f}, {eff.launch_s * 1e6:.1f} us per product\n"
         f"memory bandwidth {spec.memory_bandwidth / 1e9:.2f} GB/s\n"
+        f"per operator and pass {eff.op_s * 1e6:.1f} us, memory traffic "
+        f"{eff.memory_traffic:.2f} x saved bytes; optimizer step {eff.optimizer_bytes:.0f} "
+        f"B per parameter + {eff.optimizer_tensor_s * 1e6:.1f} us per tensor\n"
         f"gloo p2p: latency {cluster.intra_latency * 1e6:.1f} us, bandwidth "
         f"{cluster.intra_bandwidth / 1e9:.2f} GB/s; all-reduce reaches {eff.link:.2f} of it\n"
         f"inter-node link assumed: {cluster.inter_bandwidth / 1e9:.2f} GB/s, "

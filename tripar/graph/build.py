@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import operator
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -284,6 +285,23 @@ def _info(node: torch.fx.Node) -> NodeInfo:
     return info
 
 
+def is_operator(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is a tensor operator (``Block.ops``): a call that produces a tensor,
+    other than taking an item of a tuple (annotated nodes only).
+
+    >>> gm = torch.fx.symbolic_trace(lambda x: x.relu().split(1)[0] + x.dim())
+    >>> from tripar.graph.annotate import annotate
+    >>> annotate(gm, (torch.ones(2, 2),))
+    >>> [n.name for n in gm.graph.nodes if is_operator(n)]
+    ['relu', 'split', 'add']
+    """
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return False
+    if node.target is operator.getitem:
+        return False
+    return bool(_info(node).shapes)
+
+
 def _tensor_info(node: torch.fx.Node) -> TensorInfo:
     info = _info(node)
     shape = info.shapes[0] if len(info.shapes) == 1 else tuple(d for s in info.shapes for d in s)
@@ -412,6 +430,7 @@ def build_proxy_graph(
             signature=_signature(gm, part, b),
             matmuls=tuple(m for i in infos for m in i.matmuls),
             param_names=tuple(p for i in infos for p in i.param_names),
+            ops=sum(1 for n in part.nodes[b] if is_operator(nodes[n])),
         ))
     cuts = [Cut(after=part.names[b], tensors=tuple(crossings[b]),
                 bytes=sum(t.bytes for t in crossings[b])) for b in range(len(part.names) - 1)]

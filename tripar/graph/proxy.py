@@ -53,6 +53,9 @@ class Block:
     """(m, k, n) of each forward matrix product, for the efficiency model."""
     param_names: tuple[str, ...] = ()
     """FQNs of the parameters the block owns."""
+    ops: int = 0
+    """Tensor operators its forward calls (FX call nodes producing a tensor, ``getitem``
+    excluded); each pays a fixed dispatch/autograd cost per pass (``Efficiency.op_s``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,11 @@ Conventions (all per device, per microbatch unless said otherwise):
 * **Compute.** Each forward product (m, k, n) runs at
   ``peak x Efficiency.matmul(m, k, n)``; FLOPs the block has beyond its listed
   products (attention kernels) run at the efficiency of its products
-  (weighted by FLOPs), plus ``launch_s`` per product and pass. Non-matmul kernels are memory-bound: a forward moves
-  ``memory_traffic x saved bytes`` at ``memory x bandwidth``, the backward
-  twice that. The backward FLOPs split into the weight gradient
+  (weighted by FLOPs), plus ``launch_s`` per product and pass. Non-matmul kernels are
+  memory-bound: a forward moves ``memory_traffic x saved bytes`` at ``memory x
+  bandwidth``, the backward twice that. Every tensor operator (``Block.ops``) also
+  pays ``op_s`` in the forward and again in the backward (B): dispatch, autograd and
+  Python, which a CPU process runs on its critical path (0 on GPUs). The backward FLOPs split into the weight gradient
   ``W = min(backward / 2, 2 x tokens x params)`` (a linear's dW = 2 m k n)
   and the input gradient ``B = backward - W``; the memory-bound part and the
   tensor-parallel backward collectives go to B, gradient accumulation
@@ -36,7 +38,8 @@ Conventions (all per device, per microbatch unless said otherwise):
 * **Data parallelism.** Gradients are all-reduced in buckets while the last
   microbatch's backward runs; what does not fit in that backward (at least
   the last bucket) is exposed and goes to ``tail_s`` with the optimizer step
-  (memory-bound, 28 bytes read + written per parameter for Adam). ZeRO-1
+  (memory-bound, ``optimizer_bytes`` read + written per parameter: 28 for a fused Adam;
+  plus ``optimizer_tensor_s`` per parameter tensor, a per-tensor loop's calls). ZeRO-1
   reduce-scatters instead and all-gathers the updated parameters after the
   step, and divides the optimizer state by dp.
 * **Memory.** Static: weights + gradients + Adam state, 16 bytes per
@@ -57,6 +60,7 @@ Conventions (all per device, per microbatch unless said otherwise):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -76,7 +80,8 @@ from tripar.plan.config import ParallelConfig
 BUCKET_BYTES = 25 * 2**20
 """Gradient bucket size (PyTorch DDP's default 25 MiB)."""
 ADAM_STEP_BYTES = 28
-"""Bytes an Adam step reads and writes per parameter (gradient, master, moments, weight)."""
+"""Bytes a fused Adam step reads and writes per parameter (gradient, master, moments,
+weight); ``Efficiency.optimizer_bytes`` defaults to it."""
 _REPLICATED_INPUTS = {"attention": 2.5, "mlp": 2.5, "embedding": 1.0, "lm_head": 1.0,
                       "loss": 0.0}
 
@@ -98,6 +103,8 @@ class BlockCost:
     weight_grad_bytes: int = 0
     """Bytes a split backward (B) leaves for its W: the weight products' inputs and
     output gradients."""
+    param_tensors: int = 0
+    """Parameter tensors the block owns (what a per-tensor optimizer loops over)."""
 
 
 def bytes_per_param(dtype: str, zero: int, dp: int) -> tuple[float, float]:
@@ -280,6 +287,7 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
         saved -= h * (saved - replicated) * (1.0 - 1.0 / t)
     memory_rate = spec.memory_bandwidth * eff.memory
     forward_memory = eff.memory_traffic * saved / memory_rate
+    overhead = eff.op_s * block.ops  # per pass; the backward's autograd nodes go to B
 
     params = block.params * divided(g)
     weight_flops = 0.0
@@ -300,9 +308,9 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
         bwd_comm += collective_time(cluster, region.backward_collective, payload, t)
 
     return BlockCost(
-        forward_s=forward_compute + launches + forward_memory + fwd_comm,
+        forward_s=forward_compute + launches + forward_memory + overhead + fwd_comm,
         backward_input_s=(backward_flops - weight_flops) * seconds_per_flop + launches
-        + 2 * forward_memory + bwd_comm,
+        + 2 * forward_memory + overhead + bwd_comm,
         backward_weight_s=weight_flops * seconds_per_flop + launches * (weight_flops > 0)
         + grad_accumulate,
         saved_bytes=int(saved),
@@ -311,6 +319,7 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
         params=int(params),
         tp_comm_s=fwd_comm + bwd_comm,
         weight_grad_bytes=int(weight_share * operands * dtype_bytes(dtype)),
+        param_tensors=len(block.param_names),
     )
 
 
@@ -462,7 +471,8 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
                                      stages)
     costs = block_costs(graph, cluster, config, dtype=dtype, tp_regions=tp_regions)
     model_bytes, optimizer_bytes = bytes_per_param(dtype, config.zero, config.dp)
-    memory_rate = cluster.device.memory_bandwidth * cluster.device.efficiency.memory
+    eff = cluster.device.efficiency
+    memory_rate = cluster.device.memory_bandwidth * eff.memory
     sharded = set(shardable_regions(graph, config.tp) if tp_regions is None else
                   (r if isinstance(r, str) else _region_key(r) for r in tp_regions))
     tp_buffer = max((r.comm_bytes for r in graph.tp_regions if _region_key(r) in sharded
@@ -504,7 +514,10 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
             if config.zero:
                 tail += all_gather_time(cluster, grad_bytes, config.dp, config.tp)
         optimizer_params = params / config.dp if config.zero else params
-        tail += optimizer_params * ADAM_STEP_BYTES / memory_rate
+        tensors = (math.ceil(grad_bytes / BUCKET_BYTES) if config.zero  # flat shards
+                   else sum(c.param_tensors for c in mine))
+        tail += (optimizer_params * eff.optimizer_bytes / memory_rate
+                 + tensors * eff.optimizer_tensor_s)
 
         r = fractions[stage]
         if explicit_recompute:  # f keeps every block's input (Megatron's full recompute)

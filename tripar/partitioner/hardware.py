@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from tripar.errors import ConfigError
 
@@ -64,7 +65,8 @@ class Efficiency:
     of peak FLOP/s, where ``x = m k n / (m k + k n + m n)`` is its arithmetic
     intensity in FLOPs per element moved, halved: small or skinny products
     are memory-bound and reach less. Work that is not a matrix product is
-    charged by bytes over ``memory`` times the memory bandwidth.
+    charged by bytes over ``memory`` times the memory bandwidth, plus ``op_s`` per
+    tensor operator and pass (CPU processes; 0 on GPUs).
 
     >>> eff = Efficiency(matmul_max=0.8, matmul_half=100.0)
     >>> round(eff.matmul(4096, 4096, 4096), 3), round(eff.matmul(64, 64, 64), 3)
@@ -86,6 +88,16 @@ class Efficiency:
     launch_s: float = 0.0
     """Fixed seconds per matrix product that no size hides (kernel launch, dispatch);
     0 where launches overlap the previous kernel, as in large-model training."""
+    op_s: float = 0.0
+    """Fixed seconds per tensor operator (``Block.ops``) and pass, forward and backward
+    alike: Python, dispatch and autograd bookkeeping that runs on the critical path of
+    a CPU process; 0 on GPUs, where it overlaps the kernels."""
+    optimizer_bytes: float = 28.0
+    """Bytes an optimizer step moves per parameter, at ``memory`` x the bandwidth (a fused
+    Adam: 28; a per-tensor one reads and writes more)."""
+    optimizer_tensor_s: float = 0.0
+    """Fixed seconds per parameter tensor and optimizer step (a per-tensor loop's kernel
+    calls); 0 for fused or multi-tensor optimizers on GPUs."""
     source: str = ""
     """Where the numbers come from (fit, measurement)."""
 
@@ -94,10 +106,11 @@ class Efficiency:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ConfigError(f"Efficiency.{name} must be in (0, 1], got {value}")
-        if self.matmul_half < 0 or self.memory_traffic < 0 or self.launch_s < 0:
-            raise ConfigError(
-                f"Efficiency.matmul_half, memory_traffic and launch_s must be >= 0, got "
-                f"{self.matmul_half}, {self.memory_traffic} and {self.launch_s}")
+        for name in ("matmul_half", "memory_traffic", "launch_s", "op_s", "optimizer_bytes",
+                     "optimizer_tensor_s"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"Efficiency.{name} must be a finite number >= 0, got {value}")
 
     @staticmethod
     def size(m: float, k: float, n: float) -> float:
@@ -114,11 +127,23 @@ class Efficiency:
 
     @classmethod
     def from_dict(cls, data: dict) -> Efficiency:
+        """The inverse of ``to_dict``; ConfigError names a missing, unknown or mistyped field.
+
+        >>> Efficiency.from_dict({"matmul_max": 0.8, "matmul_half": "big"})
+        Traceback (most recent call last):
+        ...
+        tripar.errors.ConfigError: efficiency field 'matmul_half' must be a number, got 'big'
+        """
+        data = _object(data, "efficiency")
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown efficiency fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        values = {name: _number(data, name, "efficiency") for name in known - {"source"}
+                  if name in data or name in ("matmul_max", "matmul_half")}
+        if "source" in data:
+            values["source"] = _typed(data, "source", str, "efficiency")
+        return cls(**values)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,20 +190,62 @@ class DeviceSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> DeviceSpec:
-        try:
-            return cls(name=str(data["name"]),
-                       peak_flops=tuple((canonical_dtype(k), float(v))
-                                        for k, v in dict(data["peak_flops"]).items()),
-                       memory_bytes=int(data["memory_bytes"]),
-                       memory_bandwidth=float(data["memory_bandwidth"]),
-                       efficiency=Efficiency.from_dict(dict(data["efficiency"])),
-                       default_dtype=canonical_dtype(data.get("default_dtype", "bf16")))
-        except KeyError as missing:
-            raise ConfigError(f"device profile lacks field {missing}") from None
-        except (TypeError, ValueError) as error:
-            if isinstance(error, ConfigError):
-                raise
-            raise ConfigError(f"device profile has a malformed field: {error}") from None
+        """The inverse of ``to_dict``; ConfigError names a missing or mistyped field."""
+        data = _object(data, "device profile")
+        peaks = _typed(data, "peak_flops", dict, "device profile")
+        for dtype, flops in peaks.items():
+            if isinstance(flops, bool) or not isinstance(flops, (int, float)) \
+                    or not math.isfinite(flops):
+                raise ConfigError(f"device profile field 'peak_flops' must map dtypes to "
+                                  f"FLOP/s, got {dtype!r}: {_show(flops)}")
+        return cls(name=_typed(data, "name", str, "device profile"),
+                   peak_flops=tuple((canonical_dtype(k), float(v)) for k, v in peaks.items()),
+                   memory_bytes=_typed(data, "memory_bytes", int, "device profile"),
+                   memory_bandwidth=_number(data, "memory_bandwidth", "device profile"),
+                   efficiency=Efficiency.from_dict(_typed(data, "efficiency", dict,
+                                                          "device profile")),
+                   default_dtype=canonical_dtype(_typed(data, "default_dtype", str,
+                                                        "device profile", default="bf16")))
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+_KIND = {int: "an integer", str: "a string", dict: "an object", float: "a number"}
+
+
+def _object(data: object, owner: str) -> dict:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{owner} must be a JSON object, got {_show(data)}")
+    return data
+
+
+def _typed(data: dict, name: str, kind: type, owner: str, *, default: object = ...) -> Any:
+    """``data[name]`` if it is a ``kind`` (a bool is no int); ConfigError naming it otherwise."""
+    if name not in data:
+        if default is not ...:
+            return default
+        raise ConfigError(f"{owner} lacks field {name!r} ({_KIND[kind]}); write the profile "
+                          f"with `tripar calibrate` or add the field")
+    value = data[name]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ConfigError(f"{owner} field {name!r} must be {_KIND[kind]}, got {_show(value)}")
+    return value
+
+
+def _number(data: dict, name: str, owner: str) -> float:
+    """``data[name]`` as a finite float (an int is fine); ConfigError naming it otherwise."""
+    if name not in data:
+        raise ConfigError(f"{owner} lacks field {name!r} (a number); write the profile with "
+                          f"`tripar calibrate` or add the field")
+    value = data[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{owner} field {name!r} must be a number, got {_show(value)}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{owner} field {name!r} must be a finite number, got {value}")
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,11 +281,16 @@ class Cluster:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"cluster {attr} must be a positive integer, got {value!r}")
         for attr in ("intra_bandwidth", "inter_bandwidth"):
-            if not getattr(self, attr) > 0:
-                raise ConfigError(f"cluster {attr} must be > 0, got {getattr(self, attr)}")
+            value = getattr(self, attr)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"cluster {attr} must be a finite number of bytes/s > 0, got "
+                                  f"{value}; give each device's bandwidth per direction "
+                                  f"(`tripar calibrate` measures it)")
         for attr in ("intra_latency", "inter_latency"):
-            if getattr(self, attr) < 0:
-                raise ConfigError(f"cluster {attr} must be >= 0, got {getattr(self, attr)}")
+            value = getattr(self, attr)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"cluster {attr} must be a finite number of seconds >= 0, "
+                                  f"got {value}")
 
     @property
     def devices(self) -> int:
@@ -270,20 +342,15 @@ class Cluster:
         else:
             raise ConfigError("cluster profile needs \"device\": a built-in name "
                               f"({', '.join(BUILTIN_DEVICES)}) or a device object")
-        try:
-            return cls(device=spec, nodes=int(data["nodes"]),
-                       devices_per_node=int(data["devices_per_node"]),
-                       intra_bandwidth=float(data["intra_bandwidth"]),
-                       intra_latency=float(data["intra_latency"]),
-                       inter_bandwidth=float(data["inter_bandwidth"]),
-                       inter_latency=float(data["inter_latency"]),
-                       name=str(data.get("name", "")), measured=dict(data.get("measured", {})))
-        except KeyError as missing:
-            raise ConfigError(f"cluster profile lacks field {missing}") from None
-        except (TypeError, ValueError) as error:
-            if isinstance(error, ConfigError):
-                raise
-            raise ConfigError(f"cluster profile has a malformed field: {error}") from None
+        owner = "cluster profile"
+        return cls(device=spec, nodes=_typed(data, "nodes", int, owner),
+                   devices_per_node=_typed(data, "devices_per_node", int, owner),
+                   intra_bandwidth=_number(data, "intra_bandwidth", owner),
+                   intra_latency=_number(data, "intra_latency", owner),
+                   inter_bandwidth=_number(data, "inter_bandwidth", owner),
+                   inter_latency=_number(data, "inter_latency", owner),
+                   name=_typed(data, "name", str, owner, default=""),
+                   measured=dict(_typed(data, "measured", dict, owner, default={})))
 
     def to_file(self, path: str | Path) -> None:
         """Write the profile as JSON (what ``--cluster FILE`` reads)."""
@@ -294,13 +361,17 @@ class Cluster:
         """Read a profile written by :meth:`to_file` or ``tripar calibrate``."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except OSError as error:
             raise ConfigError(f"cannot read cluster profile {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"cluster profile {path} is not UTF-8 text; write it with "
+                              f"`tripar calibrate`") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConfigError(f"cluster profile {path} is not valid JSON: {error}") from None
+        except (ValueError, RecursionError) as error:  # JSONDecodeError, too long a number
+            raise ConfigError(f"cluster profile {path} is not valid JSON: {error}; write it "
+                              f"with `tripar calibrate`") from None
         try:
             return cls.from_dict(data)
         except ConfigError as error:

@@ -13,7 +13,9 @@ the backward goes on. ``finish`` (called by the executor at the end of the step)
 launches what is left (parameters that got no gradient count as zero) and waits.
 
 Plain dp: the flattened bucket, divided by dp, is all-reduced; every rank then
-holds the average gradient and steps the same optimizer.
+holds the average gradient and steps the same optimizer. With dp = 1 and no ZeRO
+there is nothing to reduce: no hooks are registered and no bucket is copied (the
+pipeline-only case pays nothing per microbatch for data parallelism).
 
 ZeRO-1 (``zero=True``): each bucket is padded to a multiple of dp and dp rank k
 owns slice k. The gradient is reduce-scattered, so each rank holds the averaged
@@ -104,7 +106,11 @@ class DataParallel:
         self._dup = [p for p in self.params if id(p) in dup_ids]
         self.buckets = self._make_buckets(bucket_bytes, dup_ids, {id(p) for p in isolate})
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+        self._local = mesh.dp == 1 and not self.zero
+        """Nothing to reduce (dp = 1, no ZeRO): no hooks, no flat copies; the gradients
+        autograd accumulates in ``.grad`` are the step's."""
+        self._hooks = [] if self._local else [
+            p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
         self._counts: dict[int, int] = {}
         self._expected = 0
         self._next_launch = 0
@@ -184,7 +190,7 @@ class DataParallel:
         self.overlapped = 0
         for b in self.buckets:
             b.pending, b.buffer, b.shard_grad, b.works = len(b.params), None, None, []
-        self._active = True
+        self._active = not self._local
 
     def _on_grad(self, p: torch.Tensor) -> None:
         if not self._active:
@@ -225,6 +231,8 @@ class DataParallel:
     def finish(self) -> None:
         """Launch the buckets not launched yet and wait for every reduction."""
         self._active = False
+        if self._local:
+            return
         while self._next_launch < len(self.buckets):
             self._launch(self.buckets[self._next_launch])
             self._next_launch += 1
