@@ -236,10 +236,9 @@ def test_a_corrupt_plan_file(capsys, tmp_path, plan_text, damage, words):
     elif damage == "stage-blocks":
         data["stages"][1]["blocks"] = data["stages"][1]["blocks"][:-1]
         path.write_text(json.dumps(data))
-    api_error = raised(lambda: Plan.load(path).validate())
+    api_error = raised(lambda: Plan.load(path, validate=True))
     assert isinstance(api_error, PlanError)
-    named = [str(path)] if damage != "stage-blocks" else []  # a read error names the file
-    fails(capsys, ["show", str(path)], *named, *words, same_as=api_error)
+    fails(capsys, ["show", str(path)], str(path), *words, same_as=api_error)
 
 
 def test_a_plan_for_another_model(capsys, tmp_path, plan_text):
