@@ -45,6 +45,10 @@ SPECS = {
     "bert": "bert:layers=2,hidden=32,heads=4,vocab=64,seq=8",
     "vit": "vit:image=16,patch=8,layers=2,hidden=32,heads=4,classes=8",
     "hf_gpt2": "hf:GPT2LMHeadModel:n_layer=2,n_embd=32,n_head=4,vocab_size=64,n_positions=16",
+    "hf_llama": "hf:LlamaForCausalLM:num_hidden_layers=2,hidden_size=64,num_attention_heads=8,"
+                "num_key_value_heads=4,intermediate_size=64,vocab_size=64",
+    "hf_bert": "hf:BertForMaskedLM:num_hidden_layers=2,hidden_size=32,num_attention_heads=4,"
+               "intermediate_size=64,vocab_size=64",
 }
 CONFIGS = {2: ((2, 2), (4, 2)), 4: ((2, 4),)}
 """World size (= tp) -> the (pp, tp) configurations one spawn of that many ranks runs."""
