@@ -6,6 +6,7 @@
 >>> model = api.auto_parallel(loaded.model, 1, example_inputs=loaded.example_inputs)
 >>> model.plan.parallel.devices, round(model.train_step(loaded.example_inputs), 1)
 (1, 3.5)
+>>> model.close(); torch.distributed.destroy_process_group()  # the one-process group it made
 
 Each step is a named function that does not change its input:
 
