@@ -17,28 +17,14 @@ import time
 from tripar.commands._model_args import proxy_graph_for
 from tripar.partitioner.cost_model import step_estimate
 from tripar.partitioner.hardware import Cluster
+from tripar.partitioner.megatron import MEGATRON_TABLE, SEQ, VOCAB
 from tripar.partitioner.search import search_with_stats
 from tripar.plan.config import ParallelConfig
-
-SEQ, VOCAB = 2048, 51200
-# params (B), heads, hidden, layers, t, p, GPUs, batch
-MEGATRON_TABLE = (
-    (1.7, 24, 2304, 24, 1, 1, 32, 512),
-    (3.6, 32, 3072, 30, 2, 1, 64, 512),
-    (7.5, 32, 4096, 36, 4, 1, 128, 512),
-    (18.4, 48, 6144, 40, 8, 1, 256, 1024),
-    (39.1, 64, 8192, 48, 8, 2, 512, 1536),
-    (76.1, 80, 10240, 60, 8, 4, 1024, 1792),
-    (145.6, 96, 12288, 80, 8, 8, 1536, 2304),
-    (310.1, 128, 16384, 96, 8, 16, 1920, 2160),
-    (529.6, 128, 20480, 105, 8, 35, 2520, 2520),
-    (1008.0, 160, 25600, 128, 8, 64, 3072, 3072),
-)
 
 
 def compare(row: tuple) -> dict:
     """Published configuration and plan for one row, on one graph."""
-    _, heads, hidden, layers, t, p, gpus, batch = row
+    _, heads, hidden, layers, t, p, gpus, batch = row[:8]
     spec = f"gpt:layers={layers},hidden={hidden},heads={heads},vocab={VOCAB},seq={SEQ}"
     start = time.perf_counter()
     graph = proxy_graph_for(spec, batch_size=1, seq_len=SEQ)
@@ -65,7 +51,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|")
     for i in (int(x) for x in args.rows.split(",")):
         got = compare(MEGATRON_TABLE[i - 1])
-        params, _, _, _, t, p, gpus, batch = got["row"]
+        params, _, _, _, t, p, gpus, batch = got["row"][:8]
         par = got["plan"].parallel
         plan = (f"dp{par.dp} tp{par.tp} pp{par.pp} v{par.vpp} b{par.micro_batch_size} "
                 f"{par.schedule} {par.recompute} z{par.zero}")

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tripar.partitioner.megatron import SEQ, VOCAB
+
 RESULTS = Path(__file__).resolve().parent / "results"
-SEQ, VOCAB = 2048, 51200
+
 MERAK_RATIO = 0.5
 """The recomputed share of every stage in the Merak-defaults baseline."""
 SCHEDULE_ROW = 7
@@ -46,10 +47,9 @@ QUICK_ROW = 5
 
 def megatron_table() -> tuple[tuple, ...]:
     """Rows (params B, heads, hidden, layers, t, p, GPUs, batch) of Megatron's Table 1."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from megatron_plans import MEGATRON_TABLE
+    from tripar.partitioner.megatron import MEGATRON_TABLE
 
-    return tuple(MEGATRON_TABLE)
+    return tuple(row[:8] for row in MEGATRON_TABLE)
 
 
 @dataclass(frozen=True, slots=True)

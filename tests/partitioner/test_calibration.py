@@ -17,22 +17,8 @@ from tripar.graph.build import analyze
 from tripar.models import load_model
 from tripar.partitioner.cost_model import step_estimate
 from tripar.partitioner.hardware import Cluster, builtin_device, load_calibration
+from tripar.partitioner.megatron import MEGATRON_TABLE, SEQ, VOCAB, megatron_flops
 from tripar.plan.config import ParallelConfig
-
-SEQ, VOCAB = 2048, 51200
-# params (B), heads, hidden, layers, t, p, GPUs, batch, published TFLOP/s per GPU
-MEGATRON_TABLE = (
-    (1.7, 24, 2304, 24, 1, 1, 32, 512, 137),
-    (3.6, 32, 3072, 30, 2, 1, 64, 512, 138),
-    (7.5, 32, 4096, 36, 4, 1, 128, 512, 142),
-    (18.4, 48, 6144, 40, 8, 1, 256, 1024, 135),
-    (39.1, 64, 8192, 48, 8, 2, 512, 1536, 138),
-    (76.1, 80, 10240, 60, 8, 4, 1024, 1792, 140),
-    (145.6, 96, 12288, 80, 8, 8, 1536, 2304, 148),
-    (310.1, 128, 16384, 96, 8, 16, 1920, 2160, 155),
-    (529.6, 128, 20480, 105, 8, 35, 2520, 2520, 163),
-    (1008.0, 160, 25600, 128, 8, 64, 3072, 3072, 163),
-)
 
 
 @functools.cache
@@ -41,11 +27,6 @@ def gpt_graph(heads: int, hidden: int, layers: int):
     loaded = load_model(spec, batch_size=1, device="meta")
     return analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs,
                    model_config=loaded.config)
-
-
-def megatron_flops(batch: int, layers: int, hidden: int) -> float:
-    return 96 * batch * SEQ * layers * hidden**2 * (
-        1 + SEQ / (6 * hidden) + VOCAB / (16 * layers * hidden))
 
 
 @pytest.mark.parametrize("row", MEGATRON_TABLE, ids=[f"{r[0]}B" for r in MEGATRON_TABLE])
