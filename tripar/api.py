@@ -22,6 +22,7 @@ Each step is a named function that does not change its input:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -146,10 +147,6 @@ def _for_micro_batch(captured: Captured, size: int) -> Captured:
                     tuple(values))
 
 
-_NO_TP = ("the runtime does not run tensor-parallel plans yet (the rewrite in "
-          "tripar.codegen.tensor_parallel is not wired into auto_parallel); use tp=1")
-
-
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -162,8 +159,7 @@ def check_pins(devices: int, global_batch: int, *, dp: int | None = None,
 
     What ``auto_parallel`` and ``tripar train`` check before any search or process:
     positive pins, pinned degrees that multiply into ``devices``, a pinned tp that
-    divides the model's ``heads`` and ``hidden`` size (when known) and that the runtime
-    runs, and a global batch divisible by dp x num_microbatches.
+    divides the model's ``heads`` and ``hidden`` size (when known), and a global batch divisible by dp x num_microbatches.
 
     >>> try:
     ...     check_pins(8, 16, dp=3)
@@ -199,7 +195,6 @@ def check_pins(devices: int, global_batch: int, *, dp: int | None = None,
                                   f"tp to a divisor of {size}"
                                   + (f" ({', '.join(map(str, fit))})" if fit else "")
                                   + " or tp=1")
-        raise ConfigError(f"tp={tp}: {_NO_TP}")
     if num_microbatches is not None:
         rest = devices // product if pinned else devices
         dps = [dp] if dp is not None else [d for d in _divisors(rest)]
@@ -224,7 +219,6 @@ def make_plan(captured: Captured, cluster: Cluster, global_batch: int, *,
     check_pins(cluster.devices, global_batch, dp=dp, tp=tp, pp=pp,
                num_microbatches=num_microbatches, heads=heads or None,
                hidden=config.get("hidden"))
-    tp = 1
     if vpp is not None and vpp > 1 and schedule is None:
         schedule = "interleaved-1f1b"
     zero_pin = None if zero is None else int(bool(zero))
@@ -282,8 +276,9 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
                   vpp: int | None = None, num_microbatches: int | None = None,
                   schedule: str | None = None, recompute: str | None = None,
                   zero: int | bool | None = None, plan: Plan | None = None,
-                  max_grad_norm: float | None = None, seed: int = 0, timeout_s: float = 300.0,
-                  model_spec: str = "", captured: Captured | None = None):
+                  max_grad_norm: float | None = None, precision: str = "fp32", seed: int = 0,
+                  timeout_s: float = 300.0, model_spec: str = "",
+                  captured: Captured | None = None):
     """Plan and build ``model`` for data, tensor and pipeline parallelism on this job.
 
     ``devices``: None inside a started job (torchrun, ``tripar train``, an initialised
@@ -295,12 +290,16 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     ``.loss``). ``optimizer(params)`` builds the optimizer (default AdamW, lr 1e-3). The pins
     (dp, tp, pp, vpp, num_microbatches, schedule, recompute, zero) fix what they name; the
     search chooses the rest, or ``plan`` (from ``tripar plan``) is used as is. A model on the
-    meta device is initialised stage by stage under ``seed``. ``captured`` reuses a
+    meta device is initialised stage by stage under ``seed``. ``precision="bf16"`` runs the
+    stages under bf16 autocast with fp32 master weights (:mod:`tripar.runtime.precision`);
+    ``max_grad_norm`` clips by the global norm. ``captured`` reuses a
     :func:`capture_model` result of the same model and example. Every rank calls it with the
     same arguments. Returns a :class:`~tripar.runtime.engine.ParallelModel`.
     """
     from tripar.runtime.launch import ensure_process_group
+    from tripar.runtime.precision import check_precision
 
+    check_precision(precision)
     world = ensure_process_group(None if isinstance(devices, Cluster) else devices,
                                  timeout_s=timeout_s)
     if isinstance(devices, Cluster) and devices.devices != world:
@@ -321,10 +320,9 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
             raise PlanError(f"the plan is for {plan.parallel.devices} devices, the job has "
                             f"{world} ranks")
     _check_same_plan(plan)
-    if plan.parallel.tp > 1:
-        raise ConfigError(f"the plan uses tp={plan.parallel.tp}: {_NO_TP}")
     return build(captured, plan, loss_fn=loss_fn, optimizer=optimizer or default_optimizer,
-                 max_grad_norm=max_grad_norm, seed=seed, timeout_s=timeout_s)
+                 max_grad_norm=max_grad_norm, precision=precision, seed=seed,
+                 timeout_s=timeout_s)
 
 
 def _check_same_plan(plan: Plan) -> None:
@@ -333,7 +331,7 @@ def _check_same_plan(plan: Plan) -> None:
 
     if dist.get_world_size() == 1:
         return
-    key = (plan.parallel, tuple(s.blocks for s in plan.stages), plan.schedule)
+    key = (plan.parallel, tuple(s.blocks for s in plan.stages), plan.schedule, plan.tp_regions)
     keys: list[Any] = [None] * dist.get_world_size()
     try:
         dist.all_gather_object(keys, key)
@@ -351,28 +349,61 @@ def _check_same_plan(plan: Plan) -> None:
 
 def build(captured: Captured, plan: Plan, *, loss_fn: Callable | None = None,
           optimizer: Callable = default_optimizer, max_grad_norm: float | None = None,
-          seed: int = 0, timeout_s: float = 300.0, mesh: Any = None):
+          precision: str = "fp32", seed: int = 0, timeout_s: float = 300.0, mesh: Any = None):
     """This rank's ParallelModel for ``plan``: mesh, stage split, own weights, engine."""
     from tripar.runtime.mesh import build_mesh
 
     par = plan.parallel
     if mesh is None:
         mesh = build_mesh(par.pp, par.dp, par.tp, timeout_s=timeout_s, vpp=par.vpp)
-    key = (tuple(s.blocks for s in plan.stages), par.micro_batch_size)
+    tp_rank = mesh.coords.tp
+    key = (tuple(s.blocks for s in plan.stages), par.micro_batch_size, par.tp, tp_rank,
+           plan.tp_regions)
     if key not in captured.splits:
-        from tripar.codegen.split import split_for_plan
-
-        micro = _for_micro_batch(captured, par.micro_batch_size)
-        captured.splits[key] = (micro, split_for_plan(micro.gm, plan, list(micro.constants)))
-    micro, split = captured.splits[key]
+        captured.splits[key] = _split(captured, plan, tp_rank)
+    micro, split, shards = captured.splits[key]
     try:
-        return _build_rank(micro, split, plan, mesh, loss_fn=loss_fn,
-                           make_optimizer=optimizer, max_grad_norm=max_grad_norm, seed=seed)
+        return _build_rank(micro, split, shards, plan, mesh, loss_fn=loss_fn,
+                           make_optimizer=optimizer, max_grad_norm=max_grad_norm,
+                           precision=precision, seed=seed)
     except BaseException as exc:
         mesh.report_failure(f"{mesh.describe()} failed building its stages "
                             f"{[s.index for s in plan.stages if s.rank == mesh.coords.pp]}: "
                             f"{type(exc).__name__}: {exc}")
         raise
+
+
+def _split(captured: Captured, plan: Plan, tp_rank: int) -> tuple[Captured, Any, dict]:
+    """Every stage of tensor-parallel rank ``tp_rank``'s pipeline (the graph rewritten for
+    the plan's sharded regions first, when it has some), and the slices of the weights
+    they hold (FQN -> ``ParamShard``). The collectives have no process group yet."""
+    from tripar.codegen.split import split_for_plan
+
+    micro = _for_micro_batch(captured, plan.parallel.micro_batch_size)
+    example = list(micro.constants)
+    if plan.parallel.tp == 1 or not plan.tp_regions:
+        return micro, split_for_plan(micro.gm, plan, example), {}
+    from tripar.codegen.build import check_plan, plan_regions, split_tp_rank
+    from tripar.codegen.tp_shard import shard_map
+
+    table = check_plan(micro.gm, plan)
+    regions = plan_regions(micro.gm, plan, example, blocks=table)
+    split = split_tp_rank(micro.gm, plan, example, tp_rank=tp_rank, regions=regions,
+                          blocks=table)
+    return micro, split, shard_map(micro.gm, regions, t=plan.parallel.tp, rank=tp_rank)
+
+
+def _connect_tp(module: nn.Module, mesh: Any, tracker: Any) -> None:
+    """Point a stage's tensor-parallel collectives at this job's tp group, and its
+    tensor-parallel dropout at this rank's random stream."""
+    from tripar.codegen.collectives import TPCollective
+    from tripar.codegen.tp_rng import ForkedRNG
+
+    for sub in module.modules():
+        if isinstance(sub, TPCollective):
+            sub.group = mesh.tp_group
+        elif isinstance(sub, ForkedRNG):
+            sub.tracker = tracker
 
 
 class _Bound(nn.Module):
@@ -391,14 +422,18 @@ class _Bound(nn.Module):
         return self.module(*call)
 
 
-def _build_rank(captured: Captured, split: Any, plan: Plan, mesh: Any, *,
+def _build_rank(captured: Captured, split: Any, shards: dict, plan: Plan, mesh: Any, *,
                 loss_fn: Callable | None, make_optimizer: Callable,
-                max_grad_norm: float | None, seed: int):
-    from tripar.codegen.split import rank_stages
+                max_grad_norm: float | None, precision: str, seed: int):
+    from tripar.codegen.recompute import apply_recompute
+    from tripar.codegen.split import block_nodes, rank_stages
+    from tripar.codegen.tp_rng import tp_rng_tracker
     from tripar.codegen.weights import materialize_stage
-    from tripar.runtime.engine import BatchLayout, LocalParam, ParallelModel
+    from tripar.plan.schedule import ActionKind
+    from tripar.runtime.engine import BatchLayout, ParallelModel
     from tripar.runtime.executor import StageProgram
     from tripar.runtime.p2p import TensorSpec
+    from tripar.runtime.precision import Autocast
     from tripar.runtime.tied import TiedWeight
 
     model, par = captured.model, plan.parallel
@@ -423,9 +458,19 @@ def _build_rank(captured: Captured, split: Any, plan: Plan, mesh: Any, *,
     programs, local, buffers = [], [], {}
     shared: dict[str, nn.Parameter] = {}
     state_names = set(model.state_dict(keep_vars=True))
+    tracker = tp_rng_tracker(seed, mesh.coords.tp, mesh.device) if par.tp > 1 else None
+    blocks = block_nodes(captured.gm)
+    # stages whose schedule recomputes them whole (its f and R actions: scp, full recompute)
+    explicit = {a.stage for acts in plan.to_schedule().actions for a in acts
+                if a.kind is ActionKind.RECOMPUTE}
     for st in rank_stages(split, par.pp, mesh.coords.pp):
         weights = {"meta_model": model, "seed": seed} if on_meta else {"source": model}
-        module = materialize_stage(st, device=mesh.device, **weights)
+        module = materialize_stage(st, device=mesh.device, shards=shards, **weights)
+        if par.tp > 1:
+            _connect_tp(module, mesh, tracker)
+        recompute = plan.stages[st.index].recompute
+        if recompute and st.index not in explicit:  # the plan's blocks, checkpointed
+            module = apply_recompute(st, recompute, blocks=blocks, module=module)
         fqn_of = dict(st.params)
         for prefix, owner in module.named_modules():
             for attr, p in list(owner._parameters.items()):
@@ -437,7 +482,7 @@ def _build_rank(captured: Captured, split: Any, plan: Plan, mesh: Any, *,
                     owner._parameters[attr] = shared[key]
                 else:
                     shared[key] = p
-                    local.append(LocalParam(key, p, tuple(p.shape), _whole(p.shape)))
+                    local.append(_local_param(key, p, shards.get(key), mesh.coords.tp))
         for name, b in module.named_buffers():
             if name in state_names:
                 buffers[name] = b
@@ -446,6 +491,8 @@ def _build_rank(captured: Captured, split: Any, plan: Plan, mesh: Any, *,
         if any(k is None for k in keys):
             call = _Bound(module, tuple((k is not None, captured.constants[i])
                                         for k, i in zip(keys, st.graph_input_positions)))
+        if precision != "fp32":
+            call = Autocast(call, precision, mesh.device)
         programs.append(StageProgram(
             stage=st.index, module=call, inputs=tuple(spec(t) for t in st.received),
             outputs=tuple(spec(t) for t in st.sent),
@@ -466,5 +513,17 @@ def _build_rank(captured: Captured, split: Any, plan: Plan, mesh: Any, *,
                          max_grad_norm=max_grad_norm, extra_state=extra)
 
 
-def _whole(shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    return tuple((0, int(n)) for n in shape)
+def _local_param(fqn: str, param: nn.Parameter, shard: Any, tp_rank: int):
+    """What part of original tensor ``fqn`` this rank's ``param`` is: all of it, or the
+    tensor-parallel slice ``shard`` (a ``ParamShard``: one box per fused part along its
+    dim). A weight tensor parallelism leaves whole is counted on tp rank 0 only."""
+    from tripar.runtime.engine import LocalParam
+
+    if shard is None:
+        whole = LocalParam.whole(fqn, param)
+        return whole if tp_rank == 0 else dataclasses.replace(whole, counts=False)
+    shape = list(param.shape)
+    shape[shard.dim] = sum(stop - start for start, stop in shard.ranges) * shard.t
+    full = tuple((0, n) for n in shape)
+    boxes = tuple(full[:shard.dim] + (rng,) + full[shard.dim + 1:] for rng in shard.ranges)
+    return LocalParam(fqn, param, tuple(shape), boxes, dim=shard.dim)

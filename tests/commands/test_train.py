@@ -16,14 +16,18 @@ from tripar.errors import ConfigError
 from tripar.runtime.launch import LaunchError, launch_local
 
 
-def test_train_two_processes_loss_falls(capsys):
+@pytest.mark.parametrize("pins, shown", [
+    (["--pp", "2"], "pp=2"),
+    (["--tp", "2", "--precision", "bf16"], "tp=2"),  # tensor parallel, bf16 autocast
+], ids=["pp2", "tp2-bf16"])
+def test_train_two_processes_loss_falls(capsys, pins, shown):
     code = main(["train", "gpt:layers=1,hidden=32,heads=4,seq=16", "--nproc", "2",
-                 "--steps", "25", "--global-batch", "8", "--lr", "1e-2", "--pp", "2",
+                 "--steps", "25", "--global-batch", "8", "--lr", "1e-2", *pins,
                  "--format", "json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     losses = out["losses"]
-    assert len(losses) == 25 and "pp=2" in out["plan"]
+    assert len(losses) == 25 and shown in out["plan"]
     assert losses[-1] < losses[0] - 0.8, losses  # from ~ln(31) = 3.4 towards the corpus's ~2
 
 

@@ -1,13 +1,14 @@
 """auto_parallel on real gloo ranks: every layout and schedule trains exactly like one process.
 
-One process group per world size runs every configuration (models x layouts x schedules x
-optimizers), rebuilding the ParallelModel each time inside the same ranks.
+One process group per world size (2, 4, 8) runs every configuration (models x (dp, tp, pp)
+layouts x schedules x optimizers), rebuilding the ParallelModel each time inside the same ranks.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import math
 import time
 
 import pytest
@@ -27,11 +28,16 @@ MODELS = {
 }
 GLOBAL_BATCH, STEPS = 4, 3
 SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("scp", 1))
-# (dp, pp, schedule, vpp, zero) per world size; microbatches of one sample
+# (dp, tp, pp, schedule, vpp, zero) per group of configurations, each group run on one set
+# of ranks (world = dp * tp * pp of its layouts); microbatches of one sample
 LAYOUTS = {
-    2: [(1, 2, s, v, 0) for s, v in SCHEDULES] + [(2, 1, "1f1b", 1, 0), (2, 1, "1f1b", 1, 1)],
-    4: [(1, 4, s, v, 0) for s, v in SCHEDULES if v == 1]
-       + [(2, 2, s, v, int(s == "1f1b")) for s, v in SCHEDULES],
+    "world2": [(1, 1, 2, s, v, 0) for s, v in SCHEDULES]
+              + [(2, 1, 1, "1f1b", 1, 0), (2, 1, 1, "1f1b", 1, 1), (1, 2, 1, "1f1b", 1, 0)],
+    "world4-dp-pp": [(1, 1, 4, s, v, 0) for s, v in SCHEDULES if v == 1]
+                    + [(2, 1, 2, s, v, int(s == "1f1b")) for s, v in SCHEDULES],
+    "world4-tp": [(1, 2, 2, s, v, 0) for s, v in SCHEDULES]
+                 + [(2, 2, 1, "1f1b", 1, 0), (2, 2, 1, "1f1b", 1, 1)],
+    "world8": [(2, 2, 2, s, v, int(s == "1f1b")) for s, v in SCHEDULES],
 }
 # AdamW's eps is 1e-6: a key projection's bias has an exactly zero gradient (softmax does not
 # see it), so its computed gradient is rounding noise (~1e-9), which AdamW with eps=1e-8 turns
@@ -81,30 +87,35 @@ def reference(name: str, opt: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train(name: str, opt: str, dp: int, pp: int, schedule: str, vpp: int, zero: int,
+def train(name: str, opt: str, dp: int, tp: int, pp: int, schedule: str, vpp: int, zero: int,
           steps: int = STEPS):
     loaded, example, captured, batches = _model(name)
     make_opt, _ = OPTIMIZERS[opt]
     pm = api.auto_parallel(loaded.model, captured=captured, example_inputs=loaded.example_inputs,
                            example_kwargs=loaded.example_kwargs, optimizer=make_opt,
-                           global_batch_size=GLOBAL_BATCH, dp=dp, tp=1, pp=pp, vpp=vpp,
+                           global_batch_size=GLOBAL_BATCH, dp=dp, tp=tp, pp=pp, vpp=vpp,
                            num_microbatches=GLOBAL_BATCH // dp, schedule=schedule, zero=zero,
                            timeout_s=30)
     losses = [pm.train_step(b) for b in batches[:steps]]
     return pm, losses
 
 
-def _compare_all(world: int, names: list[str]) -> list[str]:
+def _compare_all(group: str, names: list[str]) -> list[str]:
     done = []
     for name in names:
         for opt in OPTIMIZERS:
             ref = reference(name, opt)
             rtol = OPTIMIZERS[opt][1]
-            for dp, pp, schedule, vpp, zero in LAYOUTS[world]:
+            for dp, tp, pp, schedule, vpp, zero in LAYOUTS[group]:
                 t0 = time.perf_counter()
-                pm, losses = train(name, opt, dp, pp, schedule, vpp, zero)
-                what = f"{name} {opt} dp={dp} pp={pp} {schedule} vpp={vpp} zero={zero}"
+                pm, losses = train(name, opt, dp, tp, pp, schedule, vpp, zero)
+                what = f"{name} {opt} dp={dp} tp={tp} pp={pp} {schedule} vpp={vpp} zero={zero}"
                 assert pm.plan.parallel.schedule == schedule or pp == 1, what
+                if tp > 1:  # regions sharded, and this rank holds slices of their weights
+                    assert pm.plan.tp_regions, what
+                    sliced = [lp for lp in pm.params if lp.param.shape != lp.shape]
+                    assert sliced and all(lp.param.numel() * tp == math.prod(lp.shape)
+                                          for lp in sliced), what
                 full = pm.full_state_dict()
                 pm.close()
                 assert set(full) == set(ref), (what, set(full) ^ set(ref))
@@ -116,9 +127,11 @@ def _compare_all(world: int, names: list[str]) -> list[str]:
     return done
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_every_layout_matches_single_process(world):
-    results = run_ranks(_compare_all, world, world, list(MODELS), timeout_s=300,
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("group", list(LAYOUTS))
+def test_every_layout_matches_single_process(group):
+    (world,) = {dp * tp * pp for dp, tp, pp, *_ in LAYOUTS[group]}
+    results = run_ranks(_compare_all, world, group, list(MODELS), timeout_s=570,
                         pg_timeout_s=60)
     print("\n".join(results[0]))
-    assert len(results[0]) == len(MODELS) * len(OPTIMIZERS) * len(LAYOUTS[world])
+    assert len(results[0]) == len(MODELS) * len(OPTIMIZERS) * len(LAYOUTS[group])

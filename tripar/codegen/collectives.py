@@ -177,12 +177,15 @@ def vocab_parallel_cross_entropy(
     """``F.cross_entropy`` of logits sharded on the class dim (dim 1, or 0 for 1-d logits),
     each rank holding the contiguous columns starting at ``vocab_start`` (default
     ``rank * V/t``). ``reduction`` is ``mean`` (over targets not equal to ``ignore_index``),
-    ``sum`` or ``none``; the result is the same on every rank."""
+    ``sum`` or ``none``; the result is the same on every rank. Computed in fp32 whatever
+    the logits' dtype (as autocast runs ``F.cross_entropy``)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     if vocab_start is None:
         vocab_start = _dist().get_rank(group) * logits.shape[1 if logits.dim() >= 2 else 0]
     shape = target.shape
+    if logits.is_floating_point() and logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     if logits.dim() == 1:
         rows, flat = logits.unsqueeze(0), target.reshape(1)
     else:

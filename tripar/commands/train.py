@@ -41,6 +41,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--clip", type=float, default=1.0,
                         help="clip gradients to this global norm (0: off)")
     parser.add_argument("--seed", type=int, default=0, help="weights and data seed")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: autocast with fp32 master weights (default fp32)")
     group = parser.add_argument_group("plan pins (anything not pinned is searched)")
     for name in ("dp", "tp", "pp", "vpp"):
         group.add_argument(f"--{name}", type=int, default=None, help=f"pin {name}")
@@ -79,6 +81,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "recompute": None if args.recompute == "auto" else args.recompute,
         "zero": None if args.zero == "auto" else int(args.zero),
         "save": args.save, "load": args.load, "timeout": args.timeout,
+        "precision": args.precision,
     }
 
 
@@ -137,7 +140,8 @@ def train_rank(opts: dict[str, Any]) -> dict[str, Any]:
         global_batch_size=opts["global_batch"], dp=opts["dp"], tp=opts["tp"], pp=opts["pp"],
         vpp=opts["vpp"], num_microbatches=opts["num_microbatches"], schedule=opts["schedule"],
         recompute=opts["recompute"], zero=opts["zero"], max_grad_norm=opts["clip"],
-        seed=opts["seed"], timeout_s=opts["timeout"], model_spec=loaded.spec)
+        precision=opts.get("precision", "fp32"), seed=opts["seed"], timeout_s=opts["timeout"],
+        model_spec=loaded.spec)
     build_s = time.perf_counter() - t0
     rank = dist.get_rank()
     par = model.plan.parallel

@@ -36,9 +36,10 @@ import torch
 import torch.distributed as dist
 
 from tripar.errors import PlanError
+from tripar.runtime.data_parallel import all_gather_flat
 
 if TYPE_CHECKING:
-    from tripar.runtime.engine import ParallelModel
+    from tripar.runtime.engine import LocalParam, ParallelModel
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -61,9 +62,14 @@ def _pieces(pm: ParallelModel) -> list[Piece]:
     skip = {id(p) for p in pm.tied.duplicates}
     out: list[Piece] = []
     counted = [lp for lp in pm.params if lp.counts and id(lp.param) not in skip]
+
+    def add(lp: LocalParam, key: str, local: torch.Tensor) -> None:
+        for box, part in lp.pieces(local):
+            out.append((lp.fqn, key, box, (0, part.numel()), part))
+
     if mesh.coords.dp == 0:
         for lp in counted:
-            out.append((lp.fqn, "param", lp.box, (0, lp.param.numel()), lp.param.detach()))
+            add(lp, "param", lp.param.detach())
         if mesh.coords.tp == 0:
             for name, t in pm.buffers.items():
                 out.append((name, "param", _whole(t.shape), (0, t.numel()), t.detach()))
@@ -75,27 +81,63 @@ def _pieces(pm: ParallelModel) -> list[Piece]:
             for lp in counted:
                 for key, value in dp.optimizer.state.get(lp.param, {}).items():
                     if _is_elementwise(value, lp.param.numel()):
-                        out.append((lp.fqn, f"optim.{key}", lp.box, (0, value.numel()),
-                                    value.detach().reshape(lp.param.shape)))
+                        add(lp, f"optim.{key}", value.detach().reshape(lp.param.shape))
                     elif isinstance(value, torch.Tensor) and value.dim() == 0:
                         out.append((lp.fqn, f"optim.{key}", (), (0, 1), value.detach()))
         return out
     by_param = {id(lp.param): lp for lp in counted}
-    for shard, b in zip(dp.shards, dp.buckets):
+    fused = {id(lp.param) for lp in pm.params if len(lp.boxes) > 1}
+    for k, (shard, b) in enumerate(zip(dp.shards, dp.buckets)):
         state = dp.optimizer.state.get(shard, {})
         lo = mesh.coords.dp * (b.padded // mesh.dp)
         hi = lo + b.padded // mesh.dp
+        whole = {}
+        if any(id(p) in fused for p in b.params):  # the same buckets on every dp rank
+            whole = _gather_state(pm, state, b.padded, k)
         for p, off in zip(b.params, b.offsets):
             lp = by_param.get(id(p))
+            if lp is None:
+                continue
+            if id(p) in fused:
+                # a fused weight's boxes interleave in its flat layout: dp rank 0 writes
+                # the whole local tensor's state, gathered from the dp ranks' slices
+                if mesh.coords.dp == 0:
+                    for key, value in whole.items():
+                        if value.dim() == 0:
+                            out.append((lp.fqn, f"optim.{key}", (), (0, 1), value))
+                        else:
+                            add(lp, f"optim.{key}", value[off:off + p.numel()].view(p.shape))
+                continue
             a, z = max(lo, off), min(hi, off + p.numel())
-            if lp is None or a >= z:
+            if a >= z:
                 continue
             for key, value in state.items():
                 if _is_elementwise(value, shard.numel()):
-                    out.append((lp.fqn, f"optim.{key}", lp.box, (a - off, z - off),
+                    out.append((lp.fqn, f"optim.{key}", lp.boxes[0], (a - off, z - off),
                                 value.detach()[a - lo:z - lo]))
                 elif isinstance(value, torch.Tensor) and value.dim() == 0:
                     out.append((lp.fqn, f"optim.{key}", (), (0, 1), value.detach()))
+    return out
+
+
+def _gather_state(pm: ParallelModel, state: dict, padded: int, bucket: int
+                  ) -> dict[str, torch.Tensor]:
+    """The ZeRO-1 optimizer state of a whole bucket, all-gathered from the dp ranks' slices
+    (a collective over dp)."""
+    mesh = pm.mesh
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.dim() == 0:
+            out[key] = value.detach()
+            continue
+        full = torch.empty(padded, dtype=value.dtype, device=value.device)
+        work = all_gather_flat(full, value.detach().contiguous(),
+                                           group=mesh.dp_group, async_op=True)
+        mesh.wait([work], what=f"the ZeRO-1 optimizer state ({key}) of bucket {bucket} "
+                  "for the checkpoint", peers=tuple(dist.get_process_group_ranks(mesh.dp_group)))
+        out[key] = full
     return out
 
 
@@ -345,7 +387,7 @@ def load_checkpoint(pm: ParallelModel, directory: str | os.PathLike) -> None:
                               f"missing or truncated")
     with torch.no_grad():
         for lp in pm.params:
-            lp.param.copy_(_cut(full[(lp.fqn, "param")], lp.box))
+            lp.param.copy_(lp.cut(full[(lp.fqn, "param")]))
         for name, t in pm.buffers.items():
             t.copy_(full[(name, "param")])
         for name, t in pm.extra_state.items():
@@ -354,10 +396,6 @@ def load_checkpoint(pm: ParallelModel, directory: str | os.PathLike) -> None:
     _load_optimizer(pm, full, optim_keys, manifest)
     pm.steps = int(manifest.get("steps", 0))
     _barrier(pm, "every rank to finish loading the checkpoint")
-
-
-def _cut(tensor: torch.Tensor, box: Box) -> torch.Tensor:
-    return tensor[tuple(slice(lo, hi) for lo, hi in box)]
 
 
 def _load_optimizer(pm: ParallelModel, full: dict, keys: list[str], manifest: dict) -> None:
@@ -380,7 +418,7 @@ def _load_optimizer(pm: ParallelModel, full: dict, keys: list[str], manifest: di
                     continue
                 state[key.removeprefix("optim.")] = (
                     value.clone() if value.dim() == 0
-                    else _cut(value, lp.box).to(lp.param.dtype).clone())
+                    else lp.cut(value).to(lp.param.dtype).clone())
             if state:
                 opt.state[lp.param] = state
         return
@@ -400,7 +438,7 @@ def _load_optimizer(pm: ParallelModel, full: dict, keys: list[str], manifest: di
                 if value.dim() == 0:
                     scalar = value
                 else:
-                    flat[off:off + p.numel()] = _cut(value, lp.box).reshape(-1)
+                    flat[off:off + p.numel()] = lp.cut(value).reshape(-1)
             name = key.removeprefix("optim.")
             state[name] = scalar.clone() if scalar is not None else flat[lo:hi].clone()
         opt.state[shard] = state

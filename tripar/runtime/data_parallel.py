@@ -47,6 +47,10 @@ from tripar.runtime.mesh import Mesh
 
 __all__ = ["DataParallel", "local_batch"]
 
+# flat-tensor collectives under their current names (torch 2.13 deprecates the older ones)
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
@@ -220,7 +224,7 @@ class DataParallel:
                 p.grad = None
             if dp > 1:
                 b.shard_grad = torch.empty(b.padded // dp, dtype=flat.dtype, device=flat.device)
-                b.works.append(dist.reduce_scatter_tensor(b.shard_grad, flat,
+                b.works.append(reduce_scatter_flat(b.shard_grad, flat,
                                                           group=self.mesh.dp_group,
                                                           async_op=True))
             else:
@@ -321,7 +325,7 @@ class DataParallel:
         for shard, b in zip(self.shards, self.buckets):
             if dp > 1:
                 full = torch.empty(b.padded, dtype=shard.dtype, device=shard.device)
-                work = dist.all_gather_into_tensor(full, shard.detach(),
+                work = all_gather_flat(full, shard.detach(),
                                                    group=self.mesh.dp_group, async_op=True)
                 gathered.append((full, b, [work]))
             else:

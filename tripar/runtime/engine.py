@@ -36,25 +36,53 @@ from tripar.runtime.mesh import CommError, Mesh, RankFailedError
 from tripar.runtime.p2p import P2P
 from tripar.runtime.tied import TiedGrads, TiedWeight
 
-__all__ = ["BatchLayout", "LocalParam", "ParallelModel"]
+__all__ = ["BatchLayout", "Box", "LocalParam", "ParallelModel"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 
+Box = tuple[tuple[int, int], ...]
+"""``[start, stop)`` per dim of an original tensor."""
+
+
 @dataclass(frozen=True, slots=True)
 class LocalParam:
-    """One parameter this rank holds, and what part of the original tensor it is."""
+    """One parameter this rank holds, and what part of the original tensor it is.
+
+    Without tensor parallelism a rank holds the whole tensor: one box covering it. A
+    tensor-parallel slice is one box, or, for a fused weight (QKV) cut per part, one box
+    per part; the local tensor is the concatenation of the boxes along ``dim``.
+    """
 
     fqn: str
     """Canonical FQN in the original model."""
     param: nn.Parameter
     shape: tuple[int, ...]
     """Shape of the whole original tensor."""
-    box: tuple[tuple[int, int], ...]
-    """[start, stop) per dim of the original tensor that ``param`` holds (all of it
-    without tensor parallelism)."""
+    boxes: tuple[Box, ...]
+    """The boxes of the original tensor that ``param`` holds, concatenated along ``dim``."""
+    dim: int = 0
     counts: bool = True
-    """Whether this copy counts in sums over ranks (False: a replica counted elsewhere)."""
+    """Whether this copy counts in sums over ranks (False: a tensor-parallel replica,
+    counted on tensor-parallel rank 0)."""
+
+    @classmethod
+    def whole(cls, fqn: str, param: nn.Parameter) -> LocalParam:
+        """The whole original tensor ``param``."""
+        return cls(fqn, param, tuple(param.shape), (_whole(param.shape),))
+
+    def pieces(self, local: torch.Tensor) -> list[tuple[Box, torch.Tensor]]:
+        """``local`` (shaped like ``param``: the parameter or an elementwise optimizer state)
+        cut into its boxes: (box, the part of ``local`` holding it)."""
+        if len(self.boxes) == 1:
+            return [(self.boxes[0], local)]
+        sizes = [hi - lo for lo, hi in (box[self.dim] for box in self.boxes)]
+        return list(zip(self.boxes, local.split(sizes, dim=self.dim)))
+
+    def cut(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``full`` (shaped like the original tensor)."""
+        parts = [full[tuple(slice(lo, hi) for lo, hi in box)] for box in self.boxes]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +250,8 @@ class ParallelModel:
         if self.mesh.coords.dp == 0:
             for lp in self.params:
                 if lp.counts:
-                    pieces.append((lp.fqn, lp.shape, lp.box, lp.param.detach().cpu()))
+                    for box, part in lp.pieces(lp.param.detach().cpu()):
+                        pieces.append((lp.fqn, lp.shape, box, part))
             if self.mesh.coords.tp == 0:
                 for fqn, t in self.buffers.items():
                     pieces.append((fqn, tuple(t.shape), _whole(t.shape), t.detach().cpu()))
