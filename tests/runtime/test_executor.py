@@ -127,6 +127,43 @@ def test_two_tensors_and_an_integer_cross_a_cut():
     assert run_ranks(_skip_crossing, 2, schedules, timeout_s=60) == [4, 4]
 
 
+# ---- zero-bubble: W does only the weight-gradient work ---------------------------------------
+
+class _CountingExecutor(PipelineExecutor):
+    """Counts the FLOPs of each kind of action (F, B, W)."""
+
+    def _run(self, a) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            super()._run(a)
+        key = a.kind.value
+        self.flops[key] = self.flops.get(key, 0) + counter.get_total_flops()
+
+
+def _flops_per_action(schedules: list[str]) -> dict[str, dict[str, int]]:
+    mesh = build_mesh(2, 1, 1, timeout_s=30)
+    out = {}
+    for schedule in schedules:
+        programs = stage_programs(make_mlp(4), 2, [mesh.coords.pp], 2)
+        ex = _CountingExecutor(programs, build_schedule(schedule, 2, 4), mesh, loss_fn=loss_fn)
+        ex.flops = {}
+        ex.step(make_batches(1, 8)[0])
+        out[schedule] = ex.flops
+    return out
+
+
+def test_zero_bubble_b_plus_w_costs_one_backward():
+    ranks = run_ranks(_flops_per_action, 2, ["1f1b", "zb-h1"], timeout_s=60)
+    for rank, flops in enumerate(ranks):
+        one, zb = flops["1f1b"], flops["zb-h1"]
+        assert one["F"] == zb["F"] > 0, (rank, flops)
+        assert zb["B"] + zb["W"] == one["B"] > 0, (rank, flops)
+    last = ranks[1]["zb-h1"]  # receives activations: B is the input-gradient half
+    assert 0.4 <= last["B"] / ranks[1]["1f1b"]["B"] <= 0.6, ranks[1]
+    assert ranks[0]["zb-h1"]["B"] == 0  # stage 0 has no input gradient: all of it is W
+
+
 # ---- faults ----------------------------------------------------------------------------------
 
 class _Faulty(nn.Module):
