@@ -50,9 +50,9 @@ def _train_with_fault(how: str, layout: tuple[int, int], out: str, timeout_s: fl
                 time.sleep(120)  # stuck without a word (a deadlock, a hung kernel)
         return logits_or_loss
 
-    dp, pp = layout
+    dp, pp, tp = (*layout, 1)[:3]
     pm = api.auto_parallel(loaded.model, example_inputs=loaded.example_inputs, loss_fn=loss_fn,
-                           dp=dp, pp=pp, num_microbatches=2, schedule="1f1b",
+                           dp=dp, tp=tp, pp=pp, num_microbatches=2, schedule="1f1b",
                            timeout_s=timeout_s)
     try:
         for _ in range(3):
@@ -89,6 +89,14 @@ def test_a_killed_rank_is_named_by_the_others_at_once(tmp_path):
     fault, survivor, results = _run("kill", (1, 2), tmp_path)
     _check_named(survivor, fault, "rank 1 (pp 1, dp 0, tp 0), which runs stage 1")
     assert "killed by signal SIGKILL" in results[1].error, results[1].error
+
+
+def test_a_killed_tensor_parallel_peer_is_named_at_once(tmp_path):
+    """SIGKILL on tp rank 1 while rank 0 runs the tensor-parallel collectives of its
+    backward (an all-reduce inside autograd, not a wait of the runtime's own)."""
+    fault, survivor, results = _run("kill", (1, 1, 2), tmp_path)
+    _check_named(survivor, fault, "rank 1 (pp 0, dp 0, tp 1), which runs stage 0")
+    assert "tensor-parallel" in survivor["error"], survivor["error"]
 
 
 def test_a_rank_that_exits_stops_the_job_through_the_launcher(tmp_path):

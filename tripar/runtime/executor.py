@@ -20,12 +20,14 @@ schedule's microbatches and runs the rank's actions in order:
 - ``B``: receive the output gradient (stage < last) and send the input gradient
   (stage > 0). On a stage with no ``W`` actions this is the whole backward
   (``torch.autograd.backward``: parameter gradients accumulate in ``.grad``).
-- ``W`` (zero-bubble schedules): B computed only the input gradient with
-  ``torch.autograd.grad(outputs, inputs, retain_graph=True)``; W then runs
-  ``torch.autograd.backward(outputs, output_grads, inputs=parameters)``, which
-  accumulates the weight gradients only. The gradients are exactly those of one
-  backward; W re-traverses the retained graph, so it repeats the activation-gradient
-  arithmetic that B did (the schedule's order is honoured, not its cost saving).
+- ``W`` (zero-bubble schedules): on a stage with ``W`` actions, B is
+  ``backward_split.backward_input``: it computes the input gradient only and keeps
+  the gradients flowing into the nodes where weight gradients branch off the
+  activation path (a linear layer's matmul, a norm...); W is ``backward_weight``,
+  which restarts the engine at those nodes and computes the weight gradients only
+  (accumulated in ``.grad``, with their hooks). B + W do the arithmetic of one
+  backward, each operation once; W then frees the graph it held. Stage 0 has no
+  input gradient: its B does nothing and its W the whole backward.
 
 Gradients: the 1 / num_microbatches scaling makes the accumulated gradient that of
 the batch-mean loss; ``DataParallel`` (``grad_sync``) averages across dp. The step
@@ -34,17 +36,19 @@ returns the mean loss (mean over microbatches, then over dp) on every rank.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from tripar.codegen.tp_rng import RNGTracker
 from tripar.errors import ConfigError
 from tripar.plan.schedule import Action, ActionKind, Schedule
-from tripar.runtime.mesh import CommError, Mesh, RankFailedError
+from tripar.runtime.backward_split import WeightGradients, backward_input, backward_weight
+from tripar.runtime.mesh import CommError, Mesh, RankFailedError, is_comm_failure
 from tripar.runtime.p2p import P2P, PendingRecv, TensorSpec
 
 __all__ = ["Batch", "PipelineExecutor", "StageProgram", "split_microbatches"]
@@ -114,8 +118,10 @@ class _Slot:
 
     inputs: tuple[torch.Tensor, ...]
     outputs: tuple[torch.Tensor, ...] | None = None
-    rng: tuple[torch.Tensor, torch.Tensor | None] | None = None
-    pairs: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    rng: tuple[torch.Tensor, torch.Tensor | None, list] | None = None
+    """The random state an ``f`` ran under (CPU, CUDA, tensor-parallel streams), for ``R``."""
+    weights: WeightGradients | None = None
+    """What B left for W (zero-bubble stages)."""
 
 
 class PipelineExecutor:
@@ -154,6 +160,7 @@ class PipelineExecutor:
         self.actions: tuple[Action, ...] = schedule.actions[mesh.coords.pp]
         self.split_stages = frozenset(a.stage for a in self.actions if a.kind is _W)
         self.p2p = P2P(mesh)
+        self._trackers = _find_trackers(p.module for p in programs)
         self._recv_at = [i for i, a in enumerate(self.actions) if self._needs_recv(a)]
 
     # ---- public -----------------------------------------------------------------------------
@@ -195,6 +202,12 @@ class PipelineExecutor:
         except BaseException as exc:
             where = (f"action {action} (stage {action.stage}, microbatch {action.microbatch})"
                      if action is not None else "the end of the step (gradient sync, loss)")
+            if self.mesh.tp > 1 and is_comm_failure(exc):
+                # a tensor-parallel collective inside the stage's forward or backward lost a
+                # peer: name the peer, as the runtime's own waits do
+                peers = tuple(dist.get_process_group_ranks(self.mesh.tp_group))
+                raise self.mesh.wait_error(f"the tensor-parallel collectives of {where}",
+                                           peers, exc) from exc
             message = (f"{self.mesh.describe()} failed at {where} of schedule "
                        f"{self.schedule.name!r}: {type(exc).__name__}: {exc}")
             self.mesh.report_failure(message)
@@ -225,7 +238,7 @@ class PipelineExecutor:
             for t, spec in zip(received, prog.inputs):
                 if spec.needs_grad:
                     t.requires_grad_(True)
-        rng = None if keep_graph else _rng_state(self.mesh.device)
+        rng = None if keep_graph else _rng_state(self.mesh.device, self._trackers)
         with torch.enable_grad() if keep_graph else torch.no_grad():
             out = self._call(prog, received, j)
         slot = _Slot(received, rng=rng)
@@ -247,12 +260,19 @@ class PipelineExecutor:
         prog, slot = self.programs[s], self._stash[(s, j)]
         assert slot.rng is not None, f"R of {a} without an earlier f"
         devices = [self.mesh.device] if self.mesh.device.type == "cuda" else []
+        streams = [t.get_states() for t in self._trackers]
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(slot.rng[0])
             if slot.rng[1] is not None:
                 torch.cuda.set_rng_state(slot.rng[1], self.mesh.device)
-            with torch.enable_grad():
-                out = self._call(prog, slot.inputs, j)
+            for tracker, states in zip(self._trackers, slot.rng[2]):
+                tracker.set_states(states)  # sharded dropout draws the f's masks again
+            try:
+                with torch.enable_grad():
+                    out = self._call(prog, slot.inputs, j)
+            finally:
+                for tracker, states in zip(self._trackers, streams):
+                    tracker.set_states(states)
         if s == self.last_stage:
             slot.outputs = (out / self.schedule.num_microbatches,)
         else:
@@ -274,12 +294,10 @@ class PipelineExecutor:
                         pairs.append((out, g))
         want = [t for t in slot.inputs if t.requires_grad]
         if s in self.split_stages:
-            in_grads: Sequence[torch.Tensor | None] = [None] * len(want)
-            if want and pairs:
-                in_grads = torch.autograd.grad([o for o, _ in pairs], want,
-                                               [g for _, g in pairs], retain_graph=True,
-                                               allow_unused=True)
-            slot.pairs = pairs
+            params = [p for p in prog.module.parameters() if p.requires_grad]
+            in_grads, slot.weights = backward_input([o for o, _ in pairs],
+                                                    [g for _, g in pairs], want, params)
+            slot.outputs = None  # W starts from the nodes B kept, not from the outputs
         else:
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
@@ -295,13 +313,13 @@ class PipelineExecutor:
                     for g, sp in zip(send, specs)]
             self.p2p.send(send, self.mesh.stage_rank(s - 1), self._tag(s - 1, j, grad=True),
                           f"stage {s}'s input gradient for microbatch {j}")
+        if slot.weights is not None:
+            slot.inputs = ()
 
     def _weight(self, a: Action) -> None:
         slot = self._stash.pop((a.stage, a.microbatch))
-        params = [p for p in self.programs[a.stage].module.parameters() if p.requires_grad]
-        if slot.pairs and params:
-            torch.autograd.backward([o for o, _ in slot.pairs], [g for _, g in slot.pairs],
-                                    inputs=params)
+        assert slot.weights is not None, f"W of {a} before its B"
+        backward_weight(slot.weights)
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -380,6 +398,19 @@ class PipelineExecutor:
         return float(total)
 
 
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _rng_state(device: torch.device, trackers: Sequence[RNGTracker]
+               ) -> tuple[torch.Tensor, torch.Tensor | None, list]:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
+    return torch.get_rng_state(), cuda, [t.get_states() for t in trackers]
+
+
+def _find_trackers(modules: Iterable[nn.Module]) -> list[RNGTracker]:
+    """The tensor-parallel random-stream trackers the modules' sharded dropouts draw from
+    (``tripar.codegen.tp_rng``), each once."""
+    found: dict[int, RNGTracker] = {}
+    for module in modules:
+        for sub in module.modules():
+            tracker = getattr(sub, "tracker", None)
+            if isinstance(tracker, RNGTracker):
+                found.setdefault(id(tracker), tracker)
+    return list(found.values())

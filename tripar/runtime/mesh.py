@@ -173,7 +173,7 @@ class Mesh:
             try:
                 work.wait(timeout)
             except Exception as exc:  # noqa: BLE001 - re-raised with who failed
-                raise self._wait_error(what, peers, exc, self.timeout_s) from exc
+                raise self.wait_error(what, peers, exc, self.timeout_s) from exc
 
     @contextlib.contextmanager
     def guard(self, what: str, peers: Sequence[int] | None = None) -> Iterator[None]:
@@ -186,10 +186,13 @@ class Mesh:
             raise
         except RuntimeError as exc:  # the backend's error: a lost connection or a timeout
             ranks = range(self.world_size) if peers is None else peers
-            raise self._wait_error(what, tuple(ranks), exc) from exc
+            raise self.wait_error(what, tuple(ranks), exc) from exc
 
-    def _wait_error(self, what: str, peers: Sequence[int], exc: BaseException,
-                    waited_s: float | None = None) -> TriparError:
+    def wait_error(self, what: str, peers: Sequence[int], exc: BaseException,
+                   waited_s: float | None = None) -> TriparError:
+        """The error for a wait on ``peers`` that failed with the backend's ``exc``: a
+        RankFailedError quoting a failure another rank reported, else a CommError naming
+        the peer that died or stalled."""
         failure = self.failure()
         if failure is not None:
             return RankFailedError(
@@ -222,6 +225,16 @@ class Mesh:
 
 _LOST = ("connection reset", "connection closed", "broken pipe", "end of file", "eof",
          "connection refused", "socket closed")
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the backend's report of a lost peer or a timed-out collective
+    (gloo and NCCL raise RuntimeErrors (DistBackendError) naming one or the other)."""
+    if not isinstance(exc, RuntimeError) or isinstance(exc, TriparError):
+        return False
+    text = str(exc).lower()
+    return _connection_lost(exc) or "timed out" in text or "timeout" in text or isinstance(
+        exc, getattr(dist, "DistBackendError", ()))
 
 
 def _connection_lost(exc: BaseException) -> bool:
