@@ -49,12 +49,26 @@ SPECS = {
                 "num_key_value_heads=4,intermediate_size=64,vocab_size=64",
     "hf_bert": "hf:BertForMaskedLM:num_hidden_layers=2,hidden_size=32,num_attention_heads=4,"
                "intermediate_size=64,vocab_size=64",
+    # two attention regions per decoder layer (self and cross), told apart by their index
+    "t5": "t5:layers=2,hidden=32,heads=4,vocab=64,seq=8,buckets=8,max_distance=16",
 }
 CONFIGS = {2: ((2, 2), (4, 2)), 4: ((2, 4),)}
 """World size (= tp) -> the (pp, tp) configurations one spawn of that many ranks runs."""
-WEIGHTS = {(2, 2): "source", (4, 2): "meta", (2, 4): "graph"}
+MORE_CONFIGS = {"t5": {2: ((1, 2),), 4: ((1, 4), (4, 4))}}
+"""Models that also run these configurations (t5: every pp in 1, 2, 4 at tp 2 and 4)."""
+WEIGHTS = {(2, 2): "source", (4, 2): "meta", (2, 4): "graph",
+           (1, 2): "meta", (1, 4): "source", (4, 4): "meta"}
 """Where each configuration's weights come from: a real model, a meta-built model
 initialised locally, or the captured graph's own tensors."""
+
+
+def configs(name: str, world: int) -> tuple[tuple[int, int], ...]:
+    """The (pp, tp) configurations ``name`` runs on ``world`` ranks."""
+    return CONFIGS[world] + MORE_CONFIGS.get(name, {}).get(world, ())
+
+
+MATRIX = [(name, pp, tp) for world in CONFIGS for name in SPECS
+          for pp, tp in configs(name, world)]
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("TRIPAR_UPDATE_GOLDEN") == "1"
 
@@ -94,7 +108,8 @@ def make_plan(gm: torch.fx.GraphModule, flat: Sequence[Any], spec: str, *, pp: i
                                 vpp=vpp, schedule="interleaved-1f1b" if vpp > 1 else "1f1b"),
         stages=stages,
         estimate=Estimate(0.05, 4 * 8 / 0.05, 10**9, 0.2, (10**9,) * pp),
-        tp_regions=tuple(TPShard(r.block, r.kind, r.nodes, r.shards) for r in regions or ()),
+        tp_regions=tuple(TPShard(r.block, r.kind, r.nodes, r.shards, index=r.index)
+                         for r in regions or ()),
     )
 
 
@@ -172,7 +187,7 @@ def _rank_main(world: int) -> bytes:
     rank = dist.get_rank()
     out = {}
     for name in SPECS:
-        for pp, tp in CONFIGS[world]:
+        for pp, tp in configs(name, world):
             out[(name, pp, tp)] = _rank_programs(name, pp, tp, rank)
     buf = io.BytesIO()
     torch.save(out, buf)  # bytes: tensors pickled by multiprocessing travel as shared memory
@@ -215,8 +230,7 @@ def _gather(pieces: Sequence[torch.Tensor], shards: Sequence[Any],
     return full
 
 
-@pytest.mark.parametrize(("pp", "tp"), [c for configs in CONFIGS.values() for c in configs])
-@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize(("name", "pp", "tp"), MATRIX)
 def test_ranks_reproduce_loss_and_grads(name: str, pp: int, tp: int) -> None:
     results = [r[(name, pp, tp)] for r in _ranks(tp)]
     ref_loss, ref_grads, canonical = _reference(name)
@@ -249,6 +263,10 @@ def test_ranks_reproduce_loss_and_grads(name: str, pp: int, tp: int) -> None:
         torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-6,
                                    msg=lambda m, f=fqn: f"{name} pp={pp} tp={tp} {f}: {m}")
     assert sliced >= 6, f"{name}: only {sliced} parameters were sharded"
+    if name == "t5":  # both decoder attentions sharded, each by its own region
+        for part in ("self_attn", "cross_attn"):
+            for w in "qkvo":
+                assert summed[0][f"decoder.layers.1.{part}.{w}.weight"][1] is not None
 
 
 # ---- tier 1: no process group -----------------------------------------------------------
@@ -286,17 +304,17 @@ def test_plan_for_another_model_is_refused() -> None:
 def test_regions_the_graph_does_not_have_are_refused() -> None:
     _, gm, flat = _gpt()
     plan = make_plan(gm, flat, SPECS["gpt"], pp=2, tp=2)
-    assert [r.name for r in plan.tp_regions][:2] == ["wte+wpe+drop:embedding",
-                                                    "blocks.0:attention"]
+    assert [r.name for r in plan.tp_regions][:2] == ["wte+wpe+drop:embedding:0",
+                                                    "blocks.0:attention:0"]
     shards = list(plan.tp_regions)
     shards[1] = dataclasses.replace(shards[1], block="blocks.7")
     with pytest.raises(PlanError, match=r"no attention region in block 'blocks.7'"):
         plan_regions(gm, dataclasses.replace(plan, tp_regions=tuple(shards)), flat)
     shards[1] = dataclasses.replace(plan.tp_regions[1], nodes=plan.tp_regions[1].nodes[:-1])
-    with pytest.raises(PlanError, match="blocks.0:attention: the plan lists"):
+    with pytest.raises(PlanError, match="blocks.0:attention:0: the plan lists"):
         plan_regions(gm, dataclasses.replace(plan, tp_regions=tuple(shards)), flat)
     shards[1] = dataclasses.replace(plan.tp_regions[1], shards=plan.tp_regions[1].shards[1:])
-    with pytest.raises(PlanError, match="blocks.0:attention: the plan shards"):
+    with pytest.raises(PlanError, match="blocks.0:attention:0: the plan shards"):
         plan_regions(gm, dataclasses.replace(plan, tp_regions=tuple(shards)), flat)
     # tp=3 divides neither the 4 heads nor the vocabulary: the plan's region is unprovable
     three = make_plan(gm, flat, SPECS["gpt"], pp=1, tp=2)
@@ -307,12 +325,49 @@ def test_regions_the_graph_does_not_have_are_refused() -> None:
         build(gm, three, flat, pp_rank=0)
 
 
+def test_t5_self_and_cross_attention_are_two_regions_of_one_block() -> None:
+    loaded = _load(SPECS["t5"])
+    gm, flat = _capture(loaded)
+    plan = make_plan(gm, flat, SPECS["t5"], pp=2, tp=2).validate()
+    names = [r.name for r in plan.tp_regions]
+    assert len(set(names)) == len(names) == 13
+    for layer in range(2):
+        block = f"decoder.layers.{layer}"
+        assert [n for n in names if n.startswith(block + ":")] == [
+            f"{block}:attention:0", f"{block}:attention:1", f"{block}:mlp:0"]
+    regions = plan_regions(gm, plan, flat)
+    assert [r.name for r in regions] == names
+    self_attn, cross = (r for r in regions if r.block == "decoder.layers.0"
+                        and r.kind == "attention")
+    assert {f for f, _ in self_attn.shards} == {
+        f"decoder.layers.0.self_attn.{w}.weight" for w in "qkvo"}
+    assert {f for f, _ in cross.shards} == {
+        f"decoder.layers.0.cross_attn.{w}.weight" for w in "qkvo"}
+    # the plan round-trips with both regions; the same plan with one index lost does not
+    assert type(plan).from_json(plan.to_json()) == plan
+    shards = list(plan.tp_regions)
+    i = names.index("decoder.layers.0:attention:1")
+    shards[i] = dataclasses.replace(shards[i], index=0)
+    with pytest.raises(PlanError, match=r"listed twice: \['decoder.layers.0:attention:0'\]"):
+        dataclasses.replace(plan, tp_regions=tuple(shards)).validate()
+    shards[i] = dataclasses.replace(shards[i], index=2)
+    with pytest.raises(PlanError, match=r"no attention region number 2 in block "
+                                        r"'decoder.layers.0' \(only decoder.layers.0:"
+                                        r"attention:0, decoder.layers.0:attention:1\)"):
+        plan_regions(gm, dataclasses.replace(plan, tp_regions=tuple(shards)), flat)
+    # swapped indices: each name finds the other region, whose nodes differ
+    shards[i] = dataclasses.replace(shards[i], index=0)
+    shards[i - 1] = dataclasses.replace(shards[i - 1], index=1)
+    with pytest.raises(PlanError, match="decoder.layers.0:attention:1: the plan lists"):
+        plan_regions(gm, dataclasses.replace(plan, tp_regions=tuple(shards)), flat)
+
+
 def test_a_tied_weight_sharded_by_one_region_only_is_refused() -> None:
     _, gm, flat = _gpt()
     plan = make_plan(gm, flat, SPECS["gpt"], pp=2, tp=2)
     without_embedding = tuple(r for r in plan.tp_regions if r.kind != "embedding")
-    with pytest.raises(PlanError, match=r"shards region lm_head:lm_head, whose weight "
-                                        r"(wte|lm_head)\.weight region wte\+wpe\+drop:embedding"):
+    with pytest.raises(PlanError, match=r"shards region lm_head:lm_head:0, whose weight "
+                                        r"(wte|lm_head)\.weight region wte\+wpe\+drop:embedding:0"):
         build(gm, dataclasses.replace(plan, tp_regions=without_embedding), flat, pp_rank=0)
     # the rewrite itself refuses too, naming the node that reads the sliced weight
     from tripar.codegen.tensor_parallel import tp_rewrite

@@ -366,7 +366,8 @@ def _tp_plan(gm: torch.fx.GraphModule, flat: Sequence[Any], spec: str, tp: int):
                                 recompute="stage-aware"),
         stages=stages,
         estimate=Estimate(0.05, BATCH * 8 / 0.05, 10**9, 0.2, (10**9,) * 2),
-        tp_regions=tuple(TPShard(r.block, r.kind, r.nodes, r.shards) for r in regions),
+        tp_regions=tuple(TPShard(r.block, r.kind, r.nodes, r.shards, index=r.index)
+                         for r in regions),
     )
 
 

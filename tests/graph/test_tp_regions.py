@@ -28,12 +28,19 @@ def _node_block(gm: torch.fx.GraphModule) -> dict[str, str]:
     return out
 
 
-def _find(spec: str, degrees=(2, 4), device: str = "meta"):
+def _find(spec: str, degrees=(2, 4), device: str = "meta", by_layer: bool = False):
+    """Regions of a zoo model, in blocks of the innermost module (or of whole layers)."""
     lm = load_model(spec, batch_size=2, device=device)
     gm = capture(lm.model, lm.example_inputs, lm.example_kwargs)
     inputs = list(lm.example_inputs) + list((lm.example_kwargs or {}).values())
     example = inputs if gm.meta["tripar_tracer"] == "fx" else None
-    regions, unproven = find_tp_regions(gm, _node_block(gm), degrees=degrees, example_inputs=example)
+    if by_layer:
+        from tripar.codegen.split import block_nodes
+
+        node_block = {n: b for b, nodes in block_nodes(gm).items() for n in nodes}
+    else:
+        node_block = _node_block(gm)
+    regions, unproven = find_tp_regions(gm, node_block, degrees=degrees, example_inputs=example)
     return gm, regions, unproven
 
 
@@ -115,6 +122,41 @@ def test_zoo_t5_encoder_decoder():
     assert any(r.narrows for r in regions if r.kind == "attention")
     linears = {n for n, lin in find_linears(gm, dict(gm.named_modules())).items() if not lin.embedding}
     assert linears <= {n for r in regions for n in r.column + r.row}
+    # one decoder layer, two attention regions: told apart by their index (self first)
+    _, regions, _ = _find("t5:layers=1,hidden=64,heads=4,vocab=128,seq=16", by_layer=True)
+    names = [r.name for r in regions]
+    assert len(set(names)) == len(names) == 8  # 2 embeddings, 3 attentions, 2 mlps, head
+    decoder = [r for r in regions if r.block == "decoder.layers.0" and r.kind == "attention"]
+    assert [r.name for r in decoder] == ["decoder.layers.0:attention:0",
+                                         "decoder.layers.0:attention:1"]
+    assert [r.column[0] for r in decoder] == ["decoder_layers_0_self_attn_q",
+                                              "decoder_layers_0_cross_attn_q"]
+    assert all(r.index == 0 for r in regions if r not in decoder[1:])
+
+
+class _TwoMLPs(nn.Module):
+    """Two MLPs in one block: the first (hidden 6) shards 2 ways only, the second 2 and 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1, self.a2 = nn.Linear(8, 6), nn.Linear(6, 8)
+        self.b1, self.b2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        x = x + self.a2(F.relu(self.a1(x)))
+        return x + self.b2(F.relu(self.b1(x)))
+
+
+def test_region_names_do_not_depend_on_the_degrees_proven():
+    gm = torch.fx.symbolic_trace(_TwoMLPs())
+    x = torch.ones(2, 8)
+    block = {n.name: "layer" for n in gm.graph.nodes}
+    both, _ = find_tp_regions(gm, block, degrees=(2, 4), example_inputs=[x])
+    assert [(r.name, r.degrees) for r in both] == [("layer:mlp:0", (2,)), ("layer:mlp:1", (2, 4))]
+    # codegen proves only the plan's degree: the region unproven there keeps its number
+    four, unproven = find_tp_regions(gm, block, degrees=(4,), example_inputs=[x])
+    assert [r.name for r in four] == ["layer:mlp:1"] and four[0].nodes == both[1].nodes
+    assert [(u.nodes, u.degree) for u in unproven if u.kind == "mlp"] == [(both[0].nodes, 4)]
 
 
 # -------------------------------------------------------------- transformers

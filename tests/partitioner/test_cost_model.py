@@ -279,9 +279,9 @@ def test_block_costs_shard_a_subset_of_regions():
     assert full == block_costs(graph, cluster, tp2, tp_regions=every)
     none = block_costs(graph, cluster, tp2, tp_regions=())
     assert none[1] == block_costs(graph, cluster, ParallelConfig(1, 1, 1, 1, 1))[1]
-    mlp = block_costs(graph, cluster, tp2, tp_regions=[r for r in every if r.endswith(":mlp")])
+    mlp = block_costs(graph, cluster, tp2, tp_regions=[r for r in every if r.endswith(":mlp:0")])
     attn = block_costs(graph, cluster, tp2,
-                       tp_regions=[r for r in every if r.endswith(":attention")])
+                       tp_regions=[r for r in every if r.endswith(":attention:0")])
     layer = 1
     # the MLP holds 2/3 of a GPT layer's weights (8h^2 of 12h^2), attention the rest
     for part in (mlp, attn):
@@ -293,12 +293,12 @@ def test_block_costs_shard_a_subset_of_regions():
     assert mlp[layer].tp_comm_s == attn[layer].tp_comm_s > 0
     # heads=4: attention is not proven at tp=8, so only the MLP shards there
     tp8 = block_costs(graph, cluster, ParallelConfig(1, 8, 1, 1, 1))
-    assert "blocks.0:attention" not in shardable_regions(graph, 8)
+    assert "blocks.0:attention:0" not in shardable_regions(graph, 8)
     # the MLP's share split 8 ways instead of 2: (1 - 1/8) / (1 - 1/2) = 1.75 times the saving
     assert abs((none[layer].params - tp8[layer].params) / saved_mlp - 1.75) < 0.01
     with pytest.raises(ConfigError, match="not proven at that degree"):
         block_costs(graph, cluster, ParallelConfig(1, 8, 1, 1, 1),
-                    tp_regions=["blocks.0:attention"])
+                    tp_regions=["blocks.0:attention:0"])
 
 
 def _with_host_costs(cluster: Cluster, **fields) -> Cluster:

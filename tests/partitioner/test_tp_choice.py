@@ -83,10 +83,10 @@ def test_memory_forces_a_slower_shard():
     assert roomy.sharded == () and roomy.time_delta_s == 0.0
     tight = choose_tp_regions([mlp, attn], degree=2, memory_bytes=1000, memory_limit_bytes=650)
     # only the MLP frees enough (400 >= 350); the attention alone (100) would not
-    assert [region_name(r) for r in tight.sharded] == ["h.0:mlp"]
+    assert [region_name(r) for r in tight.sharded] == ["h.0:mlp:0"]
     assert tight.memory_bytes == 600 and tight.time_delta_s == pytest.approx(1.0)
     reasons = dict((region_name(r), why) for r, why in tight.replicated)
-    assert "cost more time" in reasons["h.0:attention"]
+    assert "cost more time" in reasons["h.0:attention:0"]
 
 
 def test_only_proven_degrees_are_sharded():
@@ -125,5 +125,5 @@ def test_degree_one_and_bad_inputs():
     assert one.sharded == () and one.memory_bytes == 50 and one.solver == "none"
     with pytest.raises(ConfigError, match="positive integer"):
         build_tp_problem(cands, degree=0, memory_bytes=1, memory_limit_bytes=1)
-    with pytest.raises(ConfigError, match="collective_s of h.0:mlp must be >= 0"):
+    with pytest.raises(ConfigError, match="collective_s of h.0:mlp:0 must be >= 0"):
         TPCandidate(region("h.0", "mlp"), 1.0, -1.0, 0)

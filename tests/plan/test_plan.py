@@ -198,6 +198,38 @@ def test_validate_checks_contiguity_ranks_and_schedule():
     assert any("recompute is 'none' but stages [0]" in p for p in none.problems())
 
 
+def test_regions_are_named_block_kind_index():
+    plan = make_plan()
+    assert [r.name for r in plan.tp_regions] == ["h.0:mlp:0", "h.0:attention:0"]
+    # two attention regions in one block (t5 self and cross) differ by their index
+    cross = TPShard("h.0", "attention", ("h_0_cq", "h_0_co"), index=1)
+    two = make_plan(tp_regions=(*plan.tp_regions, cross))
+    assert two.validate() is two and Plan.from_json(two.to_json()) == two
+    assert two.to_dict()["tp_regions"][2]["index"] == 1
+    same = make_plan(tp_regions=(*plan.tp_regions, dataclasses.replace(cross, index=0)))
+    with pytest.raises(PlanError, match=r"regions listed twice: \['h.0:attention:0'\]; a "
+                                        r"region is named block:kind:index"):
+        same.validate()
+    stray = make_plan(tp_regions=(dataclasses.replace(cross, block="h.9"),))
+    assert "tensor-parallel regions in unknown blocks: ['h.9:attention:1']" in stray.problems()
+    for bad in (-1, True, "1"):
+        with pytest.raises(PlanError, match=r"TPShard.index must be an integer >= 0 \(which "
+                                            r"attention region of block 'h.0'\)"):
+            dataclasses.replace(cross, index=bad)
+
+
+def test_plans_written_before_regions_were_numbered_still_load():
+    data = make_plan().to_dict()
+    for region in data["tp_regions"]:
+        del region["index"]
+    old = Plan.from_dict(data)
+    assert old == make_plan() and [r.index for r in old.tp_regions] == [0, 0]
+    assert old.schema_version == SCHEMA_VERSION == 1
+    data["tp_regions"][0]["index"] = "first"
+    with pytest.raises(PlanError, match=r"plan.tp_regions\[0\].index: expected an integer"):
+        Plan.from_dict(data)
+
+
 def test_schedule_accessor_gives_the_schedule_ir():
     sched = make_plan().to_schedule()
     assert sched.pp == 2 and sched.num_microbatches == 4 and sched.name == "1f1b"
@@ -225,6 +257,7 @@ def test_render_is_a_readable_summary():
     assert "peak memory 60.0 GB of 80.0 GB, bubble 20.0%" in text
     assert "embed .. h.1 (3)" in text and "1/3" in text
     assert "tensor parallel (tp=2): 2 regions sharded: 1 attention, 1 mlp" in text
+    assert "\n  h.0:mlp:0, h.0:attention:0\n" in text
     assert "rank 0: F0 F1 B0" in text
     assert "needs 91.2 GB > 80.0 GB on pipeline rank 0 [memory]" in text
     assert "(+25.0%)" in text and "note: tp pinned by the user" in text

@@ -155,9 +155,9 @@ def _short(names: Sequence[str]) -> str:
 def plan_regions(gm: torch.fx.GraphModule, plan: Any, example_inputs: Sequence[Any] | None,
                  *, blocks: Mapping[str, Sequence[str]] | None = None) -> tuple[TPRegion, ...]:
     """The ``TPRegion`` of every region ``plan`` shards (``plan.tp_regions``), in the
-    plan's order, found again in ``gm`` at ``plan.parallel.tp`` and matched by block and
-    kind. Raises PlanError when the graph has no such region at that degree, or when its
-    nodes or sharded weights differ from the plan's."""
+    plan's order, found again in ``gm`` at ``plan.parallel.tp`` and matched by name
+    (``block:kind:index``). Raises PlanError when the graph has no such region at that
+    degree, or when its nodes or sharded weights differ from the plan's."""
     if not plan.tp_regions:
         return ()
     from tripar.graph.tp_regions import find_tp_regions
@@ -168,17 +168,21 @@ def plan_regions(gm: torch.fx.GraphModule, plan: Any, example_inputs: Sequence[A
     exported = gm.meta.get("tripar_tracer") == "export"
     found, unproven = find_tp_regions(gm, node_block, degrees=(t,),
                                       example_inputs=None if exported else example_inputs)
-    by_key = {(r.block, r.kind): r for r in found}
+    by_name = {r.name: r for r in found}
     out = []
     for shard in plan.tp_regions:
-        region = by_key.get((shard.block, shard.kind))
+        region = by_name.get(shard.name)
         if region is None:
             why = [u.reason for u in unproven if u.block == shard.block
                    and u.kind in ("", shard.kind)]
-            have = sorted(f"{r.block}:{r.kind}" for r in found)
+            alike = [r.name for r in found if (r.block, r.kind) == (shard.block, shard.kind)]
+            missing = (f"no {shard.kind} region in block {shard.block!r}" if not alike else
+                       f"no {shard.kind} region number {shard.index} in block "
+                       f"{shard.block!r} (only {', '.join(alike)})")
+            have = sorted(by_name)
             raise PlanError(
-                f"the plan shards region {shard.name}, but the graph has no {shard.kind} region "
-                f"in block {shard.block!r} provable at tp={t}"
+                f"the plan shards region {shard.name}, but the graph has {missing} provable "
+                f"at tp={t}"
                 + (f" ({why[0]})" if why else "")
                 + f"; the graph's regions at tp={t}: {_short(have)}. Re-plan for this model")
         if tuple(region.nodes) != tuple(shard.nodes):
@@ -212,8 +216,8 @@ def _check_tied(chosen: Sequence[TPRegion], found: Sequence[TPRegion]) -> None:
         if shared:
             other = sharded[shared[0]]
             raise PlanError(
-                f"the plan shards region {other.block}:{other.kind}, whose weight {shared[0]} "
-                f"region {region.block}:{region.kind} also reads, but leaves that region "
+                f"the plan shards region {other.name}, whose weight {shared[0]} "
+                f"region {region.name} also reads, but leaves that region "
                 "replicated; a shared (tied) weight must be sharded by every region using it "
                 "or by none: add both regions to tp_regions or drop both (the planner should "
                 "decide them together)")

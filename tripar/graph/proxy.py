@@ -111,6 +111,17 @@ class TPRegion:
     """The vocab-parallel cross-entropy node of an ``lm_head`` region, if any."""
     tied: tuple[str, ...] = ()
     """Every FQN naming a sharded parameter that is shared (tied embedding and head)."""
+    index: int = 0
+    """Position among the candidate regions of this ``kind`` in this ``block``, in graph
+    order (0 for the first): a t5 decoder layer has two attention regions, 0 (self) and
+    1 (cross). Candidates that fail their proof keep their number, so a region's name does
+    not depend on the degrees tried."""
+
+    @property
+    def name(self) -> str:
+        """``block:kind:index``, unique within a graph: how plans, the search and codegen
+        name the region."""
+        return f"{self.block}:{self.kind}:{self.index}"
 
 
 @dataclass(frozen=True, slots=True)

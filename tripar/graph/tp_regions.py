@@ -93,6 +93,7 @@ def find_tp_regions(
     tied = tied_names(gm)
     grower = Grower(gm, vals, linears)
     regions: list[TPRegion] = []
+    candidates: list[TPRegion] = []  # every recorded region, proven or not (for numbering)
     unproven: list[Unproven] = []
     used: set[str] = set()
     attempted: set[str] = set()
@@ -116,6 +117,7 @@ def find_tp_regions(
             attempted.update(cols)
             unproven.append(Unproven(block, tuple(cols), r.reason))
             continue
+        candidates.append(region)
         ok = _prove_all(gm, region, degrees, vals, params, expected, unproven, cache, grower)
         if ok:
             regions.append(replace(region, degrees=ok))
@@ -125,11 +127,30 @@ def find_tp_regions(
     for name, lin in linears.items():
         if lin.embedding and name not in used and _from_input(grower.nodes[lin.input], modules):
             region = _embedding(lin, vals, node_block.get(name, ""), tied)
+            candidates.append(region)
             ok = _prove_all(gm, region, degrees, vals, params, None, unproven, cache, grower)
             if ok:
                 regions.append(replace(region, degrees=ok))
+    number = _numbers(candidates, grower.index)
+    regions = [replace(r, index=number[(r.block, r.kind, r.nodes)]) for r in regions]
     regions.sort(key=lambda r: grower.index[r.nodes[0]])
     return regions, unproven
+
+
+def _numbers(candidates: Sequence[TPRegion], position: dict[str, int]
+             ) -> dict[tuple[str, str, tuple[str, ...]], int]:
+    """Each candidate's ``index``: its rank among the candidates of its (block, kind) by
+    graph position. Unproven candidates count too, so a proof failing at one degree does
+    not renumber the regions after it (the planner and codegen prove different degrees
+    and must agree on names)."""
+    out: dict[tuple[str, str, tuple[str, ...]], int] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for r in sorted(candidates, key=lambda r: (position[r.nodes[0]], r.nodes)):
+        key = (r.block, r.kind, r.nodes)
+        if key not in out:
+            out[key] = seen.get((r.block, r.kind), 0)
+            seen[(r.block, r.kind)] = out[key] + 1
+    return out
 
 
 def _signature(region: TPRegion, grower: Grower, expected: dict | None) -> tuple:

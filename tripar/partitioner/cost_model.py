@@ -140,14 +140,15 @@ def _regions_by_block(graph: ProxyGraph, tp: int) -> dict[str, list[TPRegion]]:
 
 
 def shardable_regions(graph: ProxyGraph, tp: int) -> tuple[str, ...]:
-    """Names (``block:kind``) of the regions proven at degree ``tp``, in graph order.
+    """Names (``block:kind:index``, ``TPRegion.name``) of the regions proven at degree
+    ``tp``, in graph order.
 
     >>> shardable_regions(example_graph(layers=1), 2)
-    ('blocks.0:attention', 'blocks.0:mlp')
+    ('blocks.0:attention:0', 'blocks.0:mlp:0')
     """
     if tp <= 1:
         return ()
-    return tuple(f"{r.block}:{r.kind}" for r in graph.tp_regions if tp in r.degrees)
+    return tuple(r.name for r in graph.tp_regions if tp in r.degrees)
 
 
 _KIND_ORDER = {"embedding": 0, "attention": 1, "mlp": 2, "lm_head": 3, "loss": 4}
@@ -324,7 +325,7 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
 
 
 def _region_key(region: TPRegion) -> str:
-    return f"{region.block}:{region.kind}"
+    return region.name
 
 
 def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
@@ -332,7 +333,7 @@ def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
                 tp_regions: Collection[str] | None = None) -> list[BlockCost]:
     """Cost of every block for one microbatch; blocks of equal signature are costed once.
 
-    ``tp_regions`` names the regions (``block:kind``) sharded at ``config.tp``; default:
+    ``tp_regions`` names the regions (``block:kind:index``) sharded at ``config.tp``; default:
     every region proven at that degree. A region not proven at ``config.tp`` cannot be
     sharded (ConfigError); a block whose regions are all left out runs replicated.
 
@@ -344,7 +345,7 @@ def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
     (6, True, True)
     >>> tp2 = ParallelConfig(1, 2, 1, 1, 1)
     >>> mlp_only = block_costs(graph, Cluster.builtin("a100-80g"), tp2,
-    ...                        tp_regions=[f"blocks.{i}:mlp" for i in range(4)])
+    ...                        tp_regions=[f"blocks.{i}:mlp:0" for i in range(4)])
     >>> full = block_costs(graph, Cluster.builtin("a100-80g"), tp2)
     >>> full[1].params < mlp_only[1].params < costs[1].params
     True

@@ -37,28 +37,20 @@ import numpy as np
 
 from tripar.errors import ConfigError, InfeasibleError
 from tripar.graph.proxy import ProxyGraph
-from tripar.partitioner.collectives import (
-    all_gather_time,
-    all_reduce_time,
-    p2p_time,
-    reduce_scatter_time,
-)
-from tripar.partitioner.cost_model import (
-    ADAM_STEP_BYTES,
-    BUCKET_BYTES,
-    block_costs,
-    bytes_per_param,
-    stage_costs,
-    uniform_boundaries,
-)
+from tripar.partitioner.collectives import p2p_time
+from tripar.partitioner.cost_model import BUCKET_BYTES, block_costs, stage_costs
 from tripar.partitioner.cost_model import shardable_regions as _shardable
 from tripar.partitioner.hardware import Cluster, canonical_dtype, dtype_bytes
 from tripar.partitioner.partition import PartitionProblem, solve_partition_dp
 from tripar.partitioner.schedules import build_schedule
+from tripar.partitioner.search_candidates import VIRTUAL_STAGES, Candidates, Pins
+from tripar.partitioner.search_candidates import check_pins as _check_pins
+from tripar.partitioner.search_candidates import config_key as _key
+from tripar.partitioner.search_candidates import no_config_message as _no_config_message
+from tripar.partitioner.search_regions import RegionChoice
 from tripar.partitioner.simulator import encode_schedule, simulate
 from tripar.partitioner.stage_cost import StageCost
-from tripar.partitioner.tp_choice import TPCandidate, choose_tp_regions
-from tripar.plan.config import SCHEDULES, ParallelConfig
+from tripar.plan.config import ParallelConfig
 from tripar.plan.plan import (
     Alternative,
     Binding,
@@ -74,43 +66,8 @@ from tripar.plan.plan import (
 )
 from tripar.plan.render import fmt_time
 
-VIRTUAL_STAGES = (2, 3, 4, 6, 8)
-"""vpp values tried for interleaved-1f1b."""
-
-
-@dataclass(frozen=True, slots=True)
-class Pins:
-    """What the user fixed; None means the search chooses it."""
-
-    dp: int | None = None
-    tp: int | None = None
-    pp: int | None = None
-    vpp: int | None = None
-    micro_batch_size: int | None = None
-    schedule: str | None = None
-    """One of SCHEDULES, or None (auto)."""
-    recompute: str | None = None
-    """``none``, ``full``, ``stage-aware``, or None (auto: stage-aware, which recomputes
-    only what does not fit)."""
-    zero: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("dp", "tp", "pp", "vpp", "micro_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"pinned {name} must be a positive integer, got {value!r}")
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of "
-                              f"{', '.join(SCHEDULES)}")
-        if self.recompute not in (None, "none", "full", "stage-aware"):
-            raise ConfigError(f"unknown recompute {self.recompute!r}; choose none, full or "
-                              f"stage-aware")
-        if self.zero not in (None, 0, 1):
-            raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}")
-        if self.vpp is not None and self.vpp > 1 and self.schedule not in (None,
-                                                                           "interleaved-1f1b"):
-            raise ConfigError(f"vpp={self.vpp} needs schedule interleaved-1f1b, but the "
-                              f"schedule is pinned to {self.schedule!r}")
+_NO_PINS = Pins()
+"""The default of ``search``: nothing pinned (Pins is frozen, so one instance serves)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +95,7 @@ class Evaluated:
     partition_time_s: float
     partition_objective: float
     tp_regions: tuple[str, ...] = ()
-    """Names (``block:kind``) of the regions sharded at ``config.tp``."""
+    """Names (``block:kind:index``) of the regions sharded at ``config.tp``."""
     tp_note: str = ""
     """How the sharded regions were chosen."""
 
@@ -163,17 +120,11 @@ class SearchStats:
     """The part of ``work`` spent in the stage partition solver."""
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _key(cfg: ParallelConfig) -> tuple:
-    return (cfg.tp, cfg.pp, cfg.vpp, cfg.micro_batch_size, SCHEDULES.index(cfg.schedule),
-            cfg.zero, cfg.recompute)
-
-
-class _Search:
-    """State of one search: caches of block costs, schedules and in-flight counts."""
+class _Search(Candidates, RegionChoice):
+    """State of one search: caches of block costs, schedules and in-flight counts. The
+    enumeration, bounds and screening are :class:`~tripar.partitioner.search_candidates.
+    Candidates`; the tensor-parallel region choice is :class:`~tripar.partitioner.
+    search_regions.RegionChoice`."""
 
     def __init__(self, graph: ProxyGraph, cluster: Cluster, global_batch: int, pins: Pins,
                  dtype: str | None, max_micro_batch: int) -> None:
@@ -195,63 +146,7 @@ class _Search:
         self._partitions: dict[PartitionProblem, object] = {}
         self._prefix: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
-    # ---- enumeration -----------------------------------------------------------------
-
-    def tp_degrees(self, devices: int) -> list[int]:
-        proven = {d for r in self.graph.tp_regions for d in r.degrees}
-        if self.pins.tp is not None:
-            return [self.pins.tp]
-        return [t for t in _divisors(devices) if t == 1 or t in proven]
-
-    def configs(self) -> list[ParallelConfig]:
-        pins, devices = self.pins, self.cluster.devices
-        n = len(self.graph.blocks)
-        out = []
-        for tp in self.tp_degrees(devices):
-            if devices % tp:
-                continue
-            for pp in ([pins.pp] if pins.pp else _divisors(devices // tp)):
-                if devices % (tp * pp) or pp > n:
-                    continue
-                dp = devices // (tp * pp)
-                if (pins.dp and dp != pins.dp) or self.batch % dp:
-                    continue
-                per_replica = self.batch // dp
-                sizes = ([pins.micro_batch_size] if pins.micro_batch_size else
-                         [b for b in _divisors(per_replica) if b <= self.max_micro_batch])
-                for b in sizes:
-                    if per_replica % b:
-                        continue
-                    m = per_replica // b
-                    for schedule, vpp in self._schedules_for(pp, m, n):
-                        for zero in ([pins.zero] if pins.zero is not None else
-                                     ([0, 1] if dp > 1 else [0])):
-                            out.append(ParallelConfig(
-                                dp=dp, tp=tp, pp=pp, micro_batch_size=b, num_microbatches=m,
-                                vpp=vpp, schedule=schedule,
-                                recompute=pins.recompute or "stage-aware", zero=zero))
-        return sorted(out, key=_key)
-
-    def _schedules_for(self, pp: int, m: int, blocks: int) -> list[tuple[str, int]]:
-        pins = self.pins
-        names = [pins.schedule] if pins.schedule else list(SCHEDULES)
-        if pins.recompute == "none" and not pins.schedule:
-            names.remove("scp")   # scp is 1f1b with recomputation
-        if pp == 1 and not pins.schedule:
-            names = ["1f1b"]  # one stage: every schedule is the same plain loop
-        out = []
-        for name in names:
-            if name == "interleaved-1f1b":
-                if pp == 1 or m % pp:
-                    continue
-                for v in ([pins.vpp] if pins.vpp else VIRTUAL_STAGES):
-                    if v >= 2 and pp * v <= blocks:
-                        out.append((name, v))
-            elif pins.vpp in (None, 1):
-                out.append((name, 1))
-        return out
-
-    # ---- bounds ----------------------------------------------------------------------
+    # ---- block costs -----------------------------------------------------------------
 
     def block_costs(self, tp: int, b: int, shard: frozenset[str] | None = None) -> list:
         """Block costs at degree ``tp`` and microbatch ``b`` with the regions ``shard``
@@ -264,274 +159,6 @@ class _Search:
             self._blocks[key] = block_costs(self.graph, self.cluster, cfg, dtype=self.dtype,
                                             tp_regions=shard)
         return self._blocks[key]
-
-    # ---- tensor-parallel regions -----------------------------------------------------
-
-    def groups(self, tp: int) -> list[tuple[str, tuple[str, ...]]]:
-        """Regions proven at ``tp`` grouped by (block signature, kind): identical layers
-        share one decision. Each group: (name, region names)."""
-        if tp not in self._groups:
-            signature = {b.name: b.signature for b in self.graph.blocks}
-            proven = set(_shardable(self.graph, tp))
-            grouped: dict[tuple[str, str], list[str]] = {}
-            weights: dict[tuple[str, str], set[str]] = {}
-            for r in self.graph.tp_regions:
-                name = f"{r.block}:{r.kind}"
-                if name in proven:
-                    key = (signature.get(r.block, r.block), r.kind)
-                    grouped.setdefault(key, []).append(name)
-                    weights.setdefault(key, set()).update(
-                        [fqn for fqn, _ in r.shards] + list(r.tied))
-            self._groups[tp] = [(names[0] + (f" (+{len(names) - 1} alike)" if len(names) > 1
-                                              else ""), tuple(names))
-                                for names in _merge_sharing(grouped, weights)]
-        return self._groups[tp]
-
-    def all_regions(self, tp: int) -> frozenset[str]:
-        key = ("all", tp)
-        if key not in self._free:
-            self._free[key] = frozenset(n for _, names in self.groups(tp) for n in names)
-        return self._free[key]
-
-    def uniform(self, stages: int) -> tuple[int, ...] | None:
-        """``uniform_boundaries`` for ``stages`` (None when there are too few layers)."""
-        key = ("uniform", stages)
-        if key not in self._blocks:
-            try:
-                self._blocks[key] = uniform_boundaries(self.graph, stages)
-            except ConfigError:
-                self._blocks[key] = None
-        return self._blocks[key]
-
-    def chain_share(self, tp: int, b: int) -> float:
-        """Least share of a block's work on the F ... B chain under zb-h1 (W off it), over
-        the region choices a configuration may end with."""
-        key = ("phi", tp, b)
-        if key not in self._blocks:
-            extremes = [self.block_costs(tp, b), self.block_costs(tp, b, frozenset()),
-                        self.block_costs(tp, b, self.all_regions(tp))]
-            self._blocks[key] = min(
-                ((c.forward_s + c.backward_input_s)
-                 / (c.forward_s + c.backward_input_s + c.backward_weight_s)
-                 for cs in extremes for c in cs if c.forward_s + c.backward_input_s > 0),
-                default=0.0)
-        return self._blocks[key]
-
-    def effects(self, tp: int, b: int) -> list[tuple[float, float, float, float]]:
-        """Per group, for one microbatch on the whole model: (compute saved, collective
-        time added, parameters saved, activation bytes saved) by sharding it alone."""
-        key = (tp, b)
-        if key not in self._effects:
-            none = self.block_costs(tp, b, frozenset())
-            out = []
-            for _name, names in self.groups(tp):
-                alone = self.block_costs(tp, b, frozenset(names))
-                work = sum(c.forward_s + c.backward_input_s + c.backward_weight_s - c.tp_comm_s
-                           for c in alone)
-                base = sum(c.forward_s + c.backward_input_s + c.backward_weight_s for c in none)
-                out.append((max(0.0, base - work), sum(c.tp_comm_s for c in alone),
-                            max(0, sum(c.params for c in none) - sum(c.params for c in alone)),
-                            max(0, sum(c.saved_bytes for c in none)
-                                - sum(c.saved_bytes for c in alone))))
-            self._effects[key] = out
-        return self._effects[key]
-
-    def free_choice(self, tp: int, b: int) -> frozenset[str]:
-        """The regions whose sharding saves more compute than its collectives cost (the
-        tensor-parallel ILP's answer when memory does not bind)."""
-        key = (tp, b)
-        if key not in self._free:
-            if tp == 1:
-                self._free[key] = frozenset()
-            else:
-                chosen = [names for (_n, names), (save, comm, _p, _a)
-                          in zip(self.groups(tp), self.effects(tp, b)) if comm < save]
-                self._free[key] = frozenset(n for names in chosen for n in names)
-        return self._free[key]
-
-    def tp_choice(self, cfg: ParallelConfig) -> tuple[frozenset[str], str]:
-        """The regions to shard for ``cfg``: :func:`choose_tp_regions` on one decision per
-        group, trading collective time against the memory of pipeline rank 0 (the rank
-        holding the most microbatches) under a balanced split, without recomputation.
-        When even sharding every region does not fit without recomputation, every region
-        is sharded (recomputation then closes the gap)."""
-        tp = cfg.tp
-        if tp == 1:
-            return frozenset(), ""
-        inflight = self.in_flight(cfg)
-        key = (tp, cfg.micro_batch_size, cfg.pp, cfg.vpp, cfg.dp, cfg.zero,
-               inflight[0] if cfg.vpp == 1 else tuple(inflight[::cfg.pp]))
-        if key not in self._choices:
-            p, v, m = cfg.pp, cfg.vpp, cfg.num_microbatches
-            held = sum(inflight[s] for s in range(0, p * v, p)) / (p * v)
-            model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
-            per_param = model + optimizer
-            steps = (p + m * v - 1) / (p * v)
-            none = self.block_costs(tp, cfg.micro_batch_size, frozenset())
-            memory = int(sum(c.params for c in none) * per_param / p
-                         + sum(c.saved_bytes for c in none) * held)
-            candidates = []
-            device = self.cluster.device
-            optimizer_rate = device.memory_bandwidth * device.efficiency.memory
-            for (name, names), (save, comm, params, act) in zip(
-                    self.groups(tp), self.effects(tp, cfg.micro_batch_size)):
-                region = next(r for r in self.graph.tp_regions if f"{r.block}:{r.kind}"
-                              == names[0])
-                step_save = (save * steps + params / p * ADAM_STEP_BYTES / optimizer_rate)
-                candidates.append(TPCandidate(region, step_save, comm * steps,
-                                              int(params * per_param / p + act * held),
-                                              group=name))
-            try:
-                choice = choose_tp_regions(candidates, degree=tp, memory_bytes=memory,
-                                           memory_limit_bytes=self.limit)
-                picked = {c.group for c in candidates
-                          if any(c.region is r for r in choice.sharded)}
-                note = (f"tensor-parallel ILP ({choice.solver}, {choice.status}): "
-                        f"{len(picked)} of {len(candidates)} region groups sharded")
-            except InfeasibleError:
-                picked = {c.group for c in candidates}
-                note = ("every region sharded: even then rank 0 needs recomputation to fit "
-                        "(tensor-parallel ILP infeasible without it)")
-            chosen = frozenset(n for name, names in self.groups(tp) if name in picked
-                               for n in names)
-            self._choices[key] = (chosen, note)
-        return self._choices[key]
-
-    def lower_bound(self, cfg: ParallelConfig) -> float:
-        costs = self.block_costs(cfg.tp, cfg.micro_batch_size)   # the least work
-        totals = [c.forward_s + c.backward_input_s + c.backward_weight_s for c in costs]
-        work = sum(totals)
-        m, p, v = cfg.num_microbatches, cfg.pp, cfg.vpp
-        # share of each block's work that is forward: the chain before a stage's first F
-        phi = 0.0   # share of a stage's work on the F ... B chain through it
-        if cfg.schedule in ("gpipe", "1f1b", "scp"):
-            phi = 1.0
-        elif cfg.schedule == "zb-h1":  # W is off the chain
-            phi = self.chain_share(cfg.tp, cfg.micro_batch_size)
-        bound = m * work / p
-        if p > 1 and 0 < phi / m < 1 and v == 1:
-            bound = max(bound, phi * work / (1.0 - (1.0 - phi / m) ** p))
-        return bound + self.tail_bound(cfg)
-
-    def tail_bound(self, cfg: ParallelConfig) -> float:
-        """Least time rank 0 spends after its last backward: reducing its last gradient
-        bucket and the optimizer step, for no more than the first block's parameters."""
-        params = self.block_costs(cfg.tp, cfg.micro_batch_size,
-                                  self.all_regions(cfg.tp))[0].params   # the fewest
-        device = self.cluster.device
-        optimizer = params / (cfg.dp if cfg.zero else 1) * ADAM_STEP_BYTES / (
-            device.memory_bandwidth * device.efficiency.memory)
-        if cfg.dp == 1 or not params:
-            return optimizer
-        grad = min(params * dtype_bytes(self.dtype), BUCKET_BYTES)
-        reduce = reduce_scatter_time if cfg.zero else all_reduce_time
-        return optimizer + reduce(self.cluster, grad, cfg.dp, cfg.tp)
-
-    def prefix(self, tp: int, b: int) -> dict[str, np.ndarray]:
-        """Prefix sums over blocks of forward, total work, saved, input bytes and params."""
-        key = (tp, b)
-        if key not in self._prefix:
-            costs = self.block_costs(tp, b)
-
-            def cum(values) -> np.ndarray:
-                return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
-
-            self._prefix[key] = {
-                "fwd": cum([c.forward_s for c in costs]),
-                "work": cum([c.forward_s + c.backward_input_s + c.backward_weight_s
-                             for c in costs]),
-                "weight": cum([c.backward_weight_s for c in costs]),
-                "act": cum([c.saved_bytes for c in costs]),
-                "inp": cum([c.input_bytes for c in costs]),
-                "params": cum([c.params for c in costs]),
-            }
-        return self._prefix[key]
-
-    def screen(self, cfg: ParallelConfig) -> float:
-        """A quick step-time estimate (uniform split by layers, the recompute share each
-        stage needs to fit, the partition objective, the gradient reduction and optimizer
-        step of an average stage); it only orders the candidates."""
-        pre = self.prefix(cfg.tp, cfg.micro_batch_size)
-        k = cfg.pp * cfg.vpp
-        firsts = self.uniform(k)
-        if firsts is None:
-            return math.inf
-        cuts = np.array((*firsts, len(self.graph.blocks)))
-        lo, hi = cuts[:-1], cuts[1:]
-
-        def span(name: str) -> np.ndarray:
-            return pre[name][hi] - pre[name][lo]
-
-        model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
-        fwd, work, act = span("fwd"), span("work"), span("act")
-        save = act - span("inp")
-        inflight = np.asarray(self.in_flight(cfg), dtype=np.float64)
-        need = span("params") * (model + optimizer) + inflight * act - self.limit / cfg.vpp
-        share = np.zeros(k)
-        short = need > 0
-        if short.any():
-            if cfg.recompute == "none" or np.any(need[short] > inflight[short] * save[short]):
-                return math.inf
-            share[short] = need[short] / (inflight[short] * save[short])
-        if cfg.recompute == "full":
-            share[:] = 1.0
-        times = work + share * fwd
-        m, v = cfg.num_microbatches, cfg.vpp
-        pipeline = float(times.sum()) / v + (m * v - 1) * float(times.max())
-        if cfg.schedule == "zb-h1":
-            weight = float(pre["weight"][-1]) / k
-            pipeline -= min(weight, float(times.max())) * (cfg.pp - 1)
-        params = float(pre["params"][-1]) / cfg.pp
-        device = self.cluster.device
-        tail = params * ADAM_STEP_BYTES / (device.memory_bandwidth * device.efficiency.memory)
-        if cfg.dp > 1:
-            reduce = reduce_scatter_time if cfg.zero else all_reduce_time
-            tail /= cfg.dp if cfg.zero else 1
-            grad = params * dtype_bytes(self.dtype)
-            exposed = reduce(self.cluster, grad, cfg.dp, cfg.tp) - m * float(times.min()) / 2
-            tail += max(reduce(self.cluster, min(grad, BUCKET_BYTES), cfg.dp, cfg.tp), exposed)
-            if cfg.zero:
-                tail += all_gather_time(self.cluster, grad, cfg.dp, cfg.tp)
-        return pipeline + tail
-
-    def static_bytes(self, cfg: ParallelConfig, shard: frozenset[str] | None = None
-                     ) -> list[int]:
-        model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
-        return [int(c.params * (model + optimizer))
-                for c in self.block_costs(cfg.tp, cfg.micro_batch_size, shard)]
-
-    def static_overflow(self, cfg: ParallelConfig) -> int:
-        """Bytes by which the busiest device's static memory exceeds the device, at least
-        (every proven region sharded, the weights spread evenly over the stages)."""
-        model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
-        costs = self.block_costs(cfg.tp, cfg.micro_batch_size, self.all_regions(cfg.tp))
-        total = sum(c.params for c in costs) * (model + optimizer)
-        return math.ceil(total / cfg.pp) - self.limit
-
-    def static_message(self, cfg: ParallelConfig, over: int) -> str:
-        """Why ``cfg`` cannot hold its weights: the stage, the bytes short, the fix."""
-        model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
-        costs = self.block_costs(cfg.tp, cfg.micro_batch_size, self.all_regions(cfg.tp))
-        per_block = [c.params * (model + optimizer) for c in costs]
-        try:
-            firsts = (*uniform_boundaries(self.graph, cfg.pp), len(costs))
-        except ConfigError:
-            firsts = (0, len(costs))
-        spans = [(sum(per_block[a:b]), a, b) for a, b in zip(firsts, firsts[1:])]
-        need_s, a, b = max(spans, key=lambda x: x[0])
-        stage = spans.index((need_s, a, b))
-        need = over + self.limit
-        names = self.graph.blocks
-        replica = sum(per_block) * cfg.tp
-        devices = math.ceil(replica / self.limit)
-        return (f"pipeline stage {stage} of {cfg.pp} ({names[a].name}..{names[b - 1].name}) "
-                f"needs at least {need} bytes ({need / 1e9:.1f} GB) for weights, gradients and "
-                f"optimizer state alone (even split, every proven region sharded at "
-                f"tp={cfg.tp}), {over} bytes more than the {self.limit} bytes "
-                f"({self.limit / 1e9:.1f} GB) of a device; fix: one model replica needs at "
-                f"least {devices} such devices (tp*pp >= {devices}), so use more devices "
-                f"(at least {math.ceil(devices / self.cluster.devices_per_node)} nodes of "
-                f"{self.cluster.devices_per_node}), or devices with more memory")
 
     # ---- costing one configuration ---------------------------------------------------
 
@@ -595,6 +222,10 @@ class _Search:
         free = self.free_choice(cfg.tp, cfg.micro_batch_size)
         options = [(ilp, note)] + ([(free, "regions whose sharding saves more compute than "
                                            "its collectives cost")] if free != ilp else [])
+        if not ilp and not free and self.pins.tp == cfg.tp:
+            every = frozenset(n for _group, names in self.groups(cfg.tp) for n in names)
+            options = [(every, f"every proven region: tp={cfg.tp} is pinned, though no region's "
+                               "sharding pays for its collectives on this cluster")]
         results, errors = [], []
         for shard, why in options:
             if not shard:
@@ -699,7 +330,7 @@ def _loss_reason(alt: Evaluated, best: Evaluated) -> tuple[str, Binding]:
 
 
 def search(graph: ProxyGraph, cluster: Cluster, global_batch: int, *, seq_len: int | None = None,
-           pins: Pins = Pins(), model_spec: str = "", dtype: str | None = None,
+           pins: Pins = _NO_PINS, model_spec: str = "", dtype: str | None = None,
            max_micro_batch: int = 16, alternatives: int = 4, min_evaluations: int = 6,
            max_evaluations: int = 24, screen_slack: float = 0.05) -> Plan:
     """The best plan for ``graph`` on ``cluster`` at ``global_batch`` samples per step
@@ -718,7 +349,7 @@ def search(graph: ProxyGraph, cluster: Cluster, global_batch: int, *, seq_len: i
 
 
 def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
-                      seq_len: int | None = None, pins: Pins = Pins(), model_spec: str = "",
+                      seq_len: int | None = None, pins: Pins = _NO_PINS, model_spec: str = "",
                       dtype: str | None = None, max_micro_batch: int = 16,
                       alternatives: int = 4, min_evaluations: int = 6,
                       max_evaluations: int = 24, screen_slack: float = 0.05
@@ -803,63 +434,6 @@ def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
     return plan, stats
 
 
-def _check_pins(graph: ProxyGraph, cluster: Cluster, batch: int, pins: Pins,
-                state: _Search) -> None:
-    """One clear ConfigError for pins that contradict each other, the cluster, the batch
-    or the model."""
-    devices, n = cluster.devices, len(graph.blocks)
-    if pins.tp is not None and pins.tp > 1:
-        proven = sorted({d for r in graph.tp_regions for d in r.degrees})
-        if pins.tp not in proven:
-            heads = graph.model_config.get("heads") or max(
-                (r.heads for r in graph.tp_regions), default=0)
-            why = (f"; the model has {heads} attention heads, which {pins.tp} does not divide"
-                   if heads and heads % pins.tp else "")
-            raise ConfigError(f"--tp {pins.tp}: no tensor-parallel region of the model is "
-                              f"proven to shard {pins.tp} ways{why}; proven degrees: "
-                              f"{', '.join(map(str, proven)) or 'none'} (or --tp 1)")
-    for name in ("dp", "tp", "pp"):
-        value = getattr(pins, name)
-        if value is not None and devices % value:
-            raise ConfigError(f"--{name} {value} does not divide the {devices} devices "
-                              f"(dp*tp*pp must equal {devices}); pin one of "
-                              f"{', '.join(map(str, _divisors(devices)))}")
-    pinned = [getattr(pins, k) for k in ("dp", "tp", "pp") if getattr(pins, k) is not None]
-    product = math.prod(pinned)
-    if pinned and (devices % product or (len(pinned) == 3 and product != devices)):
-        raise ConfigError(f"the pinned degrees (dp={pins.dp}, tp={pins.tp}, pp={pins.pp}) "
-                          f"multiply to {product}, which does not divide into the {devices} "
-                          f"devices as dp*tp*pp = {devices}; change one of them")
-    if pins.schedule == "scp" and pins.recompute == "none":
-        raise ConfigError("schedule scp is 1f1b with stage-aware recomputation; with "
-                          "--recompute none use --schedule 1f1b, or allow recomputation")
-    if pins.pp is not None and pins.pp * (pins.vpp or 1) > n:
-        raise ConfigError(f"pp*vpp = {pins.pp * (pins.vpp or 1)} stages for {n} blocks; "
-                          f"each stage needs at least one block, use pp*vpp <= {n}")
-    if pins.dp is not None and batch % pins.dp:
-        raise ConfigError(f"the global batch {batch} is not divisible by dp={pins.dp}; use a "
-                          f"global batch that is a multiple of {pins.dp} or another --dp")
-    if pins.micro_batch_size is not None:
-        dps = [pins.dp] if pins.dp else [d for d in _divisors(devices)]
-        if not any(batch % (d * pins.micro_batch_size) == 0 for d in dps):
-            shown = (f"dp x micro-batch = {pins.dp} x {pins.micro_batch_size} = "
-                     f"{pins.dp * pins.micro_batch_size}" if pins.dp else
-                     f"micro-batch {pins.micro_batch_size} times any data-parallel degree")
-            raise ConfigError(f"the global batch {batch} is not divisible by {shown}; use a "
-                              f"global batch that is a multiple of it, or another "
-                              f"--micro-batch" + ("/--dp" if pins.dp else ""))
-
-
-def _no_config_message(graph: ProxyGraph, cluster: Cluster, batch: int, pins: Pins) -> str:
-    pinned = ", ".join(f"{k}={getattr(pins, k)}" for k in Pins.__slots__
-                       if getattr(pins, k) is not None)
-    return (f"no configuration matches {cluster.devices} devices, global batch {batch} and "
-            f"{len(graph.blocks)} blocks" + (f" with the pins {pinned}" if pinned else "")
-            + ": dp*tp*pp must equal the device count, dp must divide the global batch, "
-              "tp must be a degree the model's tensor-parallel regions support, and "
-              "pp*vpp must not exceed the blocks; relax a pin or change the batch")
-
-
 def _make_plan(state: _Search, best: Evaluated, evaluated: list[Evaluated],
                failures: list, stats: SearchStats, seq_len: int, spec: str,
                alternatives: int) -> Plan:
@@ -875,8 +449,8 @@ def _make_plan(state: _Search, best: Evaluated, evaluated: list[Evaluated],
                   in_flight=max(1, best.in_flight[s]))
         for s in range(k))
     chosen = set(best.tp_regions)
-    regions = tuple(TPShard(r.block, r.kind, r.nodes, r.shards) for r in graph.tp_regions
-                    if cfg.tp > 1 and f"{r.block}:{r.kind}" in chosen)
+    regions = tuple(TPShard(r.block, r.kind, r.nodes, r.shards, index=r.index)
+                    for r in graph.tp_regions if cfg.tp > 1 and r.name in chosen)
     proven = _shardable(graph, cfg.tp)
     tokens = cfg.global_batch_size * seq_len
     runners = sorted((e for e in evaluated if e is not best),
@@ -939,21 +513,5 @@ def partition_problem(graph: ProxyGraph, cluster: Cluster, config: ParallelConfi
     return state.partition_problem(config, [0] * config.pp, shard)
 
 
-def _merge_sharing(grouped: dict, weights: dict) -> list[list[str]]:
-    """Merge region groups that shard one weight (a tied embedding and LM head): they
-    must be sharded together or not at all, so they share one decision.
-
-    >>> _merge_sharing({"a": ["emb"], "b": ["head"], "c": ["mlp"]},
-    ...                {"a": {"wte.weight"}, "b": {"wte.weight"}, "c": {"fc.weight"}})
-    [['emb', 'head'], ['mlp']]
-    """
-    merged: list[tuple[set[str], list[str]]] = []
-    for key, names in grouped.items():
-        own = set(weights.get(key, ()))
-        names = list(names)
-        for other in [m for m in merged if m[0] & own]:
-            merged.remove(other)
-            own |= other[0]
-            names = other[1] + names
-        merged.append((own, names))
-    return [names for _, names in merged]
+__all__ = ["VIRTUAL_STAGES", "Evaluated", "Pins", "SearchStats", "partition_problem", "search",
+           "search_with_stats"]

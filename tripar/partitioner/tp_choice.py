@@ -59,12 +59,12 @@ class TPCandidate:
 
 
 def region_name(region: TPRegion) -> str:
-    """``block:kind``, the name a region goes by in plans and ILPs.
+    """``block:kind:index`` (``TPRegion.name``), the name a region goes by in plans and ILPs.
 
     >>> region_name(TPRegion("mlp", "h.0", (), (), "all_reduce", "all_reduce", 8, (2,)))
-    'h.0:mlp'
+    'h.0:mlp:0'
     """
-    return f"{region.block}:{region.kind}"
+    return region.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +116,7 @@ def build_tp_problem(candidates: Sequence[TPCandidate], *, degree: int, memory_b
     >>> milp = build_tp_problem([TPCandidate(r, 2.0, 1.0, 100)], degree=2,
     ...                         memory_bytes=500, memory_limit_bytes=450)
     >>> sorted(milp.variables), list(milp.lp.constraints)
-    (['h.0:mlp'], ['memory_limit'])
+    (['h.0:mlp:0'], ['memory_limit'])
     """
     if isinstance(degree, bool) or not isinstance(degree, int) or degree < 1:
         raise ConfigError(f"tensor-parallel degree must be a positive integer, got {degree!r}")
@@ -158,7 +158,7 @@ def choose_tp_regions(candidates: Sequence[TPCandidate], *, degree: int, memory_
     >>> cands = [TPCandidate(mlp, 1.0, 3.0, 300), TPCandidate(att, 1.0, 0.5, 200)]
     >>> choice = choose_tp_regions(cands, degree=4, memory_bytes=1000, memory_limit_bytes=600)
     >>> [region_name(r) for r in choice.sharded], choice.time_delta_s, choice.memory_bytes
-    (['h.0:mlp', 'h.0:attention'], 1.5, 500)
+    (['h.0:mlp:0', 'h.0:attention:0'], 1.5, 500)
     """
     if degree == 1:
         return TPChoice(1, (), tuple((c.region, "tp=1: nothing is sharded") for c in candidates),

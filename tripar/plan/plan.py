@@ -252,7 +252,12 @@ class StagePlan:
 
 @dataclass(frozen=True, slots=True)
 class TPShard:
-    """A tensor-parallel region the plan shards (``tripar.graph.proxy.TPRegion`` by name)."""
+    """A tensor-parallel region the plan shards (``tripar.graph.proxy.TPRegion`` by name).
+
+    >>> shard = TPShard("decoder.layers.0", "attention", ("q", "k", "v", "o"), index=1)
+    >>> shard.name
+    'decoder.layers.0:attention:1'
+    """
 
     block: str
     kind: str
@@ -261,6 +266,10 @@ class TPShard:
     """FX names of the region's nodes."""
     shards: tuple[tuple[str, int], ...] = ()
     """(parameter FQN, weight dim sharded)."""
+    index: int = 0
+    """Which region of this ``kind`` in ``block`` (``TPRegion.index``; 0 for the first, and
+    for plans written before regions were numbered): a t5 decoder layer shards attention 0
+    (self) and attention 1 (cross)."""
 
     def __post_init__(self) -> None:
         _check(isinstance(self.block, str) and isinstance(self.kind, str) and self.kind != "",
@@ -270,10 +279,15 @@ class TPShard:
             isinstance(s, tuple) and len(s) == 2 and isinstance(s[0], str)
             and isinstance(s[1], int) and s[1] >= 0 for s in self.shards),
             f"TPShard.shards must be (parameter FQN, dim >= 0) pairs, got {self.shards!r}")
+        _check(isinstance(self.index, int) and not isinstance(self.index, bool)
+               and self.index >= 0,
+               f"TPShard.index must be an integer >= 0 (which {self.kind} region of block "
+               f"{self.block!r}), got {self.index!r}")
 
     @property
     def name(self) -> str:
-        return f"{self.block}:{self.kind}"
+        """``block:kind:index``, the region's unique name (``TPRegion.name``)."""
+        return f"{self.block}:{self.kind}:{self.index}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,7 +511,9 @@ class Plan:
         known = set(self.model.blocks)
         names = [r.name for r in self.tp_regions]
         if _dupes(names):
-            out.append(f"tensor-parallel regions listed twice: {_dupes(names)}")
+            out.append(f"tensor-parallel regions listed twice: {_dupes(names)[:5]}; a region "
+                       f"is named block:kind:index, and two regions of one kind in a block "
+                       f"(t5's self- and cross-attention) differ by their index")
         stray = [r.name for r in self.tp_regions if r.block not in known]
         if stray:
             out.append(f"tensor-parallel regions in unknown blocks: {stray[:5]}")

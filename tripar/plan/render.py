@@ -7,6 +7,7 @@ issue comments alike.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from tripar.plan.config import ParallelConfig
@@ -85,6 +86,35 @@ def fmt_estimate(est: Estimate, device_memory: int | None = None) -> str:
             f"peak memory {mem}, bubble {est.bubble_fraction:.1%}")
 
 
+def fmt_names(names: Sequence[str], width: int, lines: int = 1) -> list[str]:
+    """Names separated by commas on at most ``lines`` lines of at most ``width``
+    characters; what does not fit is counted (``(+3 more)``).
+
+    >>> fmt_names(["h.0:attention:0", "h.0:mlp:0", "h.1:attention:0"], 40)
+    ['h.0:attention:0, h.0:mlp:0 (+1 more)']
+    >>> fmt_names(["h.0:attention:0", "h.0:mlp:0", "h.1:attention:0"], 30, lines=2)
+    ['h.0:attention:0, h.0:mlp:0,', 'h.1:attention:0']
+    """
+    names = list(names)
+    out: list[str] = []
+    i = 0
+    while i < len(names) and len(out) < lines:
+        last = len(out) == lines - 1
+        line = names[i]
+        i += 1
+        while i < len(names):
+            more = f" (+{len(names) - i - 1} more)" if last and i + 1 < len(names) else ""
+            if len(f"{line}, {names[i]}{more},") > width:
+                break
+            line += f", {names[i]}"
+            i += 1
+        out.append(line)
+    if i < len(names):
+        tail = f" (+{len(names) - i} more)"
+        out[-1] = out[-1][: max(0, width - len(tail))] + tail
+    return [line + ("," if k < len(out) - 1 else "") for k, line in enumerate(out)]
+
+
 def _blocks(blocks: tuple[str, ...], width: int) -> str:
     text = blocks[0] if len(blocks) == 1 else f"{blocks[0]} .. {blocks[-1]} ({len(blocks)})"
     return text if len(text) <= width else text[: width - 3] + "..."
@@ -130,6 +160,8 @@ def render_plan(plan: Plan, *, width: int = 100) -> str:
         out.append("")
         out.append(f"tensor parallel (tp={par.tp}): {len(plan.tp_regions)} regions sharded: "
                    + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+        out.extend("  " + line for line in fmt_names([r.name for r in plan.tp_regions],
+                                                      width - 2, lines=3))
     if plan.schedule:
         out.append("")
         out.append(f"schedule {par.schedule}:")
