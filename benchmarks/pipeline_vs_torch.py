@@ -396,7 +396,8 @@ class BlockCheck:
     ``model_memory_ms``."""
     model_memory_ms: float
     """The cost model's time for everything else (fwd + bwd): the memory-bound term
-    ``3 x traffic x saved / bandwidth`` plus ``2 x op_s x ops``."""
+    ``3 x traffic x saved / bandwidth`` plus ``2 x op_s x ops``, each pass scaled by the
+    profile's ``block_forward`` / ``block_backward``."""
 
 
 def block_check(cfg: MeasureConfig, repeats: int = 10) -> BlockCheck:
@@ -422,9 +423,13 @@ def block_check(cfg: MeasureConfig, repeats: int = 10) -> BlockCheck:
         block = captured.graph.blocks[names.index("blocks.0")]
         cost = block_costs(captured.graph, cluster, one)[names.index("blocks.0")]
         spec = cluster.device
-        rate = spec.memory_bandwidth * spec.efficiency.memory
-        memory_ms = (3 * spec.efficiency.memory_traffic * cost.saved_bytes / rate
-                     + 2 * spec.efficiency.op_s * block.ops) * 1e3
+        eff = spec.efficiency
+        rate = spec.memory_bandwidth * eff.memory
+        memory = eff.memory_traffic * cost.saved_bytes / rate  # one forward's bytes
+        # forward: bytes + op_s per operator; backward twice the bytes + op_s per operator;
+        # each pass scaled as the cost model scales it (block_forward / block_backward)
+        memory_ms = (eff.block_forward * (memory + eff.op_s * block.ops)
+                     + eff.block_backward * (2 * memory + eff.op_s * block.ops)) * 1e3
         model_ms = (cost.forward_s + cost.backward_input_s + cost.backward_weight_s) * 1e3
         products_ms = model_ms - memory_ms
         module = loaded.model.blocks[0]

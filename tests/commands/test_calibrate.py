@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import pytest
 
 from tripar.cli import main
 from tripar.commands._cluster_args import add_cluster_args, cluster_from_args
 from tripar.commands.calibrate import (
+    QUICK_BLOCK_SIZES,
     QUICK_OPERATOR_SIZES,
     QUICK_SIZES,
+    compute_clock,
     fit_alpha_beta,
+    fit_block_scales,
+    fit_node_sharing,
     fit_operator_times,
     fit_optimizer_times,
 )
@@ -111,3 +116,64 @@ def test_host_cost_fits_are_nonnegative_least_squares():
     assert tensor_s == pytest.approx(1e-5) and per_param == 0.0
     with pytest.raises(ConfigError, match="at least 2"):
         fit_operator_times(rows[:1], 1e10)
+
+
+def test_calibration_times_whole_blocks_against_the_components(profile):
+    cluster = Cluster.from_file(profile)
+    blocks, eff = cluster.measured["blocks"], cluster.device.efficiency
+    assert [(b["tokens"], b["hidden"]) for b in blocks] == list(QUICK_BLOCK_SIZES)
+    for b in blocks:
+        assert min(b["forward_seconds"], b["backward_seconds"], b["model_forward_seconds"],
+                   b["model_backward_seconds"]) > 0
+        # a backward costs more than its forward, measured and modelled
+        assert b["backward_seconds"] > b["forward_seconds"]
+        assert b["model_backward_seconds"] > b["model_forward_seconds"]
+    assert blocks[-1]["forward_seconds"] > 2 * blocks[0]["forward_seconds"]
+    assert (eff.block_forward, eff.block_backward) == pytest.approx(fit_block_scales(blocks))
+    # the same blocks in 2 processes at once: at least as slow, once fitted
+    assert all(b["shared_forward_seconds"] > 0 and b["shared_backward_seconds"] > 0
+               for b in blocks)
+    assert eff.node_sharing == pytest.approx(fit_node_sharing(
+        [(b["forward_seconds"], b["backward_seconds"]) for b in blocks],
+        [(b["shared_forward_seconds"], b["shared_backward_seconds"]) for b in blocks]))
+    assert 1.0 <= eff.node_sharing < 3.0
+    for b in blocks:  # the scaled model follows the blocks (loosely: busy cores)
+        assert eff.block_forward * b["model_forward_seconds"] == pytest.approx(
+            b["forward_seconds"], rel=0.5)
+        assert eff.block_backward * b["model_backward_seconds"] == pytest.approx(
+            b["backward_seconds"], rel=0.5)
+
+
+def test_fit_block_scales_recovers_known_scales():
+    rows = [{"model_forward_seconds": f, "forward_seconds": 1.17 * f,
+             "model_backward_seconds": 2.1 * f, "backward_seconds": 0.93 * 2.1 * f}
+            for f in (2e-3, 3e-2, 0.4)]
+    assert fit_block_scales(rows) == pytest.approx((1.17, 0.93), rel=1e-9)
+    # relative errors: a small block counts as much as a large one
+    rows = [{"model_forward_seconds": 1e-3, "forward_seconds": 1.1e-3,
+             "model_backward_seconds": 1e-3, "backward_seconds": 1e-3},
+            {"model_forward_seconds": 1.0, "forward_seconds": 1.3,
+             "model_backward_seconds": 1.0, "backward_seconds": 1.0}]
+    forward, backward = fit_block_scales(rows)
+    assert 1.1 < forward < 1.3 and backward == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="at least 1 timed block"):
+        fit_block_scales([{**rows[0], "forward_seconds": 0.0}])
+
+
+def test_compute_is_timed_on_the_process_clock_with_one_thread(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert compute_clock("cpu") is time.process_time
+    assert compute_clock("cuda") is time.perf_counter
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # threads: CPU time overcounts
+    assert compute_clock("cpu") is time.perf_counter
+
+
+def test_fit_node_sharing_recovers_a_known_slowdown():
+    solo = [(2e-3, 4e-3), (3e-2, 6.5e-2), (0.3, 0.61)]
+    assert fit_node_sharing(solo, [(1.08 * f, 1.08 * b) for f, b in solo]) == \
+        pytest.approx(1.08, rel=1e-9)
+    assert fit_node_sharing(solo, [(0.97 * f, 0.97 * b) for f, b in solo]) == 1.0  # noise
+    with pytest.raises(ConfigError, match="alone and shared"):
+        fit_node_sharing([], [])

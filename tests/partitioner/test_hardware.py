@@ -81,6 +81,14 @@ def test_profile_may_name_a_builtin_device(tmp_path):
     (lambda d: d["device"]["efficiency"].update(optimizer_bytes=float("inf")),
      "optimizer_bytes.*must be a finite"),
     (lambda d: d["device"]["peak_flops"].update(int4=1.0), "unknown dtype 'int4'"),
+    (lambda d: d["device"]["efficiency"].update(block_forward=0.0),
+     "block_forward must be a finite number > 0"),
+    (lambda d: d["device"]["efficiency"].update(node_sharing=0),
+     "node_sharing must be a finite number > 0"),
+    (lambda d: d["device"]["efficiency"].update(block_backward=-1.0),
+     "block_backward must be a finite number > 0"),
+    (lambda d: d["device"]["efficiency"].update(block_backward=float("nan")),
+     "block_backward.*must be a finite number"),
 ])
 def test_malformed_profiles(tmp_path, mutate, message):
     data = Cluster.builtin("a100-80g").to_dict()
@@ -146,3 +154,24 @@ def test_host_overheads_default_to_none_and_round_trip(tmp_path):
     del data["device"]["efficiency"]["op_s"]  # profiles written before these fields load
     path.write_text(json.dumps(data))
     assert Cluster.from_file(path).device.efficiency.op_s == 0.0
+
+
+def test_block_scales_default_to_one_and_round_trip(tmp_path):
+    for name in BUILTIN_DEVICES:  # built-ins (and the Megatron-fitted GPUs) keep the parts
+        eff = builtin_device(name).efficiency
+        assert (eff.block_forward, eff.block_backward, eff.node_sharing) == (1.0, 1.0, 1.0)
+    data = Cluster.builtin("cpu").to_dict()
+    data["device"]["efficiency"].update(block_forward=1.15, block_backward=1.07,
+                                        node_sharing=1.06)
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(data))
+    loaded = Cluster.from_file(path)
+    assert (loaded.device.efficiency.block_forward, loaded.device.efficiency.block_backward,
+            loaded.device.efficiency.node_sharing) == (1.15, 1.07, 1.06)
+    loaded.to_file(path)
+    assert Cluster.from_file(path) == loaded
+    for field in ("block_forward", "block_backward", "node_sharing"):  # older profiles
+        del data["device"]["efficiency"][field]
+    path.write_text(json.dumps(data))
+    old = Cluster.from_file(path)
+    assert old.device.efficiency == Cluster.builtin("cpu").device.efficiency

@@ -17,6 +17,14 @@ CPU it also times what is not a product, which there runs on the critical path:
   to ``2 x ops x op_s + 3 x memory_traffic x saved bytes / bandwidth``;
 - ``torch.optim.AdamW.step`` on few large and many small tensors, fitted to
   ``tensors x optimizer_tensor_s + parameters x optimizer_bytes / bandwidth``.
+- the same blocks in 2 processes at once (as a node's pipeline stages run), over their
+  time alone: ``node_sharing``, what sharing the caches and memory bandwidth costs;
+- whole GPT blocks (``tripar.models.gpt.Block``: layer norms, causal attention, GELU
+  MLP), forward and backward at several sizes, against what the components fitted above
+  predict for them (``block_costs`` of the block's own proxy graph); the ratio, fitted
+  over the sizes, is ``block_forward`` / ``block_backward``: what a real layer costs
+  beyond its parts (attention's kernel, the linear layers' bias gradients, ...), the
+  way Alpa and Merak profile whole layers rather than trusting their parts.
 
 On a GPU those stay at the GPU defaults (launches overlap the kernels there).
 
@@ -58,6 +66,9 @@ QUICK_OPERATOR_SIZES = ((8, 16), (64, 64), (256, 128))
 FULL_OPTIMIZER_SIZES = ((64, 64), (64, 2**14), (16, 2**16), (4, 2**20))
 QUICK_OPTIMIZER_SIZES = ((32, 64), (32, 2**12), (2, 2**18))
 """(tensors, elements per tensor) of the optimizer steps."""
+FULL_BLOCK_SIZES = ((64, 128), (192, 384), (512, 768))
+QUICK_BLOCK_SIZES = ((64, 128), (192, 384))
+"""(tokens, hidden) of the whole transformer blocks timed (heads of 64, MLP of 4 x hidden)."""
 TIME_BUDGET_S = 1.0
 """Seconds one measurement may take beyond its first 3 samples (big products)."""
 COLD_BYTES = 64 * 2**20
@@ -97,11 +108,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device: str, repeats: int) -> float:
-    """Seconds per call: the least disturbed of ``repeats`` samples (fewer, but at least 3,
-    once the samples took ``TIME_BUDGET_S``). On a GPU each sample launches 20 calls back
-    to back and synchronises once, so it times the kernels, not the launch-and-wait round
-    trip."""
+def compute_clock(device: str):
+    """The clock compute is timed with: on a CPU whose torch runs one thread, the process's
+    CPU time (what the work costs on a core of its own: other processes on a shared machine
+    do not inflate it); otherwise, and for anything that waits (links), the wall clock."""
+    import torch
+
+    if device == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
+
+
+def _timed(fn, device: str, repeats: int, *, clock=time.perf_counter) -> float:
+    """Seconds per call on ``clock``: the least disturbed of ``repeats`` samples (fewer, but
+    at least 3, once the samples took ``TIME_BUDGET_S``). On a GPU each sample launches 20
+    calls back to back and synchronises once, so it times the kernels, not the
+    launch-and-wait round trip."""
     inner = 20 if device == "cuda" else 1
     fn()  # warm-up
     _sync(device)
@@ -109,11 +131,11 @@ def _timed(fn, device: str, repeats: int) -> float:
     for _ in range(repeats):
         if len(times) >= 3 and sum(times) * inner > TIME_BUDGET_S:
             break
-        start = time.perf_counter()
+        start = clock()
         for _ in range(inner):
             fn()
         _sync(device)
-        times.append((time.perf_counter() - start) / inner)
+        times.append((clock() - start) / inner)
     return min(times)
 
 
@@ -141,7 +163,8 @@ def measure_matmul(device: str, dtype: str, sizes: tuple[int, ...], repeats: int
 
             def timed(product, sets=sets) -> float:
                 cycle = itertools.cycle(sets)
-                return _timed(lambda: product(*next(cycle)), device, repeats)
+                return _timed(lambda: product(*next(cycle)), device, repeats,
+                              clock=compute_clock(device))
 
             forward = timed(lambda x, w, dy: torch.mm(x, w.t()))
             grad_input = timed(lambda x, w, dy: torch.mm(dy, w))
@@ -196,7 +219,8 @@ def measure_operators(sizes: tuple[tuple[int, int], ...], repeats: int) -> list[
         graph = build_proxy_graph(gm, batch_size=1, seq_len=tokens)
         x.requires_grad_(True)
         grad = torch.ones(1, tokens, hidden)
-        seconds = _timed(lambda m=module, x=x, g=grad: m(x).backward(g), "cpu", repeats)
+        seconds = _timed(lambda m=module, x=x, g=grad: m(x).backward(g), "cpu", repeats,
+                         clock=compute_clock("cpu"))
         samples.append({"tokens": tokens, "hidden": hidden,
                         "ops": sum(b.ops for b in graph.blocks),
                         "saved_bytes": sum(b.saved_bytes for b in graph.blocks),
@@ -215,9 +239,133 @@ def measure_optimizer(sizes: tuple[tuple[int, int], ...], repeats: int) -> list[
         for p in params:
             p.grad = torch.randn(numel)
         optimizer = torch.optim.AdamW(params, lr=1e-3)
-        seconds = _timed(optimizer.step, "cpu", repeats)
+        seconds = _timed(optimizer.step, "cpu", repeats, clock=compute_clock("cpu"))
         samples.append({"tensors": tensors, "params": tensors * numel, "seconds": seconds})
     return samples
+
+
+def _block(tokens: int, hidden: int):
+    """A GPT block (heads of 64) and its proxy graph, captured and annotated like a model."""
+    import torch
+
+    from tripar.graph.annotate import annotate
+    from tripar.graph.build import build_proxy_graph
+    from tripar.graph.capture import capture
+    from tripar.models.gpt import Block, GPTConfig
+
+    heads = max(1, hidden // 64)
+    module = Block(GPTConfig(layers=1, hidden=hidden, heads=heads, seq=tokens))
+    x = torch.randn(1, tokens, hidden)
+    gm = capture(module, (x,))
+    annotate(gm, (x,))
+    return module, build_proxy_graph(gm, batch_size=1, seq_len=tokens)
+
+
+def time_blocks(sizes: tuple[tuple[int, int], ...], repeats: int) -> list[tuple[float, float]]:
+    """(forward, backward) seconds of a GPT block at each (tokens, hidden), batch 1, on the
+    CPU: the least disturbed of the samples of each pass.
+
+    As in a training step, each call takes the next of enough copies of the block (and
+    its input) to fill ``COLD_BYTES``, so its weights come from memory, and its gradients
+    accumulate into ``.grad``."""
+    import copy
+    import itertools
+
+    import torch
+
+    times = []
+    for tokens, hidden in sizes:
+        module, _ = _block(tokens, hidden)
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+        copies = max(1, min(32, COLD_BYTES // max(1, weights)))
+        pairs = [(copy.deepcopy(module), torch.randn(1, tokens, hidden, requires_grad=True))
+                 for _ in range(copies)]
+        grad = torch.ones(1, tokens, hidden)
+        for block, x in pairs:  # warm-up: every copy once, its .grad allocated
+            block(x).backward(grad)
+        cycle = itertools.cycle(pairs)
+        forward: list[float] = []
+        backward: list[float] = []
+        clock = compute_clock("cpu")
+        for _ in range(max(3, repeats)):
+            if len(forward) >= 3 and sum(forward) + sum(backward) > TIME_BUDGET_S:
+                break
+            block, x = next(cycle)
+            start = clock()
+            y = block(x)
+            middle = clock()
+            y.backward(grad)
+            end = clock()
+            forward.append(middle - start)
+            backward.append(end - middle)
+        del pairs
+        times.append((min(forward), min(backward)))
+    return times
+
+
+def measure_blocks(sizes: tuple[tuple[int, int], ...], repeats: int,
+                   cluster: Cluster) -> list[dict]:
+    """``time_blocks`` beside what ``cluster``'s component model predicts for each block
+    (``model_forward_seconds``, ``model_backward_seconds``: ``block_costs`` of the block's
+    own proxy graph)."""
+    from tripar.partitioner.cost_model import block_costs
+    from tripar.plan.config import ParallelConfig
+
+    one = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=1, num_microbatches=1)
+    samples = []
+    for (tokens, hidden), (forward, backward) in zip(sizes, time_blocks(sizes, repeats)):
+        costs = block_costs(_block(tokens, hidden)[1], cluster, one)
+        samples.append({"tokens": tokens, "hidden": hidden,
+                        "forward_seconds": forward, "backward_seconds": backward,
+                        "model_forward_seconds": sum(c.forward_s for c in costs),
+                        "model_backward_seconds": sum(c.backward_input_s + c.backward_weight_s
+                                                      for c in costs)})
+    return samples
+
+
+def fit_block_scales(samples: list[dict]) -> tuple[float, float]:
+    """Fit ``measured = scale x modelled`` for the forward and the backward of whole blocks,
+    least squares on relative errors; returns (block_forward, block_backward).
+
+    >>> rows = [{"forward_seconds": 1.2 * f, "model_forward_seconds": f,
+    ...          "backward_seconds": 1.3 * 2 * f, "model_backward_seconds": 2 * f}
+    ...         for f in (1e-4, 1e-3, 1e-2)]
+    >>> [round(x, 6) for x in fit_block_scales(rows)]
+    [1.2, 1.3]
+    """
+    rows = [s for s in samples if min(s["forward_seconds"], s["backward_seconds"],
+                                      s["model_forward_seconds"],
+                                      s["model_backward_seconds"]) > 0]
+    if not rows:
+        raise ConfigError(f"need at least 1 timed block with positive times to fit, got "
+                          f"{len(samples)} samples and none usable")
+
+    def scale(measured: str, modelled: str) -> float:
+        # minimise sum (a m_i / t_i - 1)^2 over a
+        ratios = [r[modelled] / r[measured] for r in rows]
+        return sum(ratios) / sum(q * q for q in ratios)
+
+    return (scale("forward_seconds", "model_forward_seconds"),
+            scale("backward_seconds", "model_backward_seconds"))
+
+
+def fit_node_sharing(solo: list[tuple[float, float]],
+                     shared: list[tuple[float, float]]) -> float:
+    """Fit ``shared = factor x solo`` over the (forward, backward) seconds of blocks timed
+    alone and while another process ran the same blocks (least squares on relative
+    errors); at least 1, since sharing a node never makes a block faster (less is noise).
+
+    >>> fit_node_sharing([(1e-3, 2e-3), (0.1, 0.2)], [(1.1e-3, 2.2e-3), (0.11, 0.22)])
+    1.1
+    >>> fit_node_sharing([(1e-3, 2e-3)], [(0.9e-3, 1.9e-3)])
+    1.0
+    """
+    ratios = [a / b for pair_a, pair_b in zip(solo, shared) for a, b in zip(pair_a, pair_b)
+              if a > 0 and b > 0]
+    if not ratios:
+        raise ConfigError(f"need at least 1 block timed alone and shared to fit, got "
+                          f"{len(solo)} and {len(shared)}")
+    return max(1.0, round(sum(ratios) / sum(r * r for r in ratios), 12))
 
 
 def _fit_two(rows: list[tuple[float, float, float]]) -> tuple[float, float]:
@@ -282,7 +430,7 @@ def measure_memory_bandwidth(device: str, quick: bool, repeats: int) -> float:
     elements = (2**22 if quick else 2**25) * (8 if device == "cuda" else 1)
     src = torch.ones(elements, device=device)
     dst = torch.empty_like(src)
-    seconds = _timed(lambda: dst.copy_(src), device, repeats)
+    seconds = _timed(lambda: dst.copy_(src), device, repeats, clock=compute_clock(device))
     return 2.0 * src.numel() * src.element_size() / seconds
 
 
@@ -293,7 +441,7 @@ def _free_port() -> int:
 
 
 def _comm_worker(rank: int, world: int, port: int, timeout_s: float, payloads: list[int],
-                 repeats: int, out_path: str) -> None:
+                 repeats: int, out_path: str, block_sizes: list, threads: int) -> None:
     import torch
     import torch.distributed as dist
 
@@ -321,20 +469,30 @@ def _comm_worker(rank: int, world: int, port: int, timeout_s: float, payloads: l
             reduce = _timed(all_reduce, "cpu", repeats)
             results["p2p"].append({"bytes": buf.numel() * 4, "seconds": one_way})
             results["all_reduce"].append({"bytes": buf.numel() * 4, "seconds": reduce})
+        if block_sizes:  # every process computes at once, as a node's pipeline stages do
+            torch.set_num_threads(threads)
+            dist.barrier()
+            results["shared_blocks"] = time_blocks(tuple(map(tuple, block_sizes)), repeats)
+            dist.barrier()
         if rank == 0:
             Path(out_path).write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
 
 
-def measure_links(payloads: tuple[int, ...], repeats: int, timeout_s: float) -> dict:
-    """gloo p2p (one way) and all-reduce times between 2 local processes."""
+def measure_links(payloads: tuple[int, ...], repeats: int, timeout_s: float,
+                  block_sizes: tuple[tuple[int, int], ...] = ()) -> dict:
+    """gloo p2p (one way) and all-reduce times between 2 local processes; with
+    ``block_sizes``, also ``shared_blocks``: ``time_blocks`` in one process while the other
+    runs the same blocks (they share the caches and the memory bandwidth)."""
+    import torch
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "links.json")
         mp.start_processes(_comm_worker, args=(2, _free_port(), timeout_s, list(payloads),
-                                               repeats, out),
+                                               repeats, out, list(block_sizes),
+                                               torch.get_num_threads()),
                            nprocs=2, join=True, start_method="spawn")
         return json.loads(Path(out).read_text())
 
@@ -387,12 +545,33 @@ def calibrate(*, quick: bool, device: str, dtype: str | None, devices_per_node: 
                                   repeats)
         op_s, traffic = fit_operator_times(operators, bandwidth)
         tensor_s, optimizer_bytes = fit_optimizer_times(steps, bandwidth)
-        host = {"operators": operators, "optimizer": steps}
         overheads = {"op_s": op_s, "memory_traffic": traffic, "optimizer_tensor_s": tensor_s,
                      "optimizer_bytes": optimizer_bytes}
+        # Whole blocks against the components just fitted (1-device cluster, scales 1).
+        parts = Cluster(
+            device=DeviceSpec(name="cpu", peak_flops=((dtype, peak),), memory_bytes=2**40,
+                              memory_bandwidth=bandwidth, default_dtype=dtype,
+                              efficiency=Efficiency(matmul_max=1.0, matmul_half=x_half,
+                                                    memory=1.0, launch_s=launch,
+                                                    **overheads)),
+            nodes=1, devices_per_node=1, intra_bandwidth=1e9, intra_latency=0.0,
+            inter_bandwidth=1e9, inter_latency=0.0)
+        blocks = measure_blocks(QUICK_BLOCK_SIZES if quick else FULL_BLOCK_SIZES, repeats,
+                                parts)
+        block_forward, block_backward = fit_block_scales(blocks)
+        overheads.update(block_forward=block_forward, block_backward=block_backward)
+        host = {"operators": operators, "optimizer": steps, "blocks": blocks}
     else:  # launches overlap the kernels: the GPU defaults
         overheads = {"memory_traffic": shipped["memory_traffic"]}
-    links = measure_links(QUICK_PAYLOADS if quick else FULL_PAYLOADS, repeats, timeout_s)
+    block_sizes = (QUICK_BLOCK_SIZES if quick else FULL_BLOCK_SIZES) if device == "cpu" else ()
+    links = measure_links(QUICK_PAYLOADS if quick else FULL_PAYLOADS, repeats, timeout_s,
+                          block_sizes)
+    if device == "cpu":
+        shared = [tuple(pair) for pair in links["shared_blocks"]]
+        overheads["node_sharing"] = fit_node_sharing(
+            [(b["forward_seconds"], b["backward_seconds"]) for b in host["blocks"]], shared)
+        for sample, (forward, backward) in zip(host["blocks"], shared):
+            sample.update(shared_forward_seconds=forward, shared_backward_seconds=backward)
     p2p_alpha, p2p_beta = fit_alpha_beta(links["p2p"])
     # 2 ranks: all-reduce = 2 alpha + M / beta_bus; its bandwidth over the p2p one is the
     # fraction of the link collectives reach.
@@ -466,6 +645,9 @@ def _print_summary(cluster: Cluster, path: str) -> None:
         f"per operator and pass {eff.op_s * 1e6:.1f} us, memory traffic "
         f"{eff.memory_traffic:.2f} x saved bytes; optimizer step {eff.optimizer_bytes:.0f} "
         f"B per parameter + {eff.optimizer_tensor_s * 1e6:.1f} us per tensor\n"
+        f"whole blocks: measured / component model {eff.block_forward:.2f} forward, "
+        f"{eff.block_backward:.2f} backward; x {eff.node_sharing:.2f} with 2 processes "
+        f"computing at once\n"
         f"gloo p2p: latency {cluster.intra_latency * 1e6:.1f} us, bandwidth "
         f"{cluster.intra_bandwidth / 1e9:.2f} GB/s; all-reduce reaches {eff.link:.2f} of it\n"
         f"inter-node link assumed: {cluster.inter_bandwidth / 1e9:.2f} GB/s, "

@@ -19,7 +19,12 @@ Conventions (all per device, per microbatch unless said otherwise):
   memory-bound: a forward moves ``memory_traffic x saved bytes`` at ``memory x
   bandwidth``, the backward twice that. Every tensor operator (``Block.ops``) also
   pays ``op_s`` in the forward and again in the backward (B): dispatch, autograd and
-  Python, which a CPU process runs on its critical path (0 on GPUs). The backward FLOPs split into the weight gradient
+  Python, which a CPU process runs on its critical path (0 on GPUs). A calibrated CPU
+  profile scales a block's forward by ``block_forward`` and its backward by
+  ``block_backward`` (whole blocks timed against this sum; 1 elsewhere; collectives are
+  not scaled), and, when the plan has more than one device, by ``node_sharing`` (the
+  node's processes share its caches and memory bandwidth). The backward FLOPs split
+  into the weight gradient
   ``W = min(backward / 2, 2 x tokens x params)`` (a linear's dW = 2 m k n)
   and the input gradient ``B = backward - W``; the memory-bound part and the
   tensor-parallel backward collectives go to B, gradient accumulation
@@ -308,12 +313,17 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
         fwd_comm += collective_time(cluster, region.forward_collective, payload, t)
         bwd_comm += collective_time(cluster, region.backward_collective, payload, t)
 
+    # What the components miss in a whole block, and what the node's other devices
+    # computing at once cost it (calibrated CPUs; 1 elsewhere).
+    sharing = eff.node_sharing if config.devices > 1 and cluster.devices_per_node > 1 else 1.0
+    fwd_scale, bwd_scale = eff.block_forward * sharing, eff.block_backward * sharing
     return BlockCost(
-        forward_s=forward_compute + launches + forward_memory + overhead + fwd_comm,
-        backward_input_s=(backward_flops - weight_flops) * seconds_per_flop + launches
-        + 2 * forward_memory + overhead + bwd_comm,
-        backward_weight_s=weight_flops * seconds_per_flop + launches * (weight_flops > 0)
-        + grad_accumulate,
+        forward_s=fwd_scale * (forward_compute + launches + forward_memory + overhead)
+        + fwd_comm,
+        backward_input_s=bwd_scale * ((backward_flops - weight_flops) * seconds_per_flop
+                                      + launches + 2 * forward_memory + overhead) + bwd_comm,
+        backward_weight_s=bwd_scale * (weight_flops * seconds_per_flop
+                                       + launches * (weight_flops > 0) + grad_accumulate),
         saved_bytes=int(saved),
         input_bytes=int(input_bytes),
         output_bytes=int(block.output_bytes * byte_scale),

@@ -66,7 +66,8 @@ class Efficiency:
     intensity in FLOPs per element moved, halved: small or skinny products
     are memory-bound and reach less. Work that is not a matrix product is
     charged by bytes over ``memory`` times the memory bandwidth, plus ``op_s`` per
-    tensor operator and pass (CPU processes; 0 on GPUs).
+    tensor operator and pass (CPU processes; 0 on GPUs). On a calibrated CPU the sum is
+    scaled by ``block_forward`` / ``block_backward``, fitted to whole transformer blocks.
 
     >>> eff = Efficiency(matmul_max=0.8, matmul_half=100.0)
     >>> round(eff.matmul(4096, 4096, 4096), 3), round(eff.matmul(64, 64, 64), 3)
@@ -98,6 +99,21 @@ class Efficiency:
     optimizer_tensor_s: float = 0.0
     """Fixed seconds per parameter tensor and optimizer step (a per-tensor loop's kernel
     calls); 0 for fused or multi-tensor optimizers on GPUs."""
+    block_forward: float = 1.0
+    """Measured over modelled forward seconds of whole transformer blocks, fitted by
+    ``tripar calibrate`` on a CPU (see ``fit_block_scales``): what the per-component terms
+    above miss in a real layer (the attention kernel beyond its two products, the linear
+    layers' bias and layout work). Multiplies a block's forward compute; 1 leaves the
+    component model as it is (the built-in GPUs, profiles written before it existed)."""
+    block_backward: float = 1.0
+    """The same for the backward (B and W): measured over modelled backward seconds of
+    whole blocks (autograd's bias-gradient reductions and gradient accumulation, the
+    attention kernel's backward, which re-runs its products)."""
+    node_sharing: float = 1.0
+    """Factor on a block's compute when the other devices of its node compute at the same
+    time (a plan of more than one device): CPU processes share the caches and the memory
+    bandwidth. ``tripar calibrate`` fits it to blocks timed in 2 processes at once over
+    the same blocks alone; 1 on GPUs (each has its own memory) and in older profiles."""
     source: str = ""
     """Where the numbers come from (fit, measurement)."""
 
@@ -111,6 +127,11 @@ class Efficiency:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ConfigError(f"Efficiency.{name} must be a finite number >= 0, got {value}")
+        for name in ("block_forward", "block_backward", "node_sharing"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"Efficiency.{name} must be a finite number > 0, got {value} "
+                                  f"(1 keeps the component model)")
 
     @staticmethod
     def size(m: float, k: float, n: float) -> float:
