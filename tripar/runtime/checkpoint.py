@@ -9,7 +9,9 @@ Every tensor is stored as *pieces* under the original model's FQNs: a piece is
 ``(fqn, key, box, flat, tensor)`` -- ``key`` is ``param`` or ``optim.<state name>``
 (``optim.exp_avg``, ``optim.exp_avg_sq``, ``optim.step`` for AdamW); ``box`` the
 ``[start, stop)`` per dim of the whole tensor that a rank holds (all of it without
-tensor parallelism); ``flat`` the ``[a, b)`` range of that box's flattened values
+tensor parallelism; a fused weight's slice, such as QKV cut per part, is one piece per
+part, and with ZeRO-1 its optimizer state is gathered over dp and written by dp rank 0);
+``flat`` the ``[a, b)`` range of that box's flattened values
 the piece carries (all of it, except for ZeRO-1 optimizer state, where each dp rank
 holds a slice of a flat bucket). Loading therefore does not care which plan wrote a
 checkpoint: each rank reads the files the manifest names for the FQNs it holds,
