@@ -86,6 +86,17 @@ def fmt_estimate(est: Estimate, device_memory: int | None = None) -> str:
             f"peak memory {mem}, bubble {est.bubble_fraction:.1%}")
 
 
+def fmt_flops(rate: float) -> str:
+    """A FLOP rate as a person reads it.
+
+    >>> fmt_flops(312e12), fmt_flops(3.6e10)
+    ('312 TFLOP/s', '36.0 GFLOP/s')
+    """
+    if rate >= 1e12:
+        return f"{rate / 1e12:.0f} TFLOP/s"
+    return f"{rate / 1e9:.1f} GFLOP/s"
+
+
 def fmt_names(names: Sequence[str], width: int, lines: int = 1) -> list[str]:
     """Names separated by commas on at most ``lines`` lines of at most ``width``
     characters; what does not fit is counted (``(+3 more)``).
@@ -138,7 +149,7 @@ def render_plan(plan: Plan, *, width: int = 100) -> str:
         f"model:    {model.spec} ({len(model.blocks)} blocks, {fmt_count(model.params)} "
         f"parameters, fingerprint {model.fingerprint})",
         f"cluster:  {cl.nodes} x {cl.devices_per_node} {cl.device} "
-        f"({fmt_bytes(cl.device_memory_bytes)}, {cl.peak_flops / 1e12:.0f} TFLOP/s; "
+        f"({fmt_bytes(cl.device_memory_bytes)}, {fmt_flops(cl.peak_flops)}; "
         f"{fmt_bytes(cl.intra_bandwidth)}/s in a node, {fmt_bytes(cl.inter_bandwidth)}/s "
         f"between nodes)",
         f"batch:    {plan.inputs.global_batch_size} samples x {plan.inputs.seq_len} tokens "
