@@ -2,7 +2,8 @@
 
 Builds the real proxy graph of the zoo ``gpt`` on the meta device, then times the
 full search (``tripar.partitioner.search.search_with_stats``) on its own and prints
-both times, the plan and the search's statistics.
+both times, the plan, the search's statistics and how the stage split was chosen (the
+partition DP's or the uniform one, whichever simulated faster).
 
     python benchmarks/plan_gpt3.py [--repeat 3]
 """
@@ -49,6 +50,7 @@ def main() -> None:
           f"{stats.pruned_by_bound} by bound, {stats.pruned_by_memory} by memory, "
           f"{stats.pruned_by_screen} after screening; work {stats.work} "
           f"(partition {stats.partition_work}); status {plan.solvers[0].status}")
+    print(next(n for n in plan.notes if n.startswith("stage split")))
 
 
 if __name__ == "__main__":

@@ -12,8 +12,14 @@ comparison is of plans, not of cost models):
 - ``dp+zero1``: pure data parallelism with ZeRO-1 (micro batch 1, gradient
   accumulation; no recomputation, or full recomputation when that does not fit);
   "over memory" where even that does not fit.
-- ``uniform split``: tripar's plan with its stage split replaced by the uniform one
-  (shows what the partitioner adds; equal to tripar's when pp = 1).
+- ``uniform split``: tripar's configuration (and sharded regions) on the uniform split
+  by layers, costed as the search costs it (``search.uniform_split_of``: whole blocks
+  recomputed per stage under the same memory budget). The search simulates this split
+  for every configuration it costs and keeps it when faster, so tripar's step is never
+  above it; equal when pp = 1 or when the partition DP's split is the uniform one. Its
+  note gives the same split with fractional per-stage recompute shares
+  (``step_estimate``'s stage-aware rule), which a plan cannot express (it recomputes
+  whole blocks): the gap is what sub-block recomputation could add.
 - ``merak defaults``: the published degrees (Merak leaves them to the user), uniform
   split, 1F1B, micro batch 1 and one fixed recomputed share ``MERAK_RATIO`` on every
   stage (Merak's user-given ratio).
@@ -116,6 +122,34 @@ def _estimate(system: str, graph, cluster, cfg, boundaries=None, recompute=None,
     return Costed(system, _describe(cfg), est.step_time_s, est.peak_memory_bytes / 1e9, note)
 
 
+def _uniform_split(graph, cluster, plan) -> Costed:
+    """The plan's configuration and regions on the uniform split by layers, costed as the
+    search costs it; the note adds fractional recompute shares on the same split."""
+    from tripar.errors import TriparError
+    from tripar.partitioner.cost_model import step_estimate
+    from tripar.partitioner.search import uniform_split_of
+
+    par = plan.parallel
+    cfg = replace(par, recompute="stage-aware") if par.recompute == "none" else par
+    regions = [r.name for r in plan.tp_regions]
+    try:
+        got = uniform_split_of(plan, graph, cluster)
+    except TriparError as error:
+        return Costed("uniform split", _describe(par), None, None,
+                      f"does not fit: {error}"[:120])
+    same = "same split as tripar; " if got.boundaries == tuple(
+        plan.model.blocks.index(st.blocks[0]) for st in plan.stages) else ""
+    try:
+        frac = step_estimate(graph, cluster, cfg, recompute=cfg.recompute,
+                             record_timeline=False, tp_regions=regions)
+        ideal = (f"fractional recompute shares: {frac.step_time_s:.2f} s"
+                 + ("" if frac.fits else " (over memory)"))
+    except TriparError:
+        ideal = ""
+    return Costed("uniform split", _describe(par), got.step_time_s,
+                  got.peak_memory_bytes / 1e9, same + ideal)
+
+
 def compare_row(index: int, row: tuple) -> RowResult:
     """Every system of the module docstring for 1-based row ``index`` of the table."""
     from tripar.partitioner.hardware import Cluster
@@ -150,9 +184,7 @@ def compare_row(index: int, row: tuple) -> RowResult:
             got = _estimate("dp+zero1", graph, cluster, replace(dp_cfg, recompute="full"))
         costed.append(got)
 
-    # tripar's configuration on the uniform split (per-stage recompute re-derived for it)
-    costed.append(_estimate("uniform split", graph, cluster, par, None, par.recompute,
-                            note="same as tripar (pp=1)" if par.pp == 1 else ""))
+    costed.append(_uniform_split(graph, cluster, plan))
     merak = ParallelConfig(dp=d, tp=t, pp=p, micro_batch_size=1, num_microbatches=batch // d,
                            schedule="1f1b", recompute="none")
     costed.append(_estimate("merak defaults", graph, cluster, merak, None,

@@ -6,8 +6,10 @@ stage's blocks drop their activations and recompute them in the backward.
 This module states that problem on plain per-block numbers
 (:class:`PartitionProblem`), so it does not depend on how the cost model
 produced them, and solves it exactly with a dynamic program
-(:func:`solve_partition_dp`). :mod:`tripar.partitioner.partition_milp` solves
-the same problem as a MILP; the two must agree.
+(:func:`solve_partition_dp`); :func:`solve_fixed_partition` gives a split fixed in
+advance (the uniform one the search also simulates) the same per-stage recompute
+choice. :mod:`tripar.partitioner.partition_milp` solves the same problem as a MILP; the
+two must agree.
 
 The model, for stage ``s`` holding blocks ``B_s`` of which ``R_s`` recompute:
 
@@ -672,6 +674,51 @@ def solve_partition_dp(problem: PartitionProblem, *, use_runs: bool = True) -> P
                              solve_time_s=time.perf_counter() - start)
     return PartitionSolution(sol.stages, sol.objective_s, sol.bottleneck_s, sol.solver,
                              sol.status, sol.solve_time_s, work=cells[0])
+
+
+def solve_fixed_partition(problem: PartitionProblem,
+                          boundaries: Sequence[int]) -> PartitionSolution:
+    """The cheapest recomputation for a split given by each stage's first block: per
+    stage, the blocks :func:`solve_partition_dp` would recompute on that range (none when
+    the stage fits, else the least recompute time that fits its budget).
+
+    Raises ConfigError for malformed boundaries and InfeasibleError, naming the stage, its
+    least memory and its budget, when a stage does not fit even with every block the
+    policy allows recomputed.
+
+    >>> prob = PartitionProblem.uniform(6, stages=3, activation_bytes=10, input_bytes=1,
+    ...                                 memory_limit_bytes=40, num_microbatches=4)
+    >>> sol = solve_fixed_partition(prob, (0, 2, 4))
+    >>> [s.recompute for s in sol.stages], sol.objective_s, sol.status
+    ([(0, 1), (), ()], 44.0, 'fixed split')
+    """
+    start = time.perf_counter()
+    n, k = problem.num_blocks, problem.num_stages
+    bounds = tuple(int(b) for b in boundaries)
+    if (len(bounds) != k or bounds[0] != 0 or bounds[-1] >= n
+            or any(a >= b for a, b in zip(bounds, bounds[1:]))):
+        raise ConfigError(f"stage boundaries {list(bounds)} must be the first block of each "
+                          f"of the {k} stages: start at 0, increase strictly, stay below {n}")
+    table = _StageTable(problem, tables=False)
+    stops = (*bounds[1:], n)
+    rec = []
+    for s, (first, stop) in enumerate(zip(bounds, stops)):
+        if table.choice(s, first, stop) is None:
+            least = int(table.least_memory(s)[first, stop])
+            limit = problem.memory_limit_bytes[s]
+            how = ("with every block recomputed" if problem.recompute != "none"
+                   else "without recompute")
+            raise InfeasibleError(
+                f"stage {s} ({problem.blocks[first]}..{problem.blocks[stop - 1]}, "
+                f"{stop - first} blocks, {problem.in_flight[s]} microbatches in flight) of "
+                f"the split {list(bounds)} needs at least {least} bytes "
+                f"({least / 1e9:.2f} GB) {how} but its budget is {limit} bytes "
+                f"({limit / 1e9:.2f} GB), {least - limit} bytes short")
+        rec.append(table.recompute_blocks(s, first, stop))
+    sol = evaluate_partition(problem, bounds, rec, solver="fixed", status="fixed split",
+                             solve_time_s=time.perf_counter() - start)
+    return PartitionSolution(sol.stages, sol.objective_s, sol.bottleneck_s, sol.solver,
+                             sol.status, sol.solve_time_s, work=k)
 
 
 def diagnose_infeasible(problem: PartitionProblem) -> InfeasibleError:

@@ -8,7 +8,10 @@ configuration means: block costs from the cost model (cached per tensor-parallel
 degree and microbatch size; identical blocks costed once), the exact stage
 partition with per-stage recomputation (:func:`~tripar.partitioner.partition.
 solve_partition_dp`) under the in-flight microbatch counts of its schedule,
-then the schedule played by the simulator. The result is a validated
+then the schedule played by the simulator. The DP minimises a proxy of the step, so
+the uniform split by layers, with the DP's per-stage recomputation for it under the same
+budget, is simulated too and kept when faster (``_Search.best_split``; the plan's notes
+say which split won and by how much). The result is a validated
 :class:`~tripar.plan.plan.Plan` with the runners-up and why each lost.
 
 Lower bound (never above the simulated step time): for gpipe, 1f1b and scp,
@@ -38,10 +41,19 @@ import numpy as np
 from tripar.errors import ConfigError, InfeasibleError
 from tripar.graph.proxy import ProxyGraph
 from tripar.partitioner.collectives import p2p_time
-from tripar.partitioner.cost_model import BUCKET_BYTES, block_costs, stage_costs
+from tripar.partitioner.cost_model import (
+    BUCKET_BYTES,
+    block_costs,
+    stage_costs,
+    uniform_boundaries,
+)
 from tripar.partitioner.cost_model import shardable_regions as _shardable
 from tripar.partitioner.hardware import Cluster, canonical_dtype, dtype_bytes
-from tripar.partitioner.partition import PartitionProblem, solve_partition_dp
+from tripar.partitioner.partition import (
+    PartitionProblem,
+    solve_fixed_partition,
+    solve_partition_dp,
+)
 from tripar.partitioner.schedules import build_schedule
 from tripar.partitioner.search_candidates import VIRTUAL_STAGES, Candidates, Pins
 from tripar.partitioner.search_candidates import check_pins as _check_pins
@@ -98,6 +110,13 @@ class Evaluated:
     """Names (``block:kind:index``) of the regions sharded at ``config.tp``."""
     tp_note: str = ""
     """How the sharded regions were chosen."""
+    split: str = "dp"
+    """Whose stage split this is: ``dp`` (the partition DP's), ``uniform`` (layers spread
+    evenly, :func:`~tripar.partitioner.cost_model.uniform_boundaries`) or ``given``
+    (:func:`evaluate_split`'s)."""
+    split_note: str = ""
+    """How the split was chosen: the simulated step of the DP's split against the uniform
+    one's."""
 
     def estimate(self, tokens: int) -> Estimate:
         return Estimate(self.step_time_s, tokens / self.step_time_s, self.peak_memory_bytes,
@@ -215,9 +234,10 @@ class _Search(Candidates, RegionChoice):
 
         The regions sharded are the tensor-parallel ILP's choice (``tp_choice``) and the
         time-optimal one (``free_choice``); when they differ both are costed and the
-        faster that fits is kept."""
+        faster that fits is kept. For each, the partition DP's stage split and the
+        uniform one are simulated (``best_split``)."""
         if cfg.tp == 1:
-            return self._evaluate(cfg, frozenset(), "")
+            return self.best_split(cfg, frozenset(), "")
         ilp, note = self.tp_choice(cfg)
         free = self.free_choice(cfg.tp, cfg.micro_batch_size)
         options = [(ilp, note)] + ([(free, "regions whose sharding saves more compute than "
@@ -233,24 +253,85 @@ class _Search(Candidates, RegionChoice):
                               f"{cfg.tp} tensor-parallel devices would only repeat work")
                 continue
             try:
-                results.append(self._evaluate(cfg, shard, why))
+                results.append(self.best_split(cfg, shard, why))
             except InfeasibleError as error:
                 errors.append(str(error))
         if not results:
             raise InfeasibleError(errors[0])
         return min(results, key=lambda e: (e.step_time_s, len(e.tp_regions)))
 
-    def _evaluate(self, cfg: ParallelConfig, shard: frozenset[str], note: str) -> Evaluated:
+    def best_split(self, cfg: ParallelConfig, shard: frozenset[str], note: str) -> Evaluated:
+        """The partition DP's stage split and the uniform split by layers, each with the
+        recomputation the DP's per-stage choice gives it under the same memory budget, both
+        simulated: the faster that fits (the DP's on a tie). The DP minimises a proxy of the
+        step (``sum t / v + (m v - 1) max t``: no schedule dependencies, tails or uneven
+        p2p), so the uniform split can simulate faster. It costs one more simulation: none
+        when the DP's split is the uniform one, or when the uniform split's busiest rank
+        alone (``m`` forward and backward passes of its stages, then its tail) takes at
+        least the DP split's simulated step."""
+        uniform = self.uniform(cfg.pp * cfg.vpp)
+        dp_error: InfeasibleError | None = None
+        try:
+            dp: Evaluated | None = self._evaluate(cfg, shard, note)
+        except InfeasibleError as error:
+            if uniform is None:
+                raise
+            dp, dp_error = None, error
+        if dp is not None and (uniform is None or dp.boundaries == uniform):
+            return replace(dp, split_note="the partition DP's split" + (
+                ", which is the uniform split by layers" if uniform is not None
+                else " (too few layers for a uniform split)"))
+        try:  # one try without margins where the DP's split does not fit (rarely does this)
+            even = self._evaluate(cfg, shard, note, uniform,
+                                  cutoff=math.inf if dp is None else dp.step_time_s,
+                                  attempts=1 if dp is None else 3)
+        except InfeasibleError:
+            if dp is None:
+                raise dp_error from None
+            return replace(dp, split_note=f"the partition DP's split (simulated "
+                                          f"{fmt_time(dp.step_time_s)}); the uniform split "
+                                          f"by layers does not fit the device")
+        if even is None:
+            assert dp is not None
+            return replace(dp, split_note=(
+                f"the partition DP's split, simulated {fmt_time(dp.step_time_s)}; on the "
+                f"uniform split by layers {list(uniform)} the busiest rank's compute alone "
+                f"takes longer"))
+        if dp is None:
+            return replace(even, split="uniform", split_note=(
+                f"the uniform split by layers (simulated {fmt_time(even.step_time_s)}); the "
+                f"partition DP's split does not fit the device in the simulation"))
+        if even.step_time_s < dp.step_time_s:
+            return replace(even, split="uniform", split_note=(
+                f"the uniform split by layers, simulated {fmt_time(even.step_time_s)}, "
+                f"{1 - even.step_time_s / dp.step_time_s:.2%} faster than the partition "
+                f"DP's split {list(dp.boundaries)} (the DP minimises a proxy of the step)"))
+        return replace(dp, split_note=(
+            f"the partition DP's split, simulated {fmt_time(dp.step_time_s)}, "
+            f"{1 - dp.step_time_s / even.step_time_s:.2%} faster than the uniform split by "
+            f"layers {list(even.boundaries)}"))
+
+    def _evaluate(self, cfg: ParallelConfig, shard: frozenset[str], note: str,
+                  split: tuple[int, ...] | None = None, *, cutoff: float = math.inf,
+                  attempts: int = 3) -> Evaluated | None:
+        """Cost and simulate ``cfg`` on the partition DP's split, or on ``split`` (the first
+        block of each stage) with the DP's per-stage recomputation for it; a stage over
+        the device in the simulation shrinks its budget by the overshoot and the split is
+        solved again (``attempts`` tries in all). None, without simulating, when a rank's forward and
+        backward passes and tail alone take ``cutoff`` or more (the step cannot be
+        shorter: every rank runs them all, one action at a time, then its tail)."""
         margin = [0] * cfg.pp
         regions = None if cfg.tp == 1 else shard
-        for _attempt in range(3):
+        for _attempt in range(attempts):
             problem = self.partition_problem(cfg, margin, shard)
-            if problem not in self._partitions:  # 1f1b, zb-h1 and scp share problems
-                self._partitions[problem] = solve_partition_dp(problem)
-                self.partition_runs.append((self._partitions[problem].solve_time_s, 0.0))
-                self.work += self._partitions[problem].work
-                self.partition_work += self._partitions[problem].work
-            sol = self._partitions[problem]
+            key = problem if split is None else (problem, split)
+            if key not in self._partitions:  # 1f1b, zb-h1 and scp share problems
+                self._partitions[key] = (solve_partition_dp(problem) if split is None
+                                         else solve_fixed_partition(problem, split))
+                self.partition_runs.append((self._partitions[key].solve_time_s, 0.0))
+                self.work += self._partitions[key].work
+                self.partition_work += self._partitions[key].work
+            sol = self._partitions[key]
             bounds = sol.boundaries
             rec = tuple(st.recompute for st in sol.stages)
             fractions = []
@@ -272,6 +353,8 @@ class _Search(Candidates, RegionChoice):
                 schedule, encoded = self.schedule(cfg, "none")
                 costs = stage_costs(self.graph, self.cluster, cfg, bounds, recompute=fractions,
                                     dtype=self.dtype, tp_regions=regions)
+            if math.isfinite(cutoff) and _busy_bound(costs, cfg) >= cutoff:
+                return None
             result = simulate(schedule, costs, record_timeline=False, encoded=encoded)
             self.work += encoded.n
             over = [used - self.limit for used in result.peak_memory_bytes]
@@ -309,7 +392,27 @@ class _Search(Candidates, RegionChoice):
             stage_memory_bytes=tuple(int(b) for b in result.stage_peak_memory_bytes),
             in_flight=tuple(result.stage_peak_inflight), schedule_lines=lines,
             partition_time_s=sol.solve_time_s, partition_objective=sol.objective_s,
-            tp_regions=tuple(sorted(shard)), tp_note=note)
+            tp_regions=tuple(sorted(shard)), tp_note=note,
+            split="dp" if split is None else (
+                "uniform" if split == self.uniform(cfg.pp * cfg.vpp) else "given"))
+
+
+def _busy_bound(costs: Sequence[StageCost], cfg: ParallelConfig) -> float:
+    """A lower bound on the simulated step: the busiest pipeline rank's forward and
+    backward passes of every microbatch through its stages (recomputation left out),
+    then its stages' tails.
+
+    >>> c = StageCost(forward_s=1.0, backward_input_s=1.5, backward_weight_s=0.5, tail_s=2.0)
+    >>> cfg = ParallelConfig(dp=1, tp=1, pp=2, micro_batch_size=1, num_microbatches=4)
+    >>> _busy_bound([c, c], cfg)
+    14.0
+    """
+    ranks = [0.0] * cfg.pp
+    for s, c in enumerate(costs):
+        ranks[s % cfg.pp] += (cfg.num_microbatches
+                              * (c.forward_s + c.backward_input_s + c.backward_weight_s)
+                              + c.tail_s)
+    return max(ranks)
 
 
 def _loss_reason(alt: Evaluated, best: Evaluated) -> tuple[str, Binding]:
@@ -474,6 +577,7 @@ def _make_plan(state: _Search, best: Evaluated, evaluated: list[Evaluated],
              f"{stats.pruned_by_bound} ruled out by the step-time bound, "
              f"{stats.pruned_by_memory} by static memory, {stats.pruned_by_screen} left "
              f"after screening"]
+    notes.append(f"stage split: {best.split_note}")
     if cfg.tp > 1:
         left = [name for name in proven if name not in chosen]
         notes.append(f"{len(regions)} of the {len(proven)} regions proven at tp={cfg.tp} "
@@ -491,8 +595,9 @@ def _make_plan(state: _Search, best: Evaluated, evaluated: list[Evaluated],
         solvers=(SolverRun("search", "enumeration with bounds",
                            "optimal" if not stats.pruned_by_screen else "screened",
                            best.step_time_s, stats.seconds),
-                 SolverRun("partition", "dp", "optimal", best.partition_objective,
-                           part_time)),
+                 SolverRun("partition", "dp" if best.split == "dp" else "uniform split",
+                           "optimal" if best.split == "dp" else "simulated faster than dp",
+                           best.partition_objective, part_time)),
         solve_time_s=stats.seconds, alternatives=tuple(alts), notes=tuple(notes))
     return plan.validate()
 
@@ -513,5 +618,60 @@ def partition_problem(graph: ProxyGraph, cluster: Cluster, config: ParallelConfi
     return state.partition_problem(config, [0] * config.pp, shard)
 
 
-__all__ = ["VIRTUAL_STAGES", "Evaluated", "Pins", "SearchStats", "partition_problem", "search",
-           "search_with_stats"]
+def evaluate_split(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
+                   boundaries: Sequence[int] | None = None, *, dtype: str | None = None,
+                   tp_regions: Sequence[str] | None = None) -> Evaluated:
+    """``config`` costed and simulated as the search costs it, on a given stage split
+    (the first block of each of the ``pp * vpp`` stages; default: the uniform split by
+    layers, :func:`~tripar.partitioner.cost_model.uniform_boundaries`): whole blocks
+    recomputed per stage as the partition DP would choose them under the same memory
+    budget (``config.recompute``: ``stage-aware``, ``none`` or ``full``). The baseline a
+    plan's own split must not lose to (:func:`uniform_split_of`). InfeasibleError when
+    it does not fit the device.
+
+    ``tp_regions``: names (``block:kind:index``) of the regions sharded at ``config.tp``
+    (default: every proven one; a plan's are ``[r.name for r in plan.tp_regions]``).
+
+    >>> from tripar.partitioner.cost_model import example_graph
+    >>> cfg = ParallelConfig(dp=1, tp=1, pp=2, micro_batch_size=1, num_microbatches=4)
+    >>> got = evaluate_split(example_graph(layers=4), Cluster.builtin("a100-80g"), cfg)
+    >>> got.boundaries, got.split, got.step_time_s > 0
+    ((0, 3), 'uniform', True)
+    """
+    state = _Search(graph, cluster, config.global_batch_size, Pins(), dtype, 16)
+    stages, n = config.pp * config.vpp, len(graph.blocks)
+    if boundaries is None:
+        split = uniform_boundaries(graph, stages)
+    else:
+        split = tuple(int(b) for b in boundaries)
+        if len(split) == stages + 1 and split[-1] == n:
+            split = split[:-1]
+    if config.tp == 1:
+        shard: frozenset[str] = frozenset()
+    else:
+        shard = (frozenset(tp_regions) if tp_regions is not None
+                 else state.all_regions(config.tp))
+    return state._evaluate(config, shard, "given regions", split)
+
+
+def uniform_split_of(plan: Plan, graph: ProxyGraph, cluster: Cluster) -> Evaluated:
+    """``plan``'s configuration and sharded regions on the uniform split by layers, costed
+    as the search costs it (:func:`evaluate_split`); for a plan found with recomputation
+    unpinned, its step is never above this one's. A plan that recomputes nothing is
+    labelled ``none``: its uniform split is costed with ``stage-aware``, as the search
+    costed it (pass a plan pinned to ``--recompute none`` to :func:`evaluate_split`).
+
+    >>> from tripar.partitioner.cost_model import example_graph
+    >>> graph, cluster = example_graph(layers=4), Cluster.builtin("a100-80g", gpus_per_node=4)
+    >>> plan = search(graph, cluster, 16, pins=Pins(pp=2))
+    >>> plan.estimate.step_time_s <= uniform_split_of(plan, graph, cluster).step_time_s
+    True
+    """
+    par = plan.parallel
+    cfg = replace(par, recompute="stage-aware") if par.recompute == "none" else par
+    return evaluate_split(graph, cluster, cfg, dtype=plan.inputs.dtype,
+                          tp_regions=[r.name for r in plan.tp_regions])
+
+
+__all__ = ["VIRTUAL_STAGES", "Evaluated", "Pins", "SearchStats", "evaluate_split",
+           "partition_problem", "search", "search_with_stats", "uniform_split_of"]

@@ -21,12 +21,7 @@ import numpy as np
 from tripar.errors import ConfigError
 from tripar.graph.proxy import ProxyGraph
 from tripar.partitioner.collectives import all_gather_time, all_reduce_time, reduce_scatter_time
-from tripar.partitioner.cost_model import (
-    ADAM_STEP_BYTES,
-    BUCKET_BYTES,
-    bytes_per_param,
-    uniform_boundaries,
-)
+from tripar.partitioner.cost_model import BUCKET_BYTES, bytes_per_param, uniform_boundaries
 from tripar.partitioner.hardware import Cluster, dtype_bytes
 from tripar.plan.config import SCHEDULES, ParallelConfig
 
@@ -190,14 +185,21 @@ class Candidates:
             bound = max(bound, phi * work / (1.0 - (1.0 - phi / m) ** p))
         return bound + self.tail_bound(cfg)
 
+    def optimizer_s_per_param(self) -> float:
+        """Seconds the optimizer step takes per parameter, as the cost model charges it:
+        the cluster's ``Efficiency.optimizer_bytes`` moved at its achieved memory bandwidth
+        (the per-tensor launch cost ``optimizer_tensor_s`` is left out, so bounds stay
+        bounds)."""
+        device = self.cluster.device
+        eff = device.efficiency
+        return eff.optimizer_bytes / (device.memory_bandwidth * eff.memory)
+
     def tail_bound(self, cfg: ParallelConfig) -> float:
         """Least time rank 0 spends after its last backward: reducing its last gradient
         bucket and the optimizer step, for no more than the first block's parameters."""
         params = self.block_costs(cfg.tp, cfg.micro_batch_size,
                                   self.all_regions(cfg.tp))[0].params   # the fewest
-        device = self.cluster.device
-        optimizer = params / (cfg.dp if cfg.zero else 1) * ADAM_STEP_BYTES / (
-            device.memory_bandwidth * device.efficiency.memory)
+        optimizer = params / (cfg.dp if cfg.zero else 1) * self.optimizer_s_per_param()
         if cfg.dp == 1 or not params:
             return optimizer
         grad = min(params * dtype_bytes(self.dtype), BUCKET_BYTES)
@@ -259,8 +261,7 @@ class Candidates:
             weight = float(pre["weight"][-1]) / k
             pipeline -= min(weight, float(times.max())) * (cfg.pp - 1)
         params = float(pre["params"][-1]) / cfg.pp
-        device = self.cluster.device
-        tail = params * ADAM_STEP_BYTES / (device.memory_bandwidth * device.efficiency.memory)
+        tail = params * self.optimizer_s_per_param()
         if cfg.dp > 1:
             reduce = reduce_scatter_time if cfg.zero else all_reduce_time
             tail /= cfg.dp if cfg.zero else 1

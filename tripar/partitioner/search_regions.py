@@ -7,14 +7,15 @@ and LM head) merge (``_merge_sharing``). :class:`RegionChoice` is the part of th
 state (``tripar.partitioner.search._Search``) that costs each group's effect and picks
 the groups to shard: the tensor-parallel ILP (``tripar.partitioner.tp_choice``) under
 pipeline rank 0's memory, and the time-optimal choice. It reads the search's ``graph``,
-``cluster``, ``dtype``, ``limit``, ``block_costs`` and ``in_flight``, and caches in its
-``_groups``, ``_free``, ``_effects`` and ``_choices``.
+``cluster``, ``dtype``, ``limit``, ``block_costs``, ``in_flight`` and
+``optimizer_s_per_param``, and caches in its ``_groups``, ``_free``, ``_effects`` and
+``_choices``.
 """
 
 from __future__ import annotations
 
 from tripar.errors import InfeasibleError
-from tripar.partitioner.cost_model import ADAM_STEP_BYTES, bytes_per_param
+from tripar.partitioner.cost_model import bytes_per_param
 from tripar.partitioner.cost_model import shardable_regions as _shardable
 from tripar.partitioner.tp_choice import TPCandidate, choose_tp_regions
 from tripar.plan.config import ParallelConfig
@@ -105,12 +106,13 @@ class RegionChoice:
             memory = int(sum(c.params for c in none) * per_param / p
                          + sum(c.saved_bytes for c in none) * held)
             candidates = []
-            device = self.cluster.device
-            optimizer_rate = device.memory_bandwidth * device.efficiency.memory
+            optimizer_s = self.optimizer_s_per_param()
             for (name, names), (save, comm, params, act) in zip(
                     self.groups(tp), self.effects(tp, cfg.micro_batch_size)):
                 region = next(r for r in self.graph.tp_regions if r.name == names[0])
-                step_save = (save * steps + params / p * ADAM_STEP_BYTES / optimizer_rate)
+                # the optimizer steps over 1/dp of the parameters under ZeRO-1 (cost model)
+                step_save = (save * steps
+                             + params / p / (cfg.dp if cfg.zero else 1) * optimizer_s)
                 candidates.append(TPCandidate(region, step_save, comm * steps,
                                               int(params * per_param / p + act * held),
                                               group=name))
