@@ -208,7 +208,18 @@ def write_report(out: Path, *, quick: bool, measurement, check, rows_md: str, sc
 QUIET = "quiet_machine"
 """Sub-folder of earlier runs of the measured part on an otherwise idle machine (kept, not
 re-run: ``python benchmarks/pipeline_vs_torch.py --calibrate --rounds 30 --out DIR``
-there, then ``DIR/measured.json`` copied in as ``measured_<N>_rounds.json``)."""
+there, then ``DIR/measured.json`` copied in as ``measured_<N>_rounds[_<where>].json`` and
+its profile as ``cpu_profile[_<where>].json``)."""
+
+KEPT_NOTES = {
+    "measured_20_rounds.json": "16 idle cores of a GPU host. Its simulated column is the "
+    "cost model and profile of 2026-11-25, before the calibration timed compute on CPU "
+    "time and fitted whole-block scales; that model under-predicted every system by "
+    "11-25%.",
+    "measured_30_rounds_vm.json": "this 2-core VM with nothing else running, simulated on "
+    "the current cost model and its own calibrated profile (`cpu_profile_vm.json`).",
+}
+"""What each kept run is, shown above its table."""
 
 
 def _quiet_runs(out: Path) -> list[tuple[str, object]]:
@@ -229,14 +240,15 @@ def _quiet_machine(out: Path) -> list[str]:
         return []
     lines = ["### The same measurement on a quiet machine (kept runs)", "",
              f"Runs of `python benchmarks/pipeline_vs_torch.py --calibrate --rounds N --out DIR` "
-             f"on an otherwise idle 16-core machine (each rank still one process with one "
-             f"thread; its own `tripar calibrate` profile, kept beside it as "
-             f"`cpu_profile.json`), kept in `{_rel(out / QUIET)}`; the generator does not "
-             f"re-run them.", ""]
+             f"on an otherwise idle machine (each rank still one process with one thread; "
+             f"the `tripar calibrate` profile it was simulated with kept beside it), kept in "
+             f"`{_rel(out / QUIET)}`; the generator does not re-run them.", ""]
     for path in runs:
         raw = json.loads(path.read_text())
         m = measured_bench.Measurement.from_dict(raw)
-        lines += [f"`{path.name}`:", "", measured_bench.markdown(m)]
+        note = KEPT_NOTES.get(path.name, "")
+        lines += [f"`{path.name}`" + (f": {note}" if note else ":"), "",
+                  measured_bench.markdown(m)]
         if "block_check" in raw:
             check = measured_bench.BlockCheck(**raw["block_check"])
             lines += [measured_bench.markdown_block(check), _cost_model_note(check), ""]
