@@ -162,3 +162,34 @@ def test_the_plans_per_block_recompute_runs_and_changes_nothing_but_memory():
         print(r)
         assert r["plain_segments"] == 0 and r["segments"] == 2, r  # two blocks per stage
         assert r["recompute"] < 0.8 * r["plain"], r  # the two blocks keep their inputs only
+
+
+def _meta_model_under_tp_and_pp() -> float:
+    """A model built on the meta device: each rank initialises only its own slices (tp) or
+    stages (pp), under one seed; both give the same whole model, and train alike."""
+    from torch.testing import assert_close
+
+    spec = "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8"
+    meta = load_model(spec, batch_size=4, device="meta")
+    batch = load_model(spec, batch_size=4).example_inputs
+    states, losses = [], []
+    for tp, pp in ((2, 1), (1, 2)):
+        pm = api.auto_parallel(meta.model, example_inputs=batch, tp=tp, pp=pp,
+                               num_microbatches=2, schedule="1f1b", seed=3,
+                               optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+        assert not any(p.is_meta for p in pm.parameters())
+        if tp == 2:
+            # slices, initialised locally
+            assert any(lp.param.numel() * 2 == torch.Size(lp.shape).numel() for lp in pm.params)
+        states.append(pm.full_state_dict())
+        losses.append(pm.train_step(batch))
+        pm.close()
+    for key, value in states[1].items():
+        assert torch.equal(states[0][key], value), key
+    assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    return losses[0]
+
+
+def test_a_meta_model_is_initialised_slice_by_slice_under_tensor_parallelism():
+    losses = run_ranks(_meta_model_under_tp_and_pp, 2, timeout_s=120)
+    assert losses[0] == losses[1] and 3.5 < losses[0] < 5
