@@ -22,28 +22,14 @@ import argparse
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-PROFILE = Path(__file__).resolve().parent / "results" / "cpu_profile.json"
+from pipeline_vs_torch import MeasureConfig
+
 SYSTEMS = ("1f1b", "zb-h1")
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """What to measure; the same for both systems."""
-
-    layers: int = 8
-    hidden: int = 256
-    heads: int = 4
-    seq: int = 128
-    micro_batch_size: int = 1
-    num_microbatches: int = 4
-    rounds: int = 10
-    """Timed rounds (one step of each system per round)."""
-    warmup: int = 2
-    """Untimed rounds first."""
-    profile: str = str(PROFILE)
+DEFAULT = replace(MeasureConfig(), rounds=10, systems=SYSTEMS)
+"""What to measure (pipeline_vs_torch's model and microbatches); the same for both systems."""
 
 
 def _loss(out, mb):
@@ -80,7 +66,7 @@ def _time_actions(pm) -> dict[str, float]:
     return spent
 
 
-def _rank_main(cfg: Config) -> dict:
+def _rank_main(cfg: MeasureConfig) -> dict:
     import torch
     import torch.distributed as dist
 
@@ -142,7 +128,7 @@ def _rank_main(cfg: Config) -> dict:
                              for k in "FBW"} for n in SYSTEMS} for g in gathered]}
 
 
-def measure(cfg: Config) -> dict:
+def measure(cfg: MeasureConfig) -> dict:
     """Run both systems on 2 local gloo processes; rank 0's results."""
     from tripar.runtime.testing import run_ranks
 
@@ -157,7 +143,7 @@ def measure(cfg: Config) -> dict:
             "load_after": os.getloadavg()}
 
 
-def report(cfg: Config, res: dict) -> str:
+def report(cfg: MeasureConfig, res: dict) -> str:
     lines = [f"gpt layers={cfg.layers} hidden={cfg.hidden} heads={cfg.heads} seq={cfg.seq}, "
              f"pp=2, {cfg.num_microbatches} microbatches of {cfg.micro_batch_size}; stages "
              f"[{res['stages']}]; {cfg.rounds} rounds after {cfg.warmup} warm-up, interleaved; "
@@ -183,13 +169,14 @@ def report(cfg: Config, res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    default = Config()
+    default = DEFAULT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=default.rounds)
     parser.add_argument("--microbatches", type=int, default=default.num_microbatches)
     parser.add_argument("--hidden", type=int, default=default.hidden)
     args = parser.parse_args(argv)
-    cfg = Config(rounds=args.rounds, num_microbatches=args.microbatches, hidden=args.hidden)
+    cfg = replace(DEFAULT, rounds=args.rounds, num_microbatches=args.microbatches,
+                  hidden=args.hidden)
     res = measure(cfg)
     print(report(cfg, res))
     print({"config": asdict(cfg)})
