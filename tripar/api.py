@@ -374,23 +374,16 @@ def build(captured: Captured, plan: Plan, *, loss_fn: Callable | None = None,
 
 
 def _split(captured: Captured, plan: Plan, tp_rank: int) -> tuple[Captured, Any, dict]:
-    """Every stage of tensor-parallel rank ``tp_rank``'s pipeline (the graph rewritten for
-    the plan's sharded regions first, when it has some), and the slices of the weights
-    they hold (FQN -> ``ParamShard``). The collectives have no process group yet."""
-    from tripar.codegen.split import split_for_plan
+    """Every stage of tensor-parallel rank ``tp_rank``'s pipeline (codegen's passes: the
+    plan checked against the graph, the graph rewritten for the plan's sharded regions,
+    split by its stages), and the slices of the weights they hold (FQN -> ``ParamShard``).
+    No weight is materialised here, and the collectives have no process group yet."""
+    from tripar.codegen.build import build_pipeline
 
     micro = _for_micro_batch(captured, plan.parallel.micro_batch_size)
-    example = list(micro.constants)
-    if plan.parallel.tp == 1 or not plan.tp_regions:
-        return micro, split_for_plan(micro.gm, plan, example), {}
-    from tripar.codegen.build import check_plan, plan_regions, split_tp_rank
-    from tripar.codegen.tp_shard import shard_map
-
-    table = check_plan(micro.gm, plan)
-    regions = plan_regions(micro.gm, plan, example, blocks=table)
-    split = split_tp_rank(micro.gm, plan, example, tp_rank=tp_rank, regions=regions,
-                          blocks=table)
-    return micro, split, shard_map(micro.gm, regions, t=plan.parallel.tp, rank=tp_rank)
+    first, *_ = build_pipeline(micro.gm, plan, list(micro.constants), tp_rank=tp_rank,
+                               materialize=False)
+    return micro, first.split, dict(first.shards)
 
 
 def _connect_tp(module: nn.Module, mesh: Any, tracker: Any) -> None:
