@@ -209,8 +209,10 @@ def make_plan(captured: Captured, cluster: Cluster, global_batch: int, *,
               dp: int | None = None, tp: int | None = None, pp: int | None = None,
               vpp: int | None = None, num_microbatches: int | None = None,
               schedule: str | None = None, recompute: str | None = None,
-              zero: int | bool | None = None, model_spec: str = "") -> Plan:
-    """The planner's best plan for ``captured`` on ``cluster`` under the given pins."""
+              zero: int | bool | None = None, model_spec: str = "",
+              dtype: str | None = None) -> Plan:
+    """The planner's best plan for ``captured`` on ``cluster`` under the given pins, costed
+    for compute in ``dtype`` (default: the device's usual training dtype)."""
     from tripar.partitioner.search import Pins, search
 
     config = captured.graph.model_config or {}
@@ -235,7 +237,8 @@ def make_plan(captured: Captured, cluster: Cluster, global_batch: int, *,
         mbs = None if num_microbatches is None else global_batch // (d * num_microbatches)
         pins = Pins(dp=d, tp=tp, pp=pp, vpp=vpp, micro_batch_size=mbs, schedule=schedule,
                     recompute=recompute, zero=zero_pin)
-        plan = search(captured.graph, cluster, global_batch, pins=pins, model_spec=model_spec)
+        plan = search(captured.graph, cluster, global_batch, pins=pins, model_spec=model_spec,
+                      dtype=dtype)
         if best is None or plan.estimate.step_time_s < best.estimate.step_time_s:
             best = plan
     assert best is not None
@@ -312,7 +315,8 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     if plan is None:
         plan = make_plan(captured, _cluster_for(devices, cluster, world), batch, dp=dp, tp=tp,
                          pp=pp, vpp=vpp, num_microbatches=num_microbatches, schedule=schedule,
-                         recompute=recompute, zero=zero, model_spec=model_spec)
+                         recompute=recompute, zero=zero, model_spec=model_spec,
+                         dtype="bf16" if precision == "bf16" else "fp32")
     else:
         plan.validate()
         plan.check_model(model_fingerprint(captured.graph.blocks))

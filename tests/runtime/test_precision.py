@@ -43,6 +43,7 @@ def _train(name: str, tp: int, pp: int) -> dict:
                            optimizer=_sgd, global_batch_size=te.GLOBAL_BATCH, dp=1, tp=tp,
                            pp=pp, num_microbatches=te.GLOBAL_BATCH, schedule="1f1b",
                            precision="bf16", timeout_s=30)
+    assert pm.plan.inputs.dtype == "bf16"  # the plan was costed for bf16 compute
     losses = [pm.train_step(b) for b in batches]
     dtypes = {str(p.dtype) for p in pm.parameters()} | {
         str(p.grad.dtype) for p in pm.parameters() if p.grad is not None}
