@@ -106,12 +106,19 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+_OPTIONAL_PRELOAD = ("transformers", "transformers.models.gpt2.modeling_gpt2",
+                     "transformers.models.llama.modeling_llama",
+                     "transformers.models.bert.modeling_bert")
+"""transformers and the model code the tests build from it (about 3 s of imports per
+process otherwise); the forkserver skips any that is not installed."""
+
+
 def _context() -> Any:
     ctx = mp.get_context("forkserver")
     # torch._dynamo is what the first optimizer construction imports (seconds); load it, and
     # what auto_parallel imports, once.
     ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "torch.optim",
-                                "tripar.api", "tripar.runtime.engine"])
+                                "tripar.api", "tripar.runtime.engine", *_OPTIONAL_PRELOAD])
     return ctx
 
 
