@@ -33,10 +33,10 @@ SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), (
 LAYOUTS = {
     "world2": [(1, 1, 2, s, v, 0) for s, v in SCHEDULES]
               + [(2, 1, 1, "1f1b", 1, 0), (2, 1, 1, "1f1b", 1, 1), (1, 2, 1, "1f1b", 1, 0)],
-    "world4": [(1, 1, 4, s, v, 0) for s, v in SCHEDULES if v == 1]
-              + [(2, 1, 2, s, v, int(s == "1f1b")) for s, v in SCHEDULES]
-              + [(1, 2, 2, s, v, 0) for s, v in SCHEDULES]
-              + [(2, 2, 1, "1f1b", 1, 0), (2, 2, 1, "1f1b", 1, 1)],
+    "world4-dp-pp": [(1, 1, 4, s, v, 0) for s, v in SCHEDULES if v == 1]
+                    + [(2, 1, 2, s, v, int(s == "1f1b")) for s, v in SCHEDULES],
+    "world4-tp": [(1, 2, 2, s, v, 0) for s, v in SCHEDULES]
+                 + [(2, 2, 1, "1f1b", 1, 0), (2, 2, 1, "1f1b", 1, 1)],
     "world8": [(2, 2, 2, s, v, int(s == "1f1b")) for s, v in SCHEDULES],
 }
 # AdamW's eps is 1e-6: a key projection's bias has an exactly zero gradient (softmax does not
