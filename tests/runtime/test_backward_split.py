@@ -20,14 +20,6 @@ from tripar.runtime.backward_split import backward_input, backward_weight
 GPT = "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _flops(fn) -> tuple[int, object]:
     with FlopCounterMode(display=False) as counter:
         result = fn()

@@ -1,4 +1,4 @@
-"""Shared helpers for the model-zoo tests."""
+"""Suite-wide fixtures."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _one_thread():
+    """One compute thread per test process, as CI runs (OMP_NUM_THREADS=1): timings and
+    reduction orders do not depend on the machine's core count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
