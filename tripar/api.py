@@ -60,9 +60,12 @@ class Captured:
     """Batch field feeding each flat graph input (None: a constant, e.g. a default)."""
     constants: tuple[Any, ...]
     """The value of each flat graph input in the example (used where ``keys`` is None)."""
-    splits: dict = field(default_factory=dict, repr=False)
-    """Stage splits made from this capture, by (stage blocks, microbatch size): a split
-    depends on nothing else, so plans that cut the model alike share one."""
+    memo: dict = field(default_factory=dict, repr=False)
+    """What builds from this capture reuse: the capture for each microbatch size
+    (``("micro", size)``), its graph's node values (``("values", size)``: shape
+    propagation is most of a split's cost) and the stage splits (``("split", stage
+    blocks, microbatch size, tp, tp rank, regions)``: a split depends on nothing else,
+    so plans that cut the model alike share one)."""
 
     @property
     def batch_size(self) -> int:
@@ -133,6 +136,12 @@ def _for_micro_batch(captured: Captured, size: int) -> Captured:
     ``torch.export`` fixes its batch size, so it is captured again; an FX graph is reused."""
     if captured.batch_size == size:
         return captured
+    if ("micro", size) not in captured.memo:
+        captured.memo["micro", size] = _recapture(captured, size)
+    return captured.memo["micro", size]
+
+
+def _recapture(captured: Captured, size: int) -> Captured:
     from tripar.codegen.split import flat_graph_inputs
     from tripar.graph.capture import capture
 
@@ -361,11 +370,11 @@ def build(captured: Captured, plan: Plan, *, loss_fn: Callable | None = None,
     if mesh is None:
         mesh = build_mesh(par.pp, par.dp, par.tp, timeout_s=timeout_s, vpp=par.vpp)
     tp_rank = mesh.coords.tp
-    key = (tuple(s.blocks for s in plan.stages), par.micro_batch_size, par.tp, tp_rank,
-           plan.tp_regions)
-    if key not in captured.splits:
-        captured.splits[key] = _split(captured, plan, tp_rank)
-    micro, split, shards = captured.splits[key]
+    key = ("split", tuple(s.blocks for s in plan.stages), par.micro_batch_size, par.tp,
+           tp_rank, plan.tp_regions)
+    if key not in captured.memo:
+        captured.memo[key] = _split(captured, plan, tp_rank)
+    micro, split, shards = captured.memo[key]
     try:
         return _build_rank(micro, split, shards, plan, mesh, loss_fn=loss_fn,
                            make_optimizer=optimizer, max_grad_norm=max_grad_norm,
@@ -383,10 +392,14 @@ def _split(captured: Captured, plan: Plan, tp_rank: int) -> tuple[Captured, Any,
     split by its stages), and the slices of the weights they hold (FQN -> ``ParamShard``).
     No weight is materialised here, and the collectives have no process group yet."""
     from tripar.codegen.build import build_pipeline
+    from tripar.codegen.split import propagate_values
 
-    micro = _for_micro_batch(captured, plan.parallel.micro_batch_size)
+    size = plan.parallel.micro_batch_size
+    micro = _for_micro_batch(captured, size)
+    if ("values", size) not in captured.memo:
+        captured.memo["values", size] = propagate_values(micro.gm, list(micro.constants))
     first, *_ = build_pipeline(micro.gm, plan, list(micro.constants), tp_rank=tp_rank,
-                               materialize=False)
+                               materialize=False, values=captured.memo["values", size])
     return micro, first.split, dict(first.shards)
 
 

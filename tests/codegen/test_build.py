@@ -31,7 +31,12 @@ import pytest
 import torch
 
 from tripar.codegen.build import build, build_pipeline, check_plan, plan_regions, write_rank
-from tripar.codegen.split import block_nodes, even_stage_blocks, flat_graph_inputs
+from tripar.codegen.split import (
+    block_nodes,
+    even_stage_blocks,
+    flat_graph_inputs,
+    propagate_values,
+)
 from tripar.codegen.tensor_parallel import RewriteError
 from tripar.errors import PlanError
 from tripar.graph.capture import capture
@@ -155,19 +160,21 @@ def run_pipeline(programs: Sequence[Any], flat: Sequence[Any]) -> torch.Tensor:
 # ---- tier 2: every rank on gloo ---------------------------------------------------------
 
 
-def _rank_programs(name: str, pp: int, tp: int, rank: int) -> tuple[torch.Tensor, dict, dict]:
+def _rank_programs(name: str, pp: int, tp: int, rank: int, loaded: Any,
+                   gm: torch.fx.GraphModule, flat: list[Any],
+                   values: dict[str, Any]) -> tuple[torch.Tensor, dict, dict]:
     spec = SPECS[name]
-    loaded = _load(spec)
-    gm, flat = _capture(loaded)  # captured here: graphs do not pickle, capture is deterministic
     plan = make_plan(gm, flat, spec, pp=pp, tp=tp)
     how = WEIGHTS[(pp, tp)]
     if how == "source":  # weights copied from the real model
-        programs = list(build_pipeline(gm, plan, flat, tp_rank=rank, source=loaded.model))
+        programs = list(build_pipeline(gm, plan, flat, tp_rank=rank, source=loaded.model,
+                                       values=values))
     elif how == "meta" and not spec.startswith("hf:"):
         meta = _load(spec, "meta").model
-        programs = list(build_pipeline(gm, plan, flat, tp_rank=rank, meta_model=meta, seed=0))
+        programs = list(build_pipeline(gm, plan, flat, tp_rank=rank, meta_model=meta, seed=0,
+                                       values=values))
     else:
-        programs = list(build_pipeline(gm, plan, flat, tp_rank=rank))
+        programs = list(build_pipeline(gm, plan, flat, tp_rank=rank, values=values))
     held = {fqn for p in programs for s in p.stages for _, fqn in s.params}
     loss = run_pipeline(programs, flat)
     grads: dict[str, torch.Tensor] = {}
@@ -187,8 +194,11 @@ def _rank_main(world: int) -> bytes:
     rank = dist.get_rank()
     out = {}
     for name in SPECS:
+        loaded = _load(SPECS[name])
+        gm, flat = _capture(loaded)  # captured here: graphs do not pickle, capture is deterministic
+        values = propagate_values(gm, flat)  # shared by the builds, as auto_parallel's are
         for pp, tp in configs(name, world):
-            out[(name, pp, tp)] = _rank_programs(name, pp, tp, rank)
+            out[(name, pp, tp)] = _rank_programs(name, pp, tp, rank, loaded, gm, flat, values)
     buf = io.BytesIO()
     torch.save(out, buf)  # bytes: tensors pickled by multiprocessing travel as shared memory
     return buf.getvalue()

@@ -50,7 +50,7 @@ from tripar.codegen.split import (
     rank_stages,
     split_by_blocks,
 )
-from tripar.codegen.tensor_parallel import tp_rewrite
+from tripar.codegen.tensor_parallel import rewrite_with_values
 from tripar.codegen.tp_shard import ParamShard, shard_map
 from tripar.codegen.weights import default_init, materialize_stage, param_map, retarget_device
 from tripar.errors import PlanError
@@ -259,6 +259,7 @@ def split_tp_rank(
     rng: Any = None,
     regions: Sequence[TPRegion] | None = None,
     blocks: Mapping[str, Sequence[str]] | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> StageSplit:
     """Every stage of tensor-parallel rank ``tp_rank``'s pipeline: ``gm`` rewritten for
     the plan's sharded regions (none when ``plan.parallel.tp`` is 1), then split by the
@@ -266,7 +267,9 @@ def split_tp_rank(
     whose weights are on the meta device, so the stage modules hold meta slices
     (``materialize_stage`` gives them real ones); without, they hold ``gm``'s weights.
     ``regions`` and ``blocks`` default to :func:`plan_regions` and ``block_nodes`` of
-    ``gm``; the plan is not re-checked."""
+    ``gm``; the plan is not re-checked. ``values``: ``gm``'s node values on
+    ``example_inputs`` (``split.propagate_values``), when the caller has them: the
+    rewrite and the split then propagate only the rewritten graph, once."""
     t = plan.parallel.tp
     if isinstance(tp_rank, bool) or not isinstance(tp_rank, int) or not 0 <= tp_rank < t:
         raise PlanError(f"tp_rank={tp_rank!r} is outside 0..{t - 1} (the plan's tp={t})")
@@ -275,17 +278,18 @@ def split_tp_rank(
         regions = plan_regions(gm, plan, example_inputs, blocks=table)
     stage_blocks = [s.blocks for s in plan.stages]
     if t == 1 or not regions:
-        return split_by_blocks(gm, stage_blocks, example_inputs, blocks=table)
+        return split_by_blocks(gm, stage_blocks, example_inputs, blocks=table, values=values)
     gm = _meta_twin(gm)  # the rewrite copies the graph: copy no weight
     if "meta" in baked_devices(gm):
         # exported from a meta-built model: device=meta is baked into asserts and
         # factories; the rewrite checks shapes on CPU fake tensors, so write cpu (weights
         # are materialised on the CPU or retargeted again by ``materialize_stage``)
         retarget_device(gm, torch.device("cpu"))
-    rewritten = tp_rewrite(gm, regions, t=t, rank=tp_rank, group=tp_group,
-                           example_inputs=example_inputs, rng=rng)
+    rewritten, shapes = rewrite_with_values(gm, regions, t=t, rank=tp_rank, group=tp_group,
+                                            example_inputs=example_inputs, rng=rng,
+                                            values=values)
     return split_by_blocks(rewritten, stage_blocks, example_inputs,
-                           blocks=_rewritten_blocks(table, rewritten))
+                           blocks=_rewritten_blocks(table, rewritten), values=shapes)
 
 
 def _meta_twin(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -321,6 +325,7 @@ def build(
     fingerprint: str | None = None,
     rng: Any = None,
     device: torch.device | str = "cpu",
+    values: Mapping[str, Any] | None = None,
 ) -> RankProgram:
     """Rank ``(pp_rank, tp_rank)``'s stage programs for ``plan``, with their own weights.
 
@@ -335,7 +340,9 @@ def build(
     collectives use (None: the default group); ``rng`` the tensor-parallel random stream
     (``tp_rng_tracker``; default seeded from ``torch.initial_seed()`` and ``tp_rank``).
     ``fingerprint`` (``model_fingerprint`` of the proxy graph the plan was made from) is
-    checked against the plan's when given.
+    checked against the plan's when given. ``values``: the graph's node values on
+    ``example_inputs`` (``split.propagate_values``), reused by every build for the same
+    microbatch (propagating the graph is most of a build's cost).
 
     Raises PlanError when the plan is invalid or made for another model, or
     ``RewriteError`` (a PlanError) naming the node when a region cannot be rewritten.
@@ -346,7 +353,7 @@ def build(
     (program,) = _build(graph_module, plan, example_inputs, (pp_rank,), tp_rank=tp_rank,
                         tp_group=tp_group, source=source, meta_model=meta_model, seed=seed,
                         init=init, materialize=materialize, fingerprint=fingerprint, rng=rng,
-                        device=device)
+                        device=device, values=values)
     return program
 
 
@@ -370,7 +377,8 @@ def _build(graph_module: torch.fx.GraphModule, plan: Any, example_inputs: Sequen
            source: nn.Module | None = None, meta_model: nn.Module | None = None,
            seed: int = 0, init: Any = default_init, materialize: bool = True,
            fingerprint: str | None = None, rng: Any = None,
-           device: torch.device | str = "cpu") -> tuple[RankProgram, ...]:
+           device: torch.device | str = "cpu",
+           values: Mapping[str, Any] | None = None) -> tuple[RankProgram, ...]:
     table = check_plan(graph_module, plan, fingerprint=fingerprint)
     if source is not None and meta_model is not None:
         raise PlanError("build takes source= (a real model) or meta_model= (built on the meta "
@@ -383,7 +391,8 @@ def _build(graph_module: torch.fx.GraphModule, plan: Any, example_inputs: Sequen
         source = graph_module
     regions = plan_regions(graph_module, plan, example_inputs, blocks=table)
     split = split_tp_rank(graph_module, plan, example_inputs, tp_rank=tp_rank,
-                          tp_group=tp_group, rng=rng, regions=regions, blocks=table)
+                          tp_group=tp_group, rng=rng, regions=regions, blocks=table,
+                          values=values)
     pp, t = plan.parallel.pp, plan.parallel.tp
     shards = shard_map(graph_module, regions, t=t, rank=tp_rank) if regions else {}
     out = []

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -352,12 +352,15 @@ def split_stages(
     *,
     stage_blocks: Sequence[Sequence[str]] | None = None,
     recompute_derived: bool = True,
+    values: Mapping[str, Any] | None = None,
 ) -> StageSplit:
     """Split ``gm`` into one GraphModule per stage; ``stage_nodes[s]`` names the FX nodes
     stage ``s`` computes, stages in pipeline order.
 
     ``example_inputs`` are the flat graph inputs of one microbatch (real, fake or meta
     tensors; see :func:`flat_graph_inputs`): the shapes recorded for receives are theirs.
+    ``values``: ``gm``'s node values on them from an earlier :func:`propagate_values`
+    (reused: propagation is most of a split's cost).
     ``get_attr`` nodes need not be assigned (each stage takes the weights it reads).
 
     >>> import torch
@@ -374,7 +377,8 @@ def split_stages(
     num = len(stage_nodes)
     if stage_blocks is not None and len(stage_blocks) != num:
         raise PlanError(f"{len(stage_blocks)} block lists for {num} stages")
-    values = propagate_values(gm, example_inputs)
+    values = (dict(values) if values is not None
+              else propagate_values(gm, example_inputs))
     nodes = list(gm.graph.nodes)
     position = {n.name: i for i, n in enumerate(nodes)}
     by_name = {n.name: n for n in nodes}
@@ -564,6 +568,7 @@ def split_by_blocks(
     *,
     blocks: dict[str, Sequence[str]] | None = None,
     recompute_derived: bool = True,
+    values: Mapping[str, Any] | None = None,
 ) -> StageSplit:
     """:func:`split_stages` with stages given as block names (``Plan.stages[i].blocks``).
 
@@ -588,7 +593,7 @@ def split_by_blocks(
     if left:
         raise PlanError(f"blocks {left} are in no stage; every block must be in one stage")
     return split_stages(gm, stage_nodes, example_inputs, stage_blocks=stage_blocks,
-                        recompute_derived=recompute_derived)
+                        recompute_derived=recompute_derived, values=values)
 
 
 def even_stage_blocks(block_names: Sequence[str], num_stages: int) -> list[list[str]]:

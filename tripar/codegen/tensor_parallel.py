@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,7 +63,7 @@ from tripar.graph.tp_ops import (
     set_flat_arg,
 )
 
-__all__ = ["RewriteError", "tp_rewrite"]
+__all__ = ["RewriteError", "rewrite_with_values", "tp_rewrite"]
 
 KINDS = frozenset(("mlp", "attention", "embedding", "lm_head"))
 RANDOM = frozenset(
@@ -511,6 +511,7 @@ def tp_rewrite(
     group: Any = None,
     example_inputs: Sequence[Any] | None = None,
     rng: RNGTracker | None = None,
+    values: Mapping[str, Any] | None = None,
 ) -> torch.fx.GraphModule:
     """Tensor-parallel rank ``rank`` of ``t``'s copy of ``gm`` with ``regions`` sharded.
 
@@ -518,7 +519,10 @@ def tp_rewrite(
     when the result runs. ``example_inputs`` (one per placeholder, real or meta) are
     needed when the graph's nodes carry no recorded shapes. ``rng`` supplies the
     tensor-parallel random stream for dropout in sharded regions (default: one seeded
-    from ``torch.initial_seed()`` and ``rank``). The parameters of the result are this
+    from ``torch.initial_seed()`` and ``rank``). ``values`` are ``gm``'s node values on
+    these inputs from an earlier propagation (``propagate`` or
+    ``split.propagate_values``), reused instead of propagating ``gm`` again. The
+    parameters of the result are this
     rank's slices of ``gm``'s (meta stays meta; load real ones with `shard_parameters`).
     ``gm`` is not changed. Raises `RewriteError` naming the node and the reason when a
     region cannot be applied.
@@ -535,13 +539,32 @@ def tp_rewrite(
     >>> [n.target if n.op == "call_module" else n.name for n in local.graph.nodes][1:-1]
     ['tp_copy', '0', '1', '_2_weight', '_2_bias', 'linear', 'tp_reduce', 'add']
     """
+    return rewrite_with_values(gm, regions, t=t, rank=rank, group=group,
+                               example_inputs=example_inputs, rng=rng, values=values)[0]
+
+
+def rewrite_with_values(
+    gm: torch.fx.GraphModule,
+    regions: Sequence[TPRegion],
+    *,
+    t: int,
+    rank: int,
+    group: Any = None,
+    example_inputs: Sequence[Any] | None = None,
+    rng: RNGTracker | None = None,
+    values: Mapping[str, Any] | None = None,
+) -> tuple[torch.fx.GraphModule, dict[str, Any] | None]:
+    """:func:`tp_rewrite`, and the rewritten graph's node values (fake tensors) from the
+    propagation that verified it (None when nothing was rewritten): the stage split reads
+    its shapes from them instead of propagating the graph once more."""
     if isinstance(t, bool) or not isinstance(t, int) or t < 1 or not 0 <= rank < t:
         raise RewriteError(f"tensor-parallel rank {rank} must lie in [0, t) with t={t} >= 1")
     regions = tuple(regions)
     new = copy.deepcopy(gm)
     if t == 1 or not regions:
-        return new
-    vals = propagate(gm, example_inputs, what="the original graph")
+        return new, None
+    vals = (dict(values) if values is not None
+            else propagate(gm, example_inputs, what="the original graph"))
     rw = _Rewriter(new, vals, regions, t=t, rank=rank, group=group, rng=rng)
     owner = rw.check(regions)
     rw.shard_params()
@@ -562,4 +585,4 @@ def tp_rewrite(
             raise RewriteError(f"node {old}: its reduced value {final} has shape "
                                f"{getattr(after, 'shape', after)}, expected {tuple(before.shape)}")
     new.meta["tripar_tp"] = {"t": t, "rank": rank, "regions": len(regions)}
-    return new
+    return new, shapes
