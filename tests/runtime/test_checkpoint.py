@@ -19,12 +19,12 @@ STEPS = 3
 def _setup(name: str = "gpt"):
     import test_engine as te
 
-    return te, te._model(name)
+    return te, (*te._model(name), te.batches(name))
 
 
 def _build(layout: tuple[int, int, int, str, int], name: str = "gpt"):
     """(dp, tp, pp, schedule, zero) -> a fresh ParallelModel of a small model with AdamW."""
-    te, (loaded, _, captured, _) = _setup(name)
+    te, (loaded, captured, _) = _setup(name)
     from tripar import api
 
     dp, tp, pp, schedule, zero = layout
@@ -41,7 +41,7 @@ def _resume(directory: str, first: tuple, second: tuple, name: str = "gpt") -> d
     import torch.distributed as dist
 
     build = functools.partial(_build, name=name)
-    te, (_, _, _, batches) = _setup(name)
+    te, (_, _, batches) = _setup(name)
     pm = build(first)
     for b in batches:
         pm.train_step(b)
@@ -132,7 +132,7 @@ def test_save_under_one_plan_load_under_another(world, name, first, second):
 
 
 def _same_plan(directory: str) -> bool:
-    te, (_, _, _, batches) = _setup()
+    te, (_, _, batches) = _setup()
     layout = (1, 1, 2, "1f1b", 0)
     pm = _build(layout)
     for b in batches:

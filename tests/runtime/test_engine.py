@@ -6,8 +6,8 @@ layouts x schedules x optimizers), rebuilding the ParallelModel each time inside
 
 from __future__ import annotations
 
-import copy
 import functools
+import io
 import math
 import time
 
@@ -50,16 +50,24 @@ OPTIMIZERS = {
 
 @functools.cache
 def _model(name: str):
+    """The model (the initial weights every run starts from), its example and its capture;
+    each rank captures for itself (graphs do not pickle)."""
     spec = MODELS[name]
     loaded = load_model(spec, batch_size=1, seq_len=8 if spec.startswith("hf:") else None)
-    example = loaded.example_kwargs or loaded.example_inputs
     captured = api.capture_model(loaded.model, loaded.example_inputs, loaded.example_kwargs)
-    batches = []
+    return loaded, captured
+
+
+@functools.cache
+def batches(name: str) -> tuple:
+    """The global batch of each step."""
+    spec = MODELS[name]
+    out = []
     for step in range(STEPS):
         more = load_model(spec, batch_size=GLOBAL_BATCH, seed=100 + step,
                           seq_len=8 if spec.startswith("hf:") else None)
-        batches.append(more.example_kwargs or more.example_inputs)
-    return loaded, example, captured, batches
+        out.append(more.example_kwargs or more.example_inputs)
+    return tuple(out)
 
 
 def _forward(model, batch):
@@ -74,12 +82,13 @@ def _micro(batch, k: int):
 
 @functools.cache
 def reference(name: str, opt: str) -> dict[str, torch.Tensor]:
-    """Single-process training with the same one-sample microbatches (gradients accumulated)."""
-    loaded, _, _, batches = _model(name)
-    model = copy.deepcopy(loaded.model)
+    """Single-process training with the same one-sample microbatches (gradients accumulated).
+    Computed by the test process, once, and handed to the ranks."""
+    spec = MODELS[name]
+    model = load_model(spec, batch_size=1, seq_len=8 if spec.startswith("hf:") else None).model
     make_opt, _ = OPTIMIZERS[opt]
     optimizer = make_opt(list(model.parameters()))
-    for batch in batches:
+    for batch in batches(name):
         for k in range(GLOBAL_BATCH):
             (_forward(model, _micro(batch, k)) / GLOBAL_BATCH).backward()
         optimizer.step()
@@ -88,27 +97,30 @@ def reference(name: str, opt: str) -> dict[str, torch.Tensor]:
 
 
 def train(name: str, opt: str, dp: int, tp: int, pp: int, schedule: str, vpp: int, zero: int,
-          steps: int = STEPS):
-    loaded, example, captured, batches = _model(name)
+          steps: tuple):
+    loaded, captured = _model(name)
     make_opt, _ = OPTIMIZERS[opt]
     pm = api.auto_parallel(loaded.model, captured=captured, example_inputs=loaded.example_inputs,
                            example_kwargs=loaded.example_kwargs, optimizer=make_opt,
                            global_batch_size=GLOBAL_BATCH, dp=dp, tp=tp, pp=pp, vpp=vpp,
                            num_microbatches=GLOBAL_BATCH // dp, schedule=schedule, zero=zero,
                            timeout_s=30)
-    losses = [pm.train_step(b) for b in batches[:steps]]
+    losses = [pm.train_step(b) for b in steps]
     return pm, losses
 
 
-def _compare_all(group: str, names: list[str]) -> list[str]:
+def _compare_all(group: str, data: bytes) -> list[str]:
+    """On every rank: each model of ``data`` (``torch.save`` of name -> (step batches,
+    {optimizer: the single-process result})) trained under every layout of ``group``, and
+    compared. (Bytes: tensors pickled by multiprocessing travel as one shared-memory file
+    descriptor each.)"""
     done = []
-    for name in names:
-        for opt in OPTIMIZERS:
-            ref = reference(name, opt)
+    for name, (steps, refs) in torch.load(io.BytesIO(data), weights_only=False).items():
+        for opt, ref in refs.items():
             rtol = OPTIMIZERS[opt][1]
             for dp, tp, pp, schedule, vpp, zero in LAYOUTS[group]:
                 t0 = time.perf_counter()
-                pm, losses = train(name, opt, dp, tp, pp, schedule, vpp, zero)
+                pm, losses = train(name, opt, dp, tp, pp, schedule, vpp, zero, steps)
                 what = f"{name} {opt} dp={dp} tp={tp} pp={pp} {schedule} vpp={vpp} zero={zero}"
                 assert pm.plan.parallel.schedule == schedule or pp == 1, what
                 if tp > 1:  # regions sharded, and this rank holds slices of their weights
@@ -131,7 +143,10 @@ def _compare_all(group: str, names: list[str]) -> list[str]:
 @pytest.mark.parametrize("group", list(LAYOUTS))
 def test_every_layout_matches_single_process(group):
     (world,) = {dp * tp * pp for dp, tp, pp, *_ in LAYOUTS[group]}
-    results = run_ranks(_compare_all, world, group, list(MODELS), timeout_s=570,
+    data = io.BytesIO()
+    torch.save({name: (batches(name), {opt: reference(name, opt) for opt in OPTIMIZERS})
+                for name in MODELS}, data)
+    results = run_ranks(_compare_all, world, group, data.getvalue(), timeout_s=570,
                         pg_timeout_s=60)
     print("\n".join(results[0]))
     assert len(results[0]) == len(MODELS) * len(OPTIMIZERS) * len(LAYOUTS[group])

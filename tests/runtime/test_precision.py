@@ -22,7 +22,8 @@ def _reference(name: str, precision: str) -> dict[str, torch.Tensor]:
     """One process, the same one-sample microbatches, under the same autocast."""
     import test_engine as te
 
-    loaded, _, _, batches = te._model(name)
+    loaded, _ = te._model(name)
+    batches = te.batches(name)
     model = copy.deepcopy(loaded.model)
     optimizer = _sgd(list(model.parameters()))
     for batch in batches:
@@ -38,7 +39,8 @@ def _reference(name: str, precision: str) -> dict[str, torch.Tensor]:
 def _train(name: str, tp: int, pp: int) -> dict:
     import test_engine as te
 
-    loaded, _, captured, batches = te._model(name)
+    loaded, captured = te._model(name)
+    batches = te.batches(name)
     pm = api.auto_parallel(loaded.model, captured=captured, example_inputs=loaded.example_inputs,
                            optimizer=_sgd, global_batch_size=te.GLOBAL_BATCH, dp=1, tp=tp,
                            pp=pp, num_microbatches=te.GLOBAL_BATCH, schedule="1f1b",
