@@ -28,6 +28,11 @@ def _layouts() -> list:
             backend = mesh.group(axis)._get_backend(mesh.device)
             assert backend.options._timeout.total_seconds() == 7, axis
         seen.append((pp, dp, tp, c.pp, c.dp, c.tp))
+        # the same shape again (another auto_parallel in this job): the same groups, no new
+        again = build_mesh(pp, dp, tp, timeout_s=7, vpp=2)
+        assert again.vpp == 2 and all(again.group(a) is mesh.group(a) for a in groups)
+    other = build_mesh(2, 1, 2, timeout_s=8)  # another timeout: groups of their own
+    assert other.group("tp") is not build_mesh(2, 1, 2, timeout_s=7).group("tp")
     with pytest.raises(ConfigError, match="world has 4"):
         build_mesh(2, 1, 1)
     with pytest.raises(ConfigError, match="positive integer"):

@@ -302,8 +302,19 @@ def build_mesh(pp: int, dp: int, tp: int, *, backend: str | None = None,
         raise ConfigError(f"backend {backend!r} is not supported; use 'gloo' (CPU) or 'nccl' (CUDA)")
     device_type = "cuda" if backend == "nccl" else "cpu"
     timeout = datetime.timedelta(seconds=timeout_s)
-    device_mesh = init_device_mesh(
-        device_type, (pp, dp, tp), mesh_dim_names=AXES,
-        backend_override={axis: (backend, _options(backend, timeout)) for axis in AXES},
-    )
+    key = (pp, dp, tp, backend, float(timeout_s))
+    world, device_mesh = _MESHES.get(key, (None, None))
+    if world is not dist.group.WORLD:  # none yet in this process group (or a destroyed one)
+        device_mesh = init_device_mesh(
+            device_type, (pp, dp, tp), mesh_dim_names=AXES,
+            backend_override={axis: (backend, _options(backend, timeout)) for axis in AXES},
+        )
+        _MESHES[key] = (dist.group.WORLD, device_mesh)
     return Mesh(device_mesh, timeout_s=timeout_s, backend=backend, vpp=vpp)
+
+
+_MESHES: dict[tuple, tuple[Any, DeviceMesh]] = {}
+"""The device meshes built in this process, by (pp, dp, tp, backend, timeout), with the
+default group they were built in: a later mesh of the same shape reuses their process
+groups (every rank builds the same meshes in the same order, so all reuse alike) instead of
+creating, and leaking, a new set on every ``auto_parallel`` call."""
