@@ -377,8 +377,8 @@ def split_stages(
     num = len(stage_nodes)
     if stage_blocks is not None and len(stage_blocks) != num:
         raise PlanError(f"{len(stage_blocks)} block lists for {num} stages")
-    values = (dict(values) if values is not None
-              else propagate_values(gm, example_inputs))
+    if values is None:
+        values = propagate_values(gm, example_inputs)
     nodes = list(gm.graph.nodes)
     position = {n.name: i for i, n in enumerate(nodes)}
     by_name = {n.name: n for n in nodes}

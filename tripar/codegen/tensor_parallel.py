@@ -92,7 +92,7 @@ def _has_tensor(v: Any) -> bool:
 class _Rewriter:
     """Mutable state of one rewrite (the copy being changed and what was added)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, vals: dict[str, Any], regions: Sequence[TPRegion], *,
+    def __init__(self, gm: torch.fx.GraphModule, vals: Mapping[str, Any], regions: Sequence[TPRegion], *,
                  t: int, rank: int, group: Any, rng: RNGTracker | None) -> None:
         self.gm, self.graph, self.vals = gm, gm.graph, vals
         self.t, self.rank, self.group, self.rng = t, rank, group, rng
@@ -502,30 +502,22 @@ def _canonical(gm: torch.fx.GraphModule, preferred: set[str]) -> dict[str, str]:
     return canon
 
 
-def tp_rewrite(
-    gm: torch.fx.GraphModule,
-    regions: Sequence[TPRegion],
-    *,
-    t: int,
-    rank: int,
-    group: Any = None,
-    example_inputs: Sequence[Any] | None = None,
-    rng: RNGTracker | None = None,
-    values: Mapping[str, Any] | None = None,
-) -> torch.fx.GraphModule:
+def tp_rewrite(gm: torch.fx.GraphModule, regions: Sequence[TPRegion],
+               **options: Any) -> torch.fx.GraphModule:
     """Tensor-parallel rank ``rank`` of ``t``'s copy of ``gm`` with ``regions`` sharded.
 
-    ``group`` is the tensor-parallel process group (None: the default group), used only
-    when the result runs. ``example_inputs`` (one per placeholder, real or meta) are
-    needed when the graph's nodes carry no recorded shapes. ``rng`` supplies the
-    tensor-parallel random stream for dropout in sharded regions (default: one seeded
-    from ``torch.initial_seed()`` and ``rank``). ``values`` are ``gm``'s node values on
-    these inputs from an earlier propagation (``propagate`` or
-    ``split.propagate_values``), reused instead of propagating ``gm`` again. The
-    parameters of the result are this
-    rank's slices of ``gm``'s (meta stays meta; load real ones with `shard_parameters`).
-    ``gm`` is not changed. Raises `RewriteError` naming the node and the reason when a
-    region cannot be applied.
+    Keywords (those of :func:`rewrite_with_values`): ``t`` and ``rank`` (required),
+    ``group``, ``example_inputs``, ``rng``, ``values``. ``group`` is the tensor-parallel
+    process group (None: the default group), used only when the result runs.
+    ``example_inputs`` (one per placeholder, real or meta) are needed when the graph's
+    nodes carry no recorded shapes. ``rng`` supplies the tensor-parallel random stream
+    for dropout in sharded regions (default: one seeded from ``torch.initial_seed()`` and
+    ``rank``). ``values`` are ``gm``'s node values on these inputs from an earlier
+    propagation (``propagate`` or ``split.propagate_values``), reused instead of
+    propagating ``gm`` again. The parameters of the result are this rank's slices of
+    ``gm``'s (meta stays meta; load real ones with `shard_parameters`). ``gm`` is not
+    changed. Raises `RewriteError` naming the node and the reason when a region cannot be
+    applied.
 
     >>> import torch.fx
     >>> from torch import nn
@@ -539,8 +531,7 @@ def tp_rewrite(
     >>> [n.target if n.op == "call_module" else n.name for n in local.graph.nodes][1:-1]
     ['tp_copy', '0', '1', '_2_weight', '_2_bias', 'linear', 'tp_reduce', 'add']
     """
-    return rewrite_with_values(gm, regions, t=t, rank=rank, group=group,
-                               example_inputs=example_inputs, rng=rng, values=values)[0]
+    return rewrite_with_values(gm, regions, **options)[0]
 
 
 def rewrite_with_values(
@@ -554,17 +545,18 @@ def rewrite_with_values(
     rng: RNGTracker | None = None,
     values: Mapping[str, Any] | None = None,
 ) -> tuple[torch.fx.GraphModule, dict[str, Any] | None]:
-    """:func:`tp_rewrite`, and the rewritten graph's node values (fake tensors) from the
-    propagation that verified it (None when nothing was rewritten): the stage split reads
-    its shapes from them instead of propagating the graph once more."""
+    """:func:`tp_rewrite` (whose docstring describes the arguments), and the rewritten
+    graph's node values (fake tensors) from the propagation that verified it (None when
+    nothing was rewritten): the stage split reads its shapes from them instead of
+    propagating the graph once more."""
     if isinstance(t, bool) or not isinstance(t, int) or t < 1 or not 0 <= rank < t:
         raise RewriteError(f"tensor-parallel rank {rank} must lie in [0, t) with t={t} >= 1")
     regions = tuple(regions)
     new = copy.deepcopy(gm)
     if t == 1 or not regions:
         return new, None
-    vals = (dict(values) if values is not None
-            else propagate(gm, example_inputs, what="the original graph"))
+    vals = values if values is not None else propagate(gm, example_inputs,
+                                                       what="the original graph")
     rw = _Rewriter(new, vals, regions, t=t, rank=rank, group=group, rng=rng)
     owner = rw.check(regions)
     rw.shard_params()
