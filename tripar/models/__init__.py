@@ -6,6 +6,7 @@ model (on the meta device if asked) with an example batch for which
 (``tripar.models.gpt.GPT``, ``tripar.models.llama.Llama``, ...).
 """
 
-from tripar.models.spec import LoadedModel, load_model, parse_spec
+from tripar.models.loaded import LoadedModel
+from tripar.models.spec import load_model, parse_spec
 
 __all__ = ["LoadedModel", "load_model", "parse_spec"]

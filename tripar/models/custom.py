@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tripar.errors import ModelSpecError
-from tripar.models.spec import LoadedModel, seeded
+from tripar.models.loaded import LoadedModel, seeded
 
 CONTRACT = (
     "the function must return an nn.Module that has an example_inputs(batch_size, seq_len) "

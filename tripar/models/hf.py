@@ -23,7 +23,7 @@ from torch import nn
 
 from tripar.errors import ModelSpecError
 from tripar.models._common import random_ids
-from tripar.models.spec import LoadedModel, seeded
+from tripar.models.loaded import LoadedModel, seeded
 
 ATTENTION = "sdpa"
 DEFAULT_SEQ = 128

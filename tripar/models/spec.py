@@ -13,17 +13,17 @@ Three forms are understood:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from tripar.errors import ConfigError, ModelSpecError
+from tripar.models.custom import load_file_model
+from tripar.models.hf import load_hf_model
+from tripar.models.loaded import LoadedModel, seeded
 
 # family -> (module, config class, model class)
 ZOO: dict[str, tuple[str, str, str]] = {
@@ -40,23 +40,6 @@ FORMS = (
     f"(families: {', '.join(ZOO)}), 'path/to/file.py:function', or "
     "'hf:ClassName:key=value,...'"
 )
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A built model with an example batch for which ``forward`` returns the loss."""
-
-    model: nn.Module
-    example_inputs: tuple
-    """Positional arguments of ``forward`` (targets included)."""
-    example_kwargs: dict = field(default_factory=dict)
-    """Keyword arguments of ``forward`` (empty for zoo models)."""
-    config: dict = field(default_factory=dict)
-    """Sizes (layers, hidden, heads, kv_heads, vocab, seq, ffn, ... as apply), plain ints."""
-    spec: str = ""
-    """The normalised spec string."""
-    family: str = ""
-    """``gpt``, ``llama``, ``bert``, ``vit``, ``resnet``, ``t5``, ``file`` or ``hf``."""
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -201,18 +184,6 @@ def check_device(device: str | torch.device) -> torch.device:
         ) from None
 
 
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Fork the global RNG (CPU, and ``device``'s accelerator if any) and seed it."""
-    if device.type in ("cpu", "meta"):
-        devices, device_type = [], "cuda"
-    else:
-        devices, device_type = [device.index or 0], device.type
-    with torch.random.fork_rng(devices=devices, device_type=device_type):
-        torch.manual_seed(seed)
-        yield
-
-
 def load_model(
     spec: str, *, batch_size: int = 1, seq_len: int | None = None, device: str = "cpu",
     seed: int = 0,
@@ -239,13 +210,9 @@ def load_model(
         raise ConfigError(f"seq_len={seq_len!r} must be a positive integer or None")
     family, raw = parse_spec(spec)
     if family == "file":
-        from tripar.models.custom import load_file_model
-
         return load_file_model(raw["path"], raw["function"], batch_size=batch_size,
                                seq_len=seq_len, device=target, seed=seed)
     if family == "hf":
-        from tripar.models.hf import load_hf_model
-
         options = {k: v for k, v in raw.items() if k != "class"}
         return load_hf_model(raw["class"], options, batch_size=batch_size, seq_len=seq_len,
                              device=target, seed=seed)
