@@ -142,21 +142,6 @@ def test_tied_parameter_counted_once() -> None:
         assert len(names) == len(set(names))
 
 
-@pytest.mark.parametrize("spec", [
-    "gpt:layers=4,hidden=32,heads=2,vocab=64,seq=8",
-    "llama:layers=3,hidden=32,heads=4,kv_heads=2,vocab=64,seq=8",
-    "resnet",
-    "t5",
-])
-def test_replaying_repeated_blocks_gives_the_same_numbers(spec: str) -> None:
-    loaded = load_model(spec, batch_size=2, device="meta")
-    gm = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs)
-    annotate(gm, loaded.example_inputs, loaded.example_kwargs, reuse=False)
-    every_node = _infos(gm)
-    annotate(gm, loaded.example_inputs, loaded.example_kwargs, reuse=True)
-    assert _infos(gm) == every_node
-
-
 def test_annotate_does_not_allocate_real_memory_for_a_big_model() -> None:
     loaded = load_model("gpt:layers=2,hidden=8192,heads=64,vocab=50000,seq=2048",
                         batch_size=8, device="meta")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tripar.graph.build import analyze, partition_blocks
+from tripar.graph.build import analyze
 from tripar.graph.proxy import ProxyGraph
 from tripar.models.spec import load_model
 
@@ -133,23 +133,3 @@ def test_skip_connections_are_recorded_and_cross_the_cuts() -> None:
     cut = next(c for c in proxy.cuts if c.after == "layers.1")
     assert {t.node for t in cut.tensors} == {"layers_0", "layers_1"}
     assert cut.bytes == 2 * 4 * 8 * 4
-
-
-def test_partition_handles_root_level_ops_and_shared_modules() -> None:
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Linear(4, 4)
-            self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(2))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.embed(x) * 2  # root-level op joins the embedding block
-            for layer in self.layers:
-                h = layer(h)
-            return self.embed(h).sum()  # the shared module runs again
-
-    gm = torch.fx.symbolic_trace(Shared())
-    part = partition_blocks(gm)
-    assert part.names == ("embed", "layers.0", "layers.1", "embed@1", "loss")
-    assert part.nodes[0] == ("embed", "mul")
-    assert part.layer == (False, True, True, False, False)

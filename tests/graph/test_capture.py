@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tripar.errors import CaptureError
-from tripar.graph.annotate import node_module
+from tripar.graph.blocks import node_module
 from tripar.graph.capture import capture
 
 

@@ -6,7 +6,8 @@ fake tensors) -> build_proxy_graph (blocks, signatures, cuts, TP regions).
 """
 
 from tripar.graph.annotate import NodeInfo, annotate
-from tripar.graph.build import analyze, build_proxy_graph, partition_blocks
+from tripar.graph.blocks import partition_blocks
+from tripar.graph.build import analyze, build_proxy_graph
 from tripar.graph.capture import capture
 from tripar.graph.proxy import Block, Cut, ProxyGraph, TensorInfo, TPRegion, Unproven
 from tripar.graph.tp_regions import find_tp_regions
