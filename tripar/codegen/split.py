@@ -555,7 +555,7 @@ def _tied_groups(gm: torch.fx.GraphModule, computes: list[set[str]],
 
 def block_nodes(gm: torch.fx.GraphModule) -> dict[str, tuple[str, ...]]:
     """Block name -> its FX node names, grouped as ``tripar.graph.build`` groups them."""
-    from tripar.graph.build import partition_blocks
+    from tripar.graph import partition_blocks
 
     part = partition_blocks(gm)
     return dict(zip(part.names, part.nodes))
