@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         plan.save(args.out)
     if args.dump_lp:
-        from tripar.partitioner.partition_milp import build_partition_milp
+        from tripar.partitioner import build_partition_milp
         from tripar.partitioner.search import partition_problem
 
         problem = partition_problem(graph, cluster, plan.parallel, dtype=args.dtype,

@@ -26,7 +26,7 @@ import pulp
 
 from tripar.errors import ConfigError, InfeasibleError, PlanError
 from tripar.graph.proxy import TPRegion
-from tripar.partitioner.partition_milp import run_solver
+from tripar.partitioner.solvers import run_solver
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,12 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tripar.errors import ConfigError, InfeasibleError
-from tripar.partitioner.partition import (
-    PartitionProblem,
-    evaluate_partition,
-    solve_fixed_partition,
-    solve_partition_dp,
-)
+from tripar.partitioner.partition.dp import solve_partition_dp
+from tripar.partitioner.partition.fixed import solve_fixed_partition
+from tripar.partitioner.partition.problem import PartitionProblem, evaluate_partition
 
 
 @st.composite

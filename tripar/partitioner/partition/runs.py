@@ -6,7 +6,7 @@ partition is fixed by (1) which gaps of the few blocks before and after the
 run are cuts (a *structure*: ``2^(a+z)`` of them) and (2) how many layers each
 stage holding layers gets. Every stage that holds only layers costs the same
 for the same count, so its time is a vector over the count, and the problem
-the generic DP (:func:`tripar.partitioner.partition.solve_partition_dp`) solves
+the generic DP (:func:`tripar.partitioner.partition.dp.solve_partition_dp`) solves
 over ``(n+1)^2`` ranges per stage is solved here over counts:
 
 * stage times per count come from closed forms, vectorised over the count
@@ -21,7 +21,7 @@ over ``(n+1)^2`` ranges per stage is solved here over counts:
   DP over stages and layer counts restricted to the counts the caps leave open
   (``N_s`` minus the others' slack), which is narrow near ``B*``.
 
-The model and the objective are those of ``partition.py``, so the result is the
+The model and the objective are those of ``problem.py``, so the result is the
 same optimum (ties may split differently). The work is linear in ``L`` (the
 count vectors) plus terms that do not grow with it; ``PartitionSolution.work``
 counts it.
@@ -31,15 +31,17 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import numpy as np
 
-from tripar.partitioner.partition import (
+from tripar.partitioner.partition.diagnose import diagnose_infeasible
+from tripar.partitioner.partition.problem import (
     PartitionProblem,
     PartitionSolution,
-    _choose_recompute,
     evaluate_partition,
 )
+from tripar.partitioner.partition.recompute import choose_recompute
 
 _INF = math.inf
 MIN_RUN = 8
@@ -113,7 +115,7 @@ class _Chain:
                     t = (p.saving_bytes(b), p.recompute_s[b])
                     types[t] = types.get(t, 0) + 1
             sub = [(s_, r, c) for (s_, r), c in types.items()]
-            got = _choose_recompute(sub, base, p.in_flight[s], p.memory_limit_bytes[s],
+            got = choose_recompute(sub, base, p.in_flight[s], p.memory_limit_bytes[s],
                                     p.recompute)
             self._fixed[key] = _INF if got is None else math.fsum(
                 [*(p.forward_s[b] + p.backward_s[b] for b in blocks), got[0],
@@ -261,15 +263,13 @@ def solve_partition_runs(problem: PartitionProblem, run: tuple[int, int]
     caller uses the generic DP. InfeasibleError (from
     ``diagnose_infeasible``) when no partition fits.
 
-    >>> from tripar.partitioner.partition import solve_partition_dp
+    >>> from tripar.partitioner.partition.dp import solve_partition_dp
     >>> prob = PartitionProblem.uniform(24, stages=4, activation_bytes=10, input_bytes=1,
     ...                                 memory_limit_bytes=120, num_microbatches=8)
     >>> fast = solve_partition_runs(prob, find_run(prob))
     >>> fast.objective_s == solve_partition_dp(prob, use_runs=False).objective_s
     True
     """
-    import time
-
     start = time.perf_counter()
     v, steady = problem.virtual_stages, problem.num_microbatches * problem.virtual_stages - 1
     chain = _Chain(problem, run)
@@ -286,8 +286,6 @@ def solve_partition_runs(problem: PartitionProblem, run: tuple[int, int]
         return any(s.caps(cap) is not None for s in structures)
 
     if not len(values) or not feasible(values[-1]):
-        from tripar.partitioner.partition import diagnose_infeasible
-
         raise diagnose_infeasible(problem)   # nothing fits: name the stage that falls short
     lo, hi = 0, len(values) - 1
     while lo < hi:
@@ -350,6 +348,6 @@ def _recompute_blocks(problem: PartitionProblem, s: int, first: int, stop: int
     if base <= p.memory_limit_bytes[s] and p.recompute != "full":
         return ()
     types = [(sig, rho, len(members)) for (sig, rho), members in kinds.items()]
-    got = _choose_recompute(types, base, p.in_flight[s], p.memory_limit_bytes[s], p.recompute)
+    got = choose_recompute(types, base, p.in_flight[s], p.memory_limit_bytes[s], p.recompute)
     assert got is not None
     return tuple(sorted(b for members, r in zip(kinds.values(), got[1]) for b in members[:r]))

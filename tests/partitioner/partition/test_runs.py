@@ -9,8 +9,9 @@ import random
 import pytest
 
 from tripar.errors import InfeasibleError
-from tripar.partitioner.partition import PartitionProblem, solve_partition_dp
-from tripar.partitioner.partition_runs import find_run, solve_partition_runs
+from tripar.partitioner.partition.dp import solve_partition_dp
+from tripar.partitioner.partition.problem import PartitionProblem
+from tripar.partitioner.partition.runs import find_run, solve_partition_runs
 
 
 def chain_problem(rng: random.Random, layers: int, before: int, after: int, stages: int,
