@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tripar.graph.build import analyze
 from tripar.models import load_model
-from tripar.partitioner.cost_model import step_estimate
+from tripar.partitioner import step_estimate
 from tripar.partitioner.hardware import Cluster, Efficiency, load_calibration
 from tripar.partitioner.megatron import MEGATRON_TABLE, SEQ, VOCAB, megatron_flops
 from tripar.plan.config import ParallelConfig

@@ -18,7 +18,7 @@ import argparse
 import time
 
 from tripar.commands._model_args import proxy_graph_for
-from tripar.partitioner.cost_model import step_estimate
+from tripar.partitioner import step_estimate
 from tripar.partitioner.hardware import Cluster
 from tripar.partitioner.megatron import MEGATRON_TABLE, SEQ, VOCAB
 from tripar.partitioner.search import search_with_stats, uniform_split_of

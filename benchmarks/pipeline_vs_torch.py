@@ -267,7 +267,7 @@ def _rank_main(cfg: MeasureConfig) -> dict:
     from tripar.api import auto_parallel, capture_model
     from tripar.data import CharTokenizer, TextBatches, corpus
     from tripar.models.spec import load_model
-    from tripar.partitioner.cost_model import step_estimate
+    from tripar.partitioner import step_estimate
     from tripar.partitioner.hardware import Cluster
     from tripar.plan.config import ParallelConfig
 
@@ -407,7 +407,7 @@ def block_check(cfg: MeasureConfig, repeats: int = 10) -> BlockCheck:
 
     from tripar.api import capture_model
     from tripar.models.spec import load_model
-    from tripar.partitioner.cost_model import block_costs
+    from tripar.partitioner import block_costs
     from tripar.partitioner.hardware import Cluster
     from tripar.plan.config import ParallelConfig
 

@@ -82,7 +82,8 @@ def _own_planner_cost(out: Path, quick: bool) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tripar.partitioner.cost_model import example_graph
+    sys.path.insert(0, str(HERE.parent))  # the hand-built graph of the partitioner tests
+    from tests.partitioner.example_graphs import example_graph
     from tripar.partitioner.hardware import Cluster
     from tripar.partitioner.search import search
 

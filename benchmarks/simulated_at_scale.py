@@ -108,7 +108,7 @@ def _describe(cfg) -> str:
 def _estimate(system: str, graph, cluster, cfg, boundaries=None, recompute=None,
               note: str = "") -> Costed:
     from tripar.errors import TriparError
-    from tripar.partitioner.cost_model import step_estimate
+    from tripar.partitioner import step_estimate
 
     try:
         est = step_estimate(graph, cluster, cfg, boundaries, recompute=recompute,
@@ -126,7 +126,7 @@ def _uniform_split(graph, cluster, plan) -> Costed:
     """The plan's configuration and regions on the uniform split by layers, costed as the
     search costs it; the note adds fractional recompute shares on the same split."""
     from tripar.errors import TriparError
-    from tripar.partitioner.cost_model import step_estimate
+    from tripar.partitioner import step_estimate
     from tripar.partitioner.search import uniform_split_of
 
     par = plan.parallel

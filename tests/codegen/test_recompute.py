@@ -38,7 +38,7 @@ from tripar.graph.annotate import annotate
 from tripar.graph.build import build_proxy_graph
 from tripar.graph.capture import capture
 from tripar.models import load_model
-from tripar.partitioner.cost_model import block_costs
+from tripar.partitioner import block_costs
 from tripar.partitioner.hardware import Cluster
 from tripar.plan.config import ParallelConfig
 from tripar.runtime.testing import run_ranks

@@ -15,7 +15,7 @@ import pytest
 
 from tripar.graph.build import analyze
 from tripar.models import load_model
-from tripar.partitioner.cost_model import step_estimate
+from tripar.partitioner.cost.step import step_estimate
 from tripar.partitioner.hardware import Cluster, builtin_device, load_calibration
 from tripar.partitioner.megatron import MEGATRON_TABLE, SEQ, VOCAB, megatron_flops
 from tripar.plan.config import ParallelConfig

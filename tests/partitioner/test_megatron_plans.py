@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tripar.commands._model_args import proxy_graph_for
-from tripar.partitioner.cost_model import step_estimate
+from tripar.partitioner.cost.step import step_estimate
 from tripar.partitioner.hardware import Cluster
 from tripar.partitioner.megatron import MEGATRON_TABLE
 from tripar.partitioner.search import search

@@ -6,10 +6,10 @@ import dataclasses
 import math
 
 import pytest
+from example_graphs import example_graph
 
 from tripar.commands._model_args import proxy_graph_for
 from tripar.errors import ConfigError, InfeasibleError
-from tripar.partitioner.cost_model import example_graph
 from tripar.partitioner.hardware import Cluster
 from tripar.partitioner.search import Pins, _Search, search, search_with_stats
 
@@ -249,7 +249,7 @@ def test_uniform_split_is_kept_when_it_simulates_faster():
     """Six layers on four stages with one microbatch per step... the DP's proxy (sum t/v
     + (m v - 1) max t) sees only sums and cuts there; the simulator plays the schedule.
     The search keeps the uniform split, says so, and beats the DP's own split."""
-    from tripar.partitioner.cost_model import uniform_boundaries
+    from tripar.partitioner.cost.stages import uniform_boundaries
     from tripar.partitioner.search import evaluate_split
 
     graph = example_graph(layers=6, hidden=1024, seq=512, vocab=8000, heads=8)

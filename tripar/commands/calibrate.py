@@ -308,7 +308,7 @@ def measure_blocks(sizes: tuple[tuple[int, int], ...], repeats: int,
     """``time_blocks`` beside what ``cluster``'s component model predicts for each block
     (``model_forward_seconds``, ``model_backward_seconds``: ``block_costs`` of the block's
     own proxy graph)."""
-    from tripar.partitioner.cost_model import block_costs
+    from tripar.partitioner import block_costs
     from tripar.plan.config import ParallelConfig
 
     one = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=1, num_microbatches=1)

@@ -69,7 +69,7 @@ def parallel_config(args: argparse.Namespace, devices: int) -> ParallelConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tripar.partitioner.cost_model import step_estimate
+    from tripar.partitioner import step_estimate
 
     cluster = cluster_from_args(args)
     config = parallel_config(args, cluster.devices)

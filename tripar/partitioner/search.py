@@ -40,14 +40,10 @@ import numpy as np
 
 from tripar.errors import ConfigError, InfeasibleError
 from tripar.graph.proxy import ProxyGraph
-from tripar.partitioner.collectives import p2p_time
-from tripar.partitioner.cost_model import (
-    BUCKET_BYTES,
-    block_costs,
-    stage_costs,
-    uniform_boundaries,
-)
-from tripar.partitioner.cost_model import shardable_regions as _shardable
+from tripar.partitioner.cost.blocks import block_costs
+from tripar.partitioner.cost.blocks import shardable_regions as _shardable
+from tripar.partitioner.cost.collectives import p2p_time
+from tripar.partitioner.cost.stages import BUCKET_BYTES, stage_costs, uniform_boundaries
 from tripar.partitioner.hardware import Cluster, canonical_dtype, dtype_bytes
 from tripar.partitioner.partition import (
     PartitionProblem,
@@ -112,7 +108,7 @@ class Evaluated:
     """How the sharded regions were chosen."""
     split: str = "dp"
     """Whose stage split this is: ``dp`` (the partition DP's), ``uniform`` (layers spread
-    evenly, :func:`~tripar.partitioner.cost_model.uniform_boundaries`) or ``given``
+    evenly, :func:`~tripar.partitioner.cost.stages.uniform_boundaries`) or ``given``
     (:func:`evaluate_split`'s)."""
     split_note: str = ""
     """How the split was chosen: the simulated step of the DP's split against the uniform
@@ -439,7 +435,6 @@ def search(graph: ProxyGraph, cluster: Cluster, global_batch: int, *, seq_len: i
     """The best plan for ``graph`` on ``cluster`` at ``global_batch`` samples per step
     (see :func:`search_with_stats`, which also returns the search's statistics).
 
-    >>> from tripar.partitioner.cost_model import example_graph
     >>> plan = search(example_graph(layers=4), Cluster.builtin("a100-80g", gpus_per_node=4), 16)
     >>> plan.parallel.devices, plan.parallel.global_batch_size, plan.validate() is plan
     (4, 16, True)
@@ -469,7 +464,6 @@ def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
     the plan's search status is ``optimal`` only when no candidate was left after
     screening (bound pruning is exact), ``screened`` otherwise.
 
-    >>> from tripar.partitioner.cost_model import example_graph
     >>> cluster = Cluster.builtin("a100-80g", gpus_per_node=4)
     >>> plan, stats = search_with_stats(example_graph(layers=4), cluster, 16,
     ...                                 screen_slack=math.inf, max_evaluations=10**6)
@@ -607,7 +601,6 @@ def partition_problem(graph: ProxyGraph, cluster: Cluster, config: ParallelConfi
                       tp_regions: Sequence[str] | None = None) -> PartitionProblem:
     """The stage-partition problem the search solves for ``config`` (for ``--dump-lp``).
 
-    >>> from tripar.partitioner.cost_model import example_graph
     >>> cfg = ParallelConfig(dp=1, tp=1, pp=2, micro_batch_size=1, num_microbatches=4)
     >>> partition_problem(example_graph(layers=4), Cluster.builtin("a100-80g"), cfg).in_flight
     (2, 1)
@@ -623,7 +616,7 @@ def evaluate_split(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
                    tp_regions: Sequence[str] | None = None) -> Evaluated:
     """``config`` costed and simulated as the search costs it, on a given stage split
     (the first block of each of the ``pp * vpp`` stages; default: the uniform split by
-    layers, :func:`~tripar.partitioner.cost_model.uniform_boundaries`): whole blocks
+    layers, :func:`~tripar.partitioner.cost.stages.uniform_boundaries`): whole blocks
     recomputed per stage as the partition DP would choose them under the same memory
     budget (``config.recompute``: ``stage-aware``, ``none`` or ``full``). The baseline a
     plan's own split must not lose to (:func:`uniform_split_of`). InfeasibleError when
@@ -632,7 +625,6 @@ def evaluate_split(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
     ``tp_regions``: names (``block:kind:index``) of the regions sharded at ``config.tp``
     (default: every proven one; a plan's are ``[r.name for r in plan.tp_regions]``).
 
-    >>> from tripar.partitioner.cost_model import example_graph
     >>> cfg = ParallelConfig(dp=1, tp=1, pp=2, micro_batch_size=1, num_microbatches=4)
     >>> got = evaluate_split(example_graph(layers=4), Cluster.builtin("a100-80g"), cfg)
     >>> got.boundaries, got.split, got.step_time_s > 0
@@ -661,7 +653,6 @@ def uniform_split_of(plan: Plan, graph: ProxyGraph, cluster: Cluster) -> Evaluat
     labelled ``none``: its uniform split is costed with ``stage-aware``, as the search
     costed it (pass a plan pinned to ``--recompute none`` to :func:`evaluate_split`).
 
-    >>> from tripar.partitioner.cost_model import example_graph
     >>> graph, cluster = example_graph(layers=4), Cluster.builtin("a100-80g", gpus_per_node=4)
     >>> plan = search(graph, cluster, 16, pins=Pins(pp=2))
     >>> plan.estimate.step_time_s <= uniform_split_of(plan, graph, cluster).step_time_s

@@ -20,8 +20,12 @@ import numpy as np
 
 from tripar.errors import ConfigError
 from tripar.graph.proxy import ProxyGraph
-from tripar.partitioner.collectives import all_gather_time, all_reduce_time, reduce_scatter_time
-from tripar.partitioner.cost_model import BUCKET_BYTES, bytes_per_param, uniform_boundaries
+from tripar.partitioner.cost.collectives import (
+    all_gather_time,
+    all_reduce_time,
+    reduce_scatter_time,
+)
+from tripar.partitioner.cost.stages import BUCKET_BYTES, bytes_per_param, uniform_boundaries
 from tripar.partitioner.hardware import Cluster, dtype_bytes
 from tripar.plan.config import SCHEDULES, ParallelConfig
 

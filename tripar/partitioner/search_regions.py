@@ -15,8 +15,8 @@ pipeline rank 0's memory, and the time-optimal choice. It reads the search's ``g
 from __future__ import annotations
 
 from tripar.errors import InfeasibleError
-from tripar.partitioner.cost_model import bytes_per_param
-from tripar.partitioner.cost_model import shardable_regions as _shardable
+from tripar.partitioner.cost.blocks import shardable_regions as _shardable
+from tripar.partitioner.cost.stages import bytes_per_param
 from tripar.partitioner.tp_choice import TPCandidate, choose_tp_regions
 from tripar.plan.config import ParallelConfig
 

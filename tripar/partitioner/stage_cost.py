@@ -1,6 +1,6 @@
 """What the simulator needs to know about one (virtual) stage.
 
-The cost model (``tripar.partitioner.cost_model``) produces these from the
+The cost model (``tripar.partitioner.cost``) produces these from the
 proxy graph, the cluster and the parallel configuration; the simulator
 (``tripar.partitioner.simulator``) plays a schedule with them. Times are
 seconds per microbatch, bytes are per device.

@@ -8,8 +8,9 @@ import json
 from dataclasses import replace
 
 import pytest
+from example_graphs import example_graph
 
-from tripar.partitioner.cost_model import block_costs, example_graph, stage_costs, step_estimate
+from tripar.partitioner.cost import block_costs, stage_costs, step_estimate
 from tripar.partitioner.hardware import Cluster
 from tripar.plan.config import ParallelConfig
 
