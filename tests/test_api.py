@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests._ranks import run_ranks
 from tripar import api
 from tripar.errors import ConfigError
 from tripar.models import load_model
-from tripar.runtime.testing import run_ranks
 
 SPEC = "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8"
 

@@ -15,10 +15,10 @@ from dataclasses import replace
 
 import pytest
 
+from tests._ranks import run_ranks
 from tripar.api import check_pins
 from tripar.errors import ConfigError, PlanError
 from tripar.plan.plan import Plan
-from tripar.runtime.testing import run_ranks
 
 SPEC = "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8"
 OTHER = "gpt:layers=1,hidden=16,heads=2,vocab=32,seq=8"

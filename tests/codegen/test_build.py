@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests._ranks import run_ranks
 from tripar.codegen.build import build, build_pipeline, check_plan, plan_regions, write_rank
 from tripar.codegen.split import (
     block_nodes,
@@ -42,7 +43,6 @@ from tripar.errors import PlanError
 from tripar.graph.capture import capture
 from tripar.graph.tp_regions import find_tp_regions
 from tripar.models import load_model
-from tripar.runtime.testing import run_ranks
 
 SPECS = {
     "gpt": "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8",

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests._ranks import run_ranks
 from tripar.codegen.collectives import (
     copy_to_tp,
     gather_from_tp,
@@ -17,7 +18,6 @@ from tripar.codegen.collectives import (
     vocab_parallel_embedding,
 )
 from tripar.codegen.tp_rng import RNGTracker, tp_rng_tracker
-from tripar.runtime.testing import run_ranks
 
 
 def _check_all(t: int) -> bytes:

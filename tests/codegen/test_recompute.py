@@ -24,6 +24,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from tests._ranks import run_ranks
 from tripar.codegen.recompute import Recomputed, apply_recompute, node_blocks
 from tripar.codegen.split import (
     StageSplit,
@@ -41,7 +42,6 @@ from tripar.models import load_model
 from tripar.partitioner import block_costs
 from tripar.partitioner.hardware import Cluster
 from tripar.plan.config import ParallelConfig
-from tripar.runtime.testing import run_ranks
 
 SPECS = {
     "gpt": "gpt:layers=4,hidden=32,heads=4,vocab=64,seq=8",

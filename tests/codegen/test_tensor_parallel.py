@@ -15,6 +15,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from tests._ranks import run_ranks
 from tripar.codegen.split import flat_graph_inputs
 from tripar.codegen.tensor_parallel import RewriteError, tp_rewrite
 from tripar.codegen.tp_rng import ForkedRNG, tp_rng_tracker
@@ -23,7 +24,6 @@ from tripar.graph.capture import capture
 from tripar.graph.tp_ops import fetch_attr
 from tripar.graph.tp_regions import find_tp_regions
 from tripar.models import load_model
-from tripar.runtime.testing import run_ranks
 
 SPECS = {
     "gpt": "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8",

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tripar.runtime.testing import run_ranks
+from tests._ranks import run_ranks
 
 STEPS = 3
 

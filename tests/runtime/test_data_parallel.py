@@ -7,9 +7,9 @@ import torch
 from runtime_models import train_and_compare
 from torch.testing import assert_close
 
+from tests._ranks import run_ranks
 from tripar.runtime.data_parallel import local_batch
 from tripar.runtime.mesh import build_mesh
-from tripar.runtime.testing import run_ranks
 
 CASES = [("interleaved-1f1b", 2, "adamw"), ("zb-h1", 1, "sgd")]
 

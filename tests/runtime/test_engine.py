@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from tests._ranks import run_ranks
 from tripar import api
 from tripar.models import load_model
-from tripar.runtime.testing import run_ranks
 
 MODELS = {
     "gpt": "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8",

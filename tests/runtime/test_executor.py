@@ -23,12 +23,12 @@ from runtime_models import (
 from torch import nn
 from torch.testing import assert_close
 
+from tests._ranks import run_ranks, spawn_ranks
 from tripar.partitioner.schedules import build_schedule
 from tripar.runtime.data_parallel import DataParallel
 from tripar.runtime.executor import PipelineExecutor, StageProgram
 from tripar.runtime.mesh import build_mesh
 from tripar.runtime.p2p import TensorSpec
-from tripar.runtime.testing import run_ranks, spawn_ranks
 
 
 def _schedules_on(layouts: list[tuple[int, int]]) -> list[tuple[str, float]]:

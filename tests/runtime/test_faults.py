@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tripar.runtime.testing import spawn_ranks
+from tests._ranks import spawn_ranks
 
 SPEC = "gpt:layers=2,hidden=16,heads=2,vocab=32,seq=8"
 STALL_TIMEOUT_S = 1.5

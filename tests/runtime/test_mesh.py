@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
+from tests._ranks import run_ranks
 from tripar.errors import ConfigError
 from tripar.runtime.mesh import build_mesh
-from tripar.runtime.testing import run_ranks
 
 
 def _layouts() -> list:

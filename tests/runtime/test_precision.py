@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from tests._ranks import run_ranks
 from tripar import api
 from tripar.errors import ConfigError
 from tripar.runtime.precision import Autocast, check_precision
-from tripar.runtime.testing import run_ranks
 
 
 def _sgd(params):

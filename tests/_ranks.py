@@ -15,6 +15,11 @@ fork, not an interpreter and seconds of imports. Each rank computes with one
 thread (``OMP_NUM_THREADS=1``): the ranks share the machine's cores. ``fn`` must be
 a module-level function; test modules imported by pytest's importlib mode are
 found again by their file.
+
+This harness is not part of the package. Each rank imports it as ``tests._ranks``
+(its entry point travels by name), so the repository root must be on ``sys.path``:
+pytest puts it there (``pythonpath`` in pyproject.toml), the ranks inherit the
+parent's ``sys.path``, and benchmarks insert the root before importing it.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: fl
 def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 60.0,
                 pg_timeout_s: float = 30.0, grace_s: float = 2.0) -> list[RankResult]:
     """Like ``run_ranks`` but returns each rank's ``RankResult`` and never raises for a rank."""
+    _check_importable()
     ctx = _context()
     ref = (fn.__module__, fn.__qualname__, inspect.getfile(fn))
     tmp = tempfile.mkdtemp(prefix="tripar-ranks-")
@@ -111,6 +117,16 @@ _OPTIONAL_PRELOAD = ("transformers", "transformers.models.gpt2.modeling_gpt2",
                      "transformers.models.bert.modeling_bert")
 """transformers and the model code the tests build from it (about 3 s of imports per
 process otherwise); the forkserver skips any that is not installed."""
+
+
+def _check_importable() -> None:
+    """Each rank imports this module by name: say so here rather than lose every rank."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in {os.path.abspath(p) for p in sys.path}:
+        raise RuntimeError(
+            f"the ranks import this harness as {__name__!r}, which needs {root} on sys.path; "
+            "run pytest in the repository (pyproject.toml's pythonpath adds it) or insert it"
+        )
 
 
 def _context() -> Any:

@@ -1,14 +1,16 @@
-"""The rank-spawning test helper: values back, a failure named with its rank, no hang."""
+"""tests._ranks: values come back by rank, a failure is named with its rank, nothing hangs."""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from tripar.runtime.testing import RankProcessError, run_ranks
+from tests._ranks import RankProcessError, run_ranks
 
 
 def _sum_ranks(scale: int) -> tuple[int, int]:
@@ -35,3 +37,10 @@ def test_a_raising_rank_is_reported_and_the_rest_stopped():
     r0, r1 = info.value.results
     assert "rank one is broken" in r1.traceback and not r0.ok
     assert r0.error.startswith("stopped: another rank failed")
+
+
+def test_a_root_missing_from_sys_path_is_named_before_any_rank_starts(monkeypatch):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if os.path.abspath(p) != root])
+    with pytest.raises(RuntimeError, match="needs .* on sys.path"):
+        run_ranks(_sum_ranks, 2, 10)
