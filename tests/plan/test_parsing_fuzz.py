@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from tripar.errors import ConfigError, PlanError
 from tripar.partitioner.hardware import BUILTIN_DEVICES, Cluster
 from tripar.partitioner.schedules import build_schedule
-from tripar.plan.config import SCHEDULES
-from tripar.plan.plan import (
+from tripar.plan import (
+    SCHEDULES,
     ClusterInfo,
     Estimate,
     Inputs,

@@ -6,8 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from tripar.plan.plan import Binding, Plan
-from tripar.plan.render import fmt_bytes, fmt_estimate, fmt_parallel, fmt_time
+from tripar.plan import Binding, Plan, fmt_bytes, fmt_estimate, fmt_parallel, fmt_time
 
 
 def add_parser(subparsers: Any) -> None:

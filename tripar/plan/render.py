@@ -1,69 +1,47 @@
 """The text form of a Plan that people read (``tripar plan``, ``tripar show``).
 
 Plain text, fixed-width columns, no colour: it goes to terminals, logs and
-issue comments alike.
+issue comments alike. Numbers are written by ``tripar.plan.units``.
+
+``Plan.render`` calls ``render_plan`` with itself; this module reads the plan's parts
+(``PlanParts``) and does not import ``tripar.plan.plan``, so the two form no circle.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tripar.plan.config import ParallelConfig
-
-if TYPE_CHECKING:
-    from tripar.plan.plan import Alternative, Estimate, Plan
-
-
-def fmt_bytes(n: float) -> str:
-    """Bytes in the largest unit that keeps a number >= 1 (decimal units).
-
-    >>> fmt_bytes(71_234_000_000), fmt_bytes(512), fmt_bytes(3_500_000)
-    ('71.2 GB', '512 B', '3.5 MB')
-    """
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
+from tripar.plan.records import (
+    Alternative,
+    ClusterInfo,
+    Estimate,
+    Inputs,
+    ModelInfo,
+    SolverRun,
+    StagePlan,
+    TPShard,
+)
+from tripar.plan.units import fmt_bytes, fmt_count, fmt_flops, fmt_rate, fmt_time
 
 
-def fmt_time(s: float) -> str:
-    """Seconds with a unit a person reads at a glance.
+class PlanParts(Protocol):
+    """What ``render_plan`` reads of a plan: the fields of ``tripar.plan.plan.Plan``."""
 
-    >>> fmt_time(12.345), fmt_time(0.0121), fmt_time(0.0000042)
-    ('12.35 s', '12.1 ms', '4.2 us')
-    """
-    if s >= 1:
-        return f"{s:.2f} s"
-    if s >= 1e-3:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s * 1e6:.1f} us"
-
-
-def fmt_count(n: float) -> str:
-    """A count with B / M / k.
-
-    >>> fmt_count(174_620_000_000), fmt_count(3_400_000), fmt_count(999)
-    ('174.62B', '3.40M', '999')
-    """
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{int(n)}"
-
-
-def fmt_rate(tokens_per_s: float) -> str:
-    """Tokens per second, with k / M.
-
-    >>> fmt_rate(85_012.0), fmt_rate(1_234_567.0), fmt_rate(12.0)
-    ('85.0k', '1.23M', '12')
-    """
-    if tokens_per_s >= 1e6:
-        return f"{tokens_per_s / 1e6:.2f}M"
-    if tokens_per_s >= 1e3:
-        return f"{tokens_per_s / 1e3:.1f}k"
-    return f"{tokens_per_s:.0f}"
+    model: ModelInfo
+    cluster: ClusterInfo
+    inputs: Inputs
+    parallel: ParallelConfig
+    stages: tuple[StagePlan, ...]
+    estimate: Estimate
+    tp_regions: tuple[TPShard, ...]
+    schedule: tuple[str, ...]
+    solvers: tuple[SolverRun, ...]
+    solve_time_s: float
+    alternatives: tuple[Alternative, ...]
+    notes: tuple[str, ...]
 
 
 def fmt_parallel(par: ParallelConfig) -> str:
@@ -84,17 +62,6 @@ def fmt_estimate(est: Estimate, device_memory: int | None = None) -> str:
         mem += f" of {fmt_bytes(device_memory)}"
     return (f"step {fmt_time(est.step_time_s)}, {fmt_rate(est.tokens_per_s)} tokens/s, "
             f"peak memory {mem}, bubble {est.bubble_fraction:.1%}")
-
-
-def fmt_flops(rate: float) -> str:
-    """A FLOP rate as a person reads it.
-
-    >>> fmt_flops(312e12), fmt_flops(3.6e10)
-    ('312 TFLOP/s', '36.0 GFLOP/s')
-    """
-    if rate >= 1e12:
-        return f"{rate / 1e12:.0f} TFLOP/s"
-    return f"{rate / 1e9:.1f} GFLOP/s"
 
 
 def fmt_names(names: Sequence[str], width: int, lines: int = 1) -> list[str]:
@@ -141,7 +108,7 @@ def _alternative(alt: Alternative, best: Estimate) -> str:
     return f"{line}: {alt.reason} [{alt.binding.value}]"
 
 
-def render_plan(plan: Plan, *, width: int = 100) -> str:
+def render_plan(plan: PlanParts, *, width: int = 100) -> str:
     """The plan as text: what runs where, what it costs, and what else was close."""
     par, cl, est = plan.parallel, plan.cluster, plan.estimate
     model = plan.model
