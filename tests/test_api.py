@@ -141,7 +141,7 @@ def _per_block_recompute() -> dict:
 def _forward_saved_bytes(prog, batch) -> int:
     """Bytes one microbatch's forward of a stage keeps for its backward (each storage once,
     weights excluded)."""
-    inputs = [torch.randn(spec.shape, requires_grad=True) for spec in prog.inputs]
+    inputs = [torch.randn(spec.shape, requires_grad=True) for spec in prog.received]
     fields = [batch[k][:1] for k in prog.batch_inputs]
     weights = {p.untyped_storage().data_ptr() for p in prog.module.parameters()}
     kept = {}

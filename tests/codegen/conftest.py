@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from tripar.codegen.split import StageSplit, flat_graph_inputs
+from tripar.codegen.stage import StageSplit
+from tripar.graph.capture import flat_graph_inputs
 from tripar.graph.capture import capture
 from tripar.models import load_model
 

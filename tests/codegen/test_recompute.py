@@ -12,6 +12,7 @@ forked random streams inside a recomputed block give the same gradients too.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import gc
 import io
@@ -383,17 +384,22 @@ def _tp_rank(name: str) -> bytes:
     loaded = load_model(spec, batch_size=BATCH)
     gm = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs)
     flat = flat_graph_inputs(gm, loaded.example_inputs, loaded.example_kwargs)
-    table = block_nodes(gm)
     plan = _tp_plan(gm, flat, spec, tp=2)
     tracker = tp_rng_tracker(0, rank)
     start = tracker.get_states()
-    programs = build_pipeline(gm, plan, flat, tp_rank=rank, source=loaded.model, rng=tracker)
+    # the same plan without its recomputed blocks, and as planned (build checkpoints them)
+    keep_all = dataclasses.replace(plan, stages=tuple(dataclasses.replace(s, recompute=())
+                                                      for s in plan.stages))
+    programs = build_pipeline(gm, keep_all, flat, tp_rank=rank, source=loaded.model,
+                              rng=tracker)
     stages = sorted((s for p in programs for s in p.stages), key=lambda s: s.index)
     split = StageSplit(tuple(stages), programs[0].split.tied, programs[0].split.graph_inputs)
     plain = [s.module for s in stages]
     loss = _run(split, plain, flat, seed=5)
     want = _grads(split, plain)
-    rec = [apply_recompute(s, plan.stages[s.index].recompute, blocks=table) for s in stages]
+    built = build_pipeline(gm, plan, flat, tp_rank=rank, source=loaded.model, rng=tracker)
+    rec = [s.module for s in sorted((s for p in built for s in p.stages),
+                                    key=lambda s: s.index)]
     collectives = sum(1 for r in rec for w in r.modules() if isinstance(w, Recomputed)
                       for n in w.body.graph.nodes if n.op == "call_module"
                       and type(w.body.get_submodule(str(n.target))).__name__.endswith("TP"))

@@ -53,7 +53,7 @@ def test_late_inputs_go_to_the_stage_that_reads_them() -> None:
     for middle in split.stages[1:-1]:
         assert middle.graph_inputs == ()
         # only the hidden state crosses: (B, T, h) float32
-        assert [(t.shape, t.dtype) for t in middle.received] == [((2, 8, 32), "float32")]
+        assert [(t.shape, t.dtype_name) for t in middle.received] == [((2, 8, 32), "float32")]
         assert middle.sent == middle.received or len(middle.sent) == 1
 
 
@@ -101,7 +101,7 @@ def test_derived_values_are_recomputed_not_sent() -> None:
     split = split_by_blocks(gm, even_stage_blocks(list(block_nodes(gm)), 4), flat)
     for stage in split.stages[1:]:
         # rotary tables and masks are rebuilt from the inputs; only activations arrive
-        assert all(t.dtype == "float32" and len(t.shape) == 3 for t in stage.received)
+        assert all(t.dtype_name == "float32" and len(t.shape) == 3 for t in stage.received)
     layer1 = next(s for s in split.stages if "model.model.layers.1" in s.blocks)
     assert layer1.index > 0 and layer1.recomputed, "a later llama stage rebuilds rotary tables"
 

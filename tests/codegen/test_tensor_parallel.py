@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests._ranks import run_ranks
-from tripar.codegen.split import flat_graph_inputs
+from tripar.graph.capture import flat_graph_inputs
 from tripar.codegen.tensor_parallel import RewriteError, tp_rewrite
 from tripar.codegen.tp_rng import ForkedRNG, tp_rng_tracker
 from tripar.codegen.tp_shard import shard_map, shard_parameters

@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tripar.runtime.executor import StageProgram
-from tripar.runtime.p2p import TensorSpec
+from tripar.codegen.stage import StageProgram, TensorSpec
 
 IN, D, CLASSES = 12, 16, 5
 
@@ -59,9 +58,9 @@ def stage_programs(model: nn.Sequential, num_stages: int, stages: Sequence[int],
     for s in stages:
         a, b = bounds[s]
         out.append(StageProgram(
-            stage=s, module=nn.Sequential(*model[a:b]),
-            inputs=() if s == 0 else (TensorSpec((micro, D)),),
-            outputs=() if s == num_stages - 1 else (TensorSpec((micro, D)),),
+            index=s, module=nn.Sequential(*model[a:b]),
+            received=() if s == 0 else (TensorSpec((micro, D)),),
+            sent=() if s == num_stages - 1 else (TensorSpec((micro, D)),),
             batch_inputs=(0,) if s == 0 else ()))
     return out
 

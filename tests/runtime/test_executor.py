@@ -24,11 +24,12 @@ from torch import nn
 from torch.testing import assert_close
 
 from tests._ranks import run_ranks, spawn_ranks
+from tripar.codegen.stage import StageProgram, TensorSpec
+from tripar.errors import ConfigError
 from tripar.partitioner.schedules import build_schedule
 from tripar.runtime.data_parallel import DataParallel
-from tripar.runtime.executor import PipelineExecutor, StageProgram
+from tripar.runtime.executor import PipelineExecutor, split_microbatches
 from tripar.runtime.mesh import build_mesh
-from tripar.runtime.p2p import TensorSpec
 
 
 def _schedules_on(layouts: list[tuple[int, int]]) -> list[tuple[str, float]]:
@@ -102,9 +103,9 @@ def _skip_crossing(schedules: list[str]) -> int:
         par = _skip_model()[mesh.coords.pp]
         crossing = (TensorSpec((micro, D)), TensorSpec((micro, D)),
                     TensorSpec((micro,), torch.int64))
-        program = (StageProgram(0, par, outputs=crossing, batch_inputs=("x",))
+        program = (StageProgram(0, par, sent=crossing, batch_inputs=("x",))
                    if mesh.coords.pp == 0 else
-                   StageProgram(1, par, inputs=crossing, batch_inputs=("scale",)))
+                   StageProgram(1, par, received=crossing, batch_inputs=("scale",)))
         sync = DataParallel([par], mesh, lambda ps: torch.optim.SGD(ps, lr=0.1))
         ex = PipelineExecutor([program], build_schedule(schedule, 2, m), mesh,
                               loss_fn=lambda out, mb: F.cross_entropy(out, mb["y"]),
@@ -188,7 +189,7 @@ def _fault(how: str, timeout_s: float) -> str:
     programs = stage_programs(model, 2, [mesh.coords.pp], 2)
     if mesh.coords.pp == 1:  # fails at the 2nd forward of step 2 (after a good step)
         p = programs[0]
-        programs = [StageProgram(1, _Faulty(p.module, 6, how), p.inputs, p.outputs)]
+        programs = [StageProgram(1, _Faulty(p.module, 6, how), p.received, p.sent)]
     ex = PipelineExecutor(programs, build_schedule("1f1b", 2, 4), mesh, loss_fn=loss_fn)
     for batch in make_batches(2, 8):
         try:
@@ -225,3 +226,12 @@ def test_a_failing_rank_is_named_by_the_others(how):
     else:  # the exit closes the connection: rank 0 stops at once, well within the timeout
         assert r0.seconds - r1.seconds < timeout_s, (r0.seconds, r1.seconds)
     assert elapsed < 30, elapsed
+
+
+def test_microbatch_split_rules():
+    mbs = split_microbatches({"x": torch.arange(6), "y": torch.ones(6, 2)}, 3)
+    assert [mb["x"].tolist() for mb in mbs] == [[0, 1], [2, 3], [4, 5]]
+    with pytest.raises(ConfigError, match="not divisible by num_microbatches=4"):
+        split_microbatches((torch.zeros(6),), 4)
+    with pytest.raises(ConfigError, match="different batch sizes"):
+        split_microbatches((torch.zeros(6), torch.zeros(4)), 2)

@@ -15,12 +15,16 @@ of named passes:
    cut (vocab-sharded logits before the loss) travels between the stages of one
    tensor-parallel rank like any activation. The nodes the rewrite adds (collectives,
    the row-parallel bias add) join the block of the next original node in graph order.
-4. ``rank_stages`` and ``materialize_stage`` -- the virtual stages of ``pp_rank``, each
+4. ``rank_stages`` and ``materialize_stage`` (inside :func:`stage_programs`) -- the virtual stages of ``pp_rank``, each
    given its own weights: only this rank's tensor-parallel slice of the stage's weights
    is kept (copied from a real model, or initialised locally from a meta-built one; the
    full tensor of a sliced weight exists only while it is initialised and cut, as in
    Megatron's CPU initialisation). Nothing else holds a real weight: the rewrite and
    the split work on a meta copy of the graph.
+5. :func:`stage_programs` -- each stage as it runs: its tensor-parallel collectives
+   pointed at the job's group and random stream, and the blocks its plan recomputes
+   run under activation checkpointing (``apply_recompute``). ``tripar codegen`` writes
+   these modules, and ``tripar.runtime.assemble`` runs them: one path.
 
 The result, a :class:`RankProgram`, carries the parameter map: local name -> original
 FQN, the dim it is cut on and the index ranges kept (``param_map``, JSON-ready).
@@ -41,22 +45,29 @@ import torch
 import torch.fx
 from torch import nn
 
+from tripar.codegen.collectives import TPCollective
 from tripar.codegen.emit import stage_source
+from tripar.codegen.recompute import apply_recompute
 from tripar.codegen.split import (
-    StageProgram,
-    StageSplit,
     baked_devices,
     block_nodes,
+    propagate_values,
     rank_stages,
     split_by_blocks,
 )
+from tripar.codegen.stage import StageProgram, StageSplit
 from tripar.codegen.tensor_parallel import rewrite_with_values
+from tripar.codegen.tp_rng import ForkedRNG
 from tripar.codegen.tp_shard import ParamShard, shard_map
 from tripar.codegen.weights import default_init, materialize_stage, param_map, retarget_device
 from tripar.errors import PlanError
+from tripar.graph.captured import Captured, for_micro_batch
 from tripar.graph.proxy import TPRegion
+from tripar.plan.schedule import ActionKind
 
-__all__ = ["RankProgram", "build", "build_pipeline", "check_plan", "plan_regions", "split_tp_rank", "write_rank"]
+__all__ = ["RankProgram", "SplitForRank", "SplitKey", "build", "build_pipeline", "check_plan",
+           "connect_tp", "plan_regions", "recomputed_by_schedule", "split_for_rank",
+           "split_tp_rank", "stage_programs", "write_rank"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,14 +408,107 @@ def _build(graph_module: torch.fx.GraphModule, plan: Any, example_inputs: Sequen
     shards = shard_map(graph_module, regions, t=t, rank=tp_rank) if regions else {}
     out = []
     for pp_rank in pp_ranks:
-        stages = rank_stages(split, pp, pp_rank)
-        if materialize:
-            stages = tuple(dataclasses.replace(s, module=materialize_stage(
-                s, source=source, meta_model=meta_model, init=init, seed=seed, device=device,
-                shards=shards)) for s in stages)
+        stages = stage_programs(split, plan, pp_rank, blocks=table, shards=shards,
+                                source=source, meta_model=meta_model, init=init, seed=seed,
+                                device=device, materialize=materialize)
         out.append(RankProgram(pp_rank=pp_rank, tp_rank=tp_rank, pp=pp, tp=t, stages=stages,
                                split=split, regions=regions, shards=shards))
     return tuple(out)
+
+
+# ---- 5. the stages a rank runs ---------------------------------------------------------
+
+
+def recomputed_by_schedule(plan: Any) -> frozenset[int]:
+    """The stages whose schedule recomputes them whole (its ``f`` and ``R`` actions: scp,
+    full recompute); their blocks are not checkpointed a second time. A plan that records
+    no schedule (written by hand for codegen) recomputes no stage whole."""
+    if not plan.schedule:
+        return frozenset()
+    return frozenset(a.stage for acts in plan.to_schedule().actions for a in acts
+                     if a.kind is ActionKind.RECOMPUTE)
+
+
+def connect_tp(module: nn.Module, group: Any, tracker: Any) -> None:
+    """Point a stage's tensor-parallel collectives at ``group`` and its tensor-parallel
+    dropout at the random stream ``tracker`` (before recomputation wraps the stage: a
+    recomputed segment replays the trackers it finds)."""
+    for sub in module.modules():
+        if isinstance(sub, TPCollective):
+            sub.group = group
+        elif isinstance(sub, ForkedRNG):
+            sub.tracker = tracker
+
+
+def stage_programs(split: StageSplit, plan: Any, pp_rank: int, *,
+                   blocks: Mapping[str, Sequence[str]], shards: Mapping[str, ParamShard],
+                   source: nn.Module | None = None, meta_model: nn.Module | None = None,
+                   init: Any = default_init, seed: int = 0,
+                   device: torch.device | str = "cpu", materialize: bool = True,
+                   tp_group: Any = None, rng: Any = None) -> tuple[StageProgram, ...]:
+    """The virtual stages of pipeline rank ``pp_rank`` as they run: each given its own
+    weights (``materialize_stage``; skipped with ``materialize=False``), its
+    tensor-parallel collectives pointed at ``tp_group`` and ``rng`` (when given), and the
+    blocks its ``StagePlan.recompute`` names run under activation checkpointing
+    (``apply_recompute``), unless its schedule recomputes the stage whole."""
+    whole = recomputed_by_schedule(plan)
+    out = []
+    for stage in rank_stages(split, plan.parallel.pp, pp_rank):
+        module = stage.module
+        if materialize:
+            module = materialize_stage(stage, source=source, meta_model=meta_model, init=init,
+                                       seed=seed, device=device, shards=shards)
+        if tp_group is not None or rng is not None:
+            connect_tp(module, tp_group, rng)
+        recompute = plan.stages[stage.index].recompute
+        if recompute and stage.index not in whole:
+            module = apply_recompute(stage, recompute, blocks=blocks, module=module)
+        out.append(dataclasses.replace(stage, module=module))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitKey:
+    """What a stage split depends on (``Captured.splits`` is keyed by it)."""
+
+    stage_blocks: tuple[tuple[str, ...], ...]
+    micro_batch_size: int
+    tp: int
+    tp_rank: int
+    regions: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class SplitForRank:
+    """Every stage of one tensor-parallel rank's pipeline, without weights."""
+
+    captured: Captured
+    """The capture at the plan's microbatch size (its flat inputs feed the stages)."""
+    split: StageSplit
+    blocks: Mapping[str, Sequence[str]]
+    """The captured graph's block table."""
+    shards: Mapping[str, ParamShard]
+    """FQN -> the slice of it this tensor-parallel rank holds."""
+
+
+def split_for_rank(captured: Captured, plan: Any, tp_rank: int) -> SplitForRank:
+    """Tensor-parallel rank ``tp_rank``'s pipeline for ``plan`` (passes 1-3 of
+    :func:`build`), remembered in ``captured`` for later builds of the same split. No
+    weight is materialised, and the collectives have no process group yet."""
+    par = plan.parallel
+    key = SplitKey(tuple(s.blocks for s in plan.stages), par.micro_batch_size, par.tp,
+                   tp_rank, plan.tp_regions)
+    if key not in captured.splits:
+        micro = for_micro_batch(captured, par.micro_batch_size)
+        if par.micro_batch_size not in captured.values:
+            captured.values[par.micro_batch_size] = propagate_values(
+                micro.gm, list(micro.constants))
+        first, *_ = build_pipeline(micro.gm, plan, list(micro.constants), tp_rank=tp_rank,
+                                   materialize=False,
+                                   values=captured.values[par.micro_batch_size])
+        captured.splits[key] = SplitForRank(micro, first.split, block_nodes(micro.gm),
+                                            dict(first.shards))
+    return captured.splits[key]
 
 
 def write_rank(program: RankProgram, out_dir: str | Path) -> list[Path]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.fx
 
-from tripar.codegen.split import StageProgram, StageSplit, TensorSpec
+from tripar.codegen.stage import StageProgram, StageSplit, TensorSpec
 from tripar.codegen.weights import param_map_json
 
 _ASSIGN = re.compile(r"^(?P<indent>\s+)(?P<names>[\w, ]+?) = ")
@@ -24,7 +24,7 @@ _RELEASE = re.compile(r";\s+(\w+ = )+None\s*$")
 
 
 def _shape(spec: TensorSpec) -> str:
-    return f"{spec.dtype}[{', '.join(str(d) for d in spec.shape)}]"
+    return f"{spec.dtype_name}[{', '.join(str(d) for d in spec.shape)}]"
 
 
 def _forward_source(module: torch.fx.GraphModule) -> list[str]:

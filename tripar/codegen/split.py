@@ -30,7 +30,6 @@ from __future__ import annotations
 import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,144 +37,19 @@ import torch.fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from tripar.codegen.stage import StageProgram, StageSplit, TensorSpec, TiedGroup
 from tripar.codegen.tp_rng import ForkedRNG
+from tripar.graph.capture import flat_graph_inputs
 from tripar.errors import PlanError
 
-# ---- data -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """Name, shape and dtype of a value crossing a stage boundary (for pre-posted receives)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    """``float32``, ``int64``..."""
-
-    @property
-    def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
-
-
-@dataclass(frozen=True, slots=True)
-class TiedGroup:
-    """One parameter held by several stages, or known under several FQNs."""
-
-    fqns: tuple[str, ...]
-    """Every FQN naming it in the captured graph, the canonical (first registered) first."""
-    stages: tuple[int, ...]
-    """Stages holding a replica; gradients are summed across them when there are two or more."""
-
-
-@dataclass(frozen=True, slots=True)
-class StageProgram:
-    """One stage: its GraphModule and how it is wired to the pipeline.
-
-    ``module(*received, *graph_inputs)`` returns a tuple with one tensor per
-    entry of ``sent`` (every stage but the last) or the graph's output (the last).
-    """
-
-    index: int
-    num_stages: int
-    module: torch.fx.GraphModule
-    blocks: tuple[str, ...]
-    """Block names it holds (empty when split by node lists alone)."""
-    received: tuple[TensorSpec, ...]
-    """Activations received from stage ``index - 1``, in input order."""
-    graph_inputs: tuple[TensorSpec, ...]
-    """Graph inputs it reads directly, in input order after ``received``."""
-    graph_input_positions: tuple[int, ...]
-    """Position of each of ``graph_inputs`` in the flat list of the graph's inputs."""
-    sent: tuple[TensorSpec, ...]
-    """Activations it sends to stage ``index + 1`` (empty on the last stage)."""
-    params: tuple[tuple[str, str], ...]
-    """(local parameter name, FQN in the captured graph), in ``named_parameters`` order."""
-    replicas: tuple[str, ...]
-    """Local names of parameters other stages hold too (gradients summed across them)."""
-    recomputed: tuple[str, ...]
-    """Nodes this stage recomputes that another stage (or none) was assigned."""
-
-    @property
-    def is_first(self) -> bool:
-        return self.index == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.index == self.num_stages - 1
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.received + self.graph_inputs)
-
-    def split_inputs(self, activations: Sequence[Any], graph_inputs: Sequence[Any]) -> tuple:
-        """The positional arguments of ``module``: received activations, then this stage's
-        own graph inputs picked from the flat list of all graph inputs."""
-        if len(activations) != len(self.received):
-            raise PlanError(f"stage {self.index} expects {len(self.received)} received "
-                            f"tensors ({[s.name for s in self.received]}), got {len(activations)}")
-        mine = tuple(graph_inputs[p] for p in self.graph_input_positions)
-        return tuple(activations) + mine
-
-
-@dataclass(frozen=True, slots=True)
-class StageSplit:
-    """The stage programs of one pipeline, in pipeline order, and the tied parameters."""
-
-    stages: tuple[StageProgram, ...]
-    tied: tuple[TiedGroup, ...]
-    """Parameters held by more than one stage, or with more than one FQN."""
-    graph_inputs: tuple[TensorSpec, ...]
-    """Every input of the captured graph, flat, in order."""
-
-    def param_map(self) -> dict[int, dict[str, str]]:
-        """Stage index -> {local parameter name: FQN}."""
-        return {s.index: dict(s.params) for s in self.stages}
-
-
 # ---- helpers --------------------------------------------------------------------------
-
-
-def flat_graph_inputs(gm: torch.fx.GraphModule, args: Sequence[Any] = (),
-                      kwargs: dict[str, Any] | None = None) -> list[Any]:
-    """The values of ``gm``'s placeholders, in order, for a call ``gm(*args, **kwargs)``.
-
-    >>> import torch
-    >>> gm = torch.fx.symbolic_trace(lambda x, y: x + y)
-    >>> flat_graph_inputs(gm, (1,), {"y": 2})
-    [1, 2]
-    """
-    import inspect
-
-    import torch.fx._pytree as fx_pytree
-
-    kwargs = dict(kwargs or {})
-    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
-    if spec is not None:
-        return list(fx_pytree.tree_flatten_spec((tuple(args), kwargs), spec))
-    try:
-        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-    except TypeError as error:
-        raise PlanError(f"the inputs do not match the captured forward: {error}") from None
-    bound.apply_defaults()
-    values = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        name = str(node.target).lstrip("*")
-        if name not in bound.arguments:
-            raise PlanError(f"no value for graph input {name!r}; pass it to the stages")
-        values.append(bound.arguments[name])
-    return values
 
 
 def _spec(name: str, value: Any) -> TensorSpec:
     if not isinstance(value, torch.Tensor):
         raise PlanError(f"value {name!r} is a {type(value).__name__}, not a tensor; only "
                         "tensors cross stage boundaries")
-    return TensorSpec(name, tuple(int(d) for d in value.shape),
-                      str(value.dtype).removeprefix("torch."))
+    return TensorSpec(tuple(value.shape), value.dtype, name=name)
 
 
 def _get_attr(root: nn.Module, target: str) -> Any:
@@ -458,7 +332,7 @@ def split_stages(
             received=tuple(_spec(n, values[n]) for n in received),
             graph_inputs=tuple(_spec(p.name, values[p.name])
                                if isinstance(values[p.name], torch.Tensor)
-                               else TensorSpec(p.name, (), type(values[p.name]).__name__)
+                               else TensorSpec((), type(values[p.name]).__name__, name=p.name)
                                for p in gi),
             graph_input_positions=tuple(placeholders.index(p) for p in gi),
             sent=tuple(_spec(n, values[n]) for n in live[s]) if s < num - 1 else (),
@@ -470,7 +344,7 @@ def split_stages(
     for p in placeholders:
         value = values[p.name]
         graph_inputs.append(_spec(p.name, value) if isinstance(value, torch.Tensor)
-                            else TensorSpec(p.name, (), type(value).__name__))
+                            else TensorSpec((), type(value).__name__, name=p.name))
     return StageSplit(stages=tuple(stages), tied=tied, graph_inputs=tuple(graph_inputs))
 
 

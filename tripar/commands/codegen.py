@@ -48,8 +48,7 @@ def _load(spec: str, batch: int, seq: int | None) -> Any:
 
 
 def _capture(loaded: Any) -> tuple[Any, list[Any]]:
-    from tripar.codegen.split import flat_graph_inputs
-    from tripar.graph.capture import capture
+    from tripar.graph.capture import capture, flat_graph_inputs
 
     gm = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs)
     return gm, flat_graph_inputs(gm, loaded.example_inputs, loaded.example_kwargs)
@@ -139,5 +138,5 @@ def _io(specs: Any) -> str:
     if not specs:
         return "-"
     first = specs[0]
-    text = f"{_SHORT.get(first.dtype, first.dtype)}[{','.join(map(str, first.shape))}]"
+    text = f"{_SHORT.get(first.dtype_name, first.dtype_name)}[{','.join(map(str, first.shape))}]"
     return text if len(specs) == 1 else f"{text} +{len(specs) - 1}"

@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.fx._pytree as fx_pytree
 from torch import nn
 
-from tripar.errors import CaptureError
+from tripar.errors import CaptureError, PlanError
 
 _METHODS = ("auto", "fx", "export")
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -263,3 +264,30 @@ def capture(
     )
     error.details = "\n".join(details)
     raise error
+
+
+def flat_graph_inputs(gm: torch.fx.GraphModule, args: Sequence[Any] = (),
+                      kwargs: dict[str, Any] | None = None) -> list[Any]:
+    """The values of ``gm``'s placeholders, in order, for a call ``gm(*args, **kwargs)``.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(lambda x, y: x + y)
+    >>> flat_graph_inputs(gm, (1,), {"y": 2})
+    [1, 2]
+    """
+    kwargs = dict(kwargs or {})
+    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "in_spec", None)
+    if spec is not None:
+        return list(fx_pytree.tree_flatten_spec((tuple(args), kwargs), spec))
+    try:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    except TypeError as error:
+        raise PlanError(f"the inputs do not match the captured forward: {error}") from None
+    bound.apply_defaults()
+    values = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        name = str(node.target).lstrip("*")
+        if name not in bound.arguments:
+            raise PlanError(f"no value for graph input {name!r}; pass it to the stages")
+        values.append(bound.arguments[name])
+    return values

@@ -1,1 +1,34 @@
-"""tripar.runtime"""
+"""tripar.runtime: a plan's stages trained on torch.distributed.
+
+What the layers above use: :func:`assemble` (a rank's ``ParallelModel`` from a capture
+and a plan), the mesh (:func:`build_mesh`), starting a job (:func:`ensure_process_group`,
+:func:`launch_local`), the precisions, and the errors a running job raises.
+"""
+
+from tripar.runtime.assemble import assemble
+from tripar.runtime.checkpoint import CheckpointError, read_manifest
+from tripar.runtime.engine import BatchLayout, ParallelModel
+from tripar.runtime.launch import LaunchError, ensure_process_group, launch_local, report
+from tripar.runtime.mesh import CommError, Mesh, RankFailedError, build_mesh, short_cause
+from tripar.runtime.params import LocalParam
+from tripar.runtime.precision import PRECISIONS, check_precision
+
+__all__ = [
+    "PRECISIONS",
+    "BatchLayout",
+    "CheckpointError",
+    "CommError",
+    "LaunchError",
+    "LocalParam",
+    "Mesh",
+    "ParallelModel",
+    "RankFailedError",
+    "assemble",
+    "build_mesh",
+    "check_precision",
+    "ensure_process_group",
+    "launch_local",
+    "read_manifest",
+    "report",
+    "short_cause",
+]

@@ -32,16 +32,14 @@ import re
 import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 from tripar.errors import PlanError
 from tripar.runtime.data_parallel import all_gather_flat
-
-if TYPE_CHECKING:
-    from tripar.runtime.engine import LocalParam, ParallelModel
+from tripar.runtime.params import Box, LocalParam, whole_box
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
@@ -49,8 +47,25 @@ FORMAT, VERSION = "tripar-checkpoint", 1
 MANIFEST = "manifest.json"
 _SHARD_NAME = re.compile(r"shard-[0-9a-f]+-[0-9]+\.pt")
 
-Box = tuple[tuple[int, int], ...]
 Piece = tuple[str, str, Box, tuple[int, int], torch.Tensor]
+
+
+class Checkpointed(Protocol):
+    """What a checkpoint reads from and writes into: a ``ParallelModel``'s state."""
+
+    plan: Any
+    mesh: Any
+    params: tuple[LocalParam, ...]
+    buffers: dict[str, torch.Tensor]
+    extra_state: dict[str, torch.Tensor]
+    aliases: dict[str, tuple[str, ...]]
+    tied: Any
+    data_parallel: Any
+    fingerprint: str
+    steps: int
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
 
 
 class CheckpointError(PlanError):
@@ -59,7 +74,7 @@ class CheckpointError(PlanError):
 
 # ---- what a rank holds ---------------------------------------------------------------------
 
-def _pieces(pm: ParallelModel) -> list[Piece]:
+def _pieces(pm: Checkpointed) -> list[Piece]:
     mesh, dp = pm.mesh, pm.data_parallel
     skip = {id(p) for p in pm.tied.duplicates}
     out: list[Piece] = []
@@ -74,10 +89,10 @@ def _pieces(pm: ParallelModel) -> list[Piece]:
             add(lp, "param", lp.param.detach())
         if mesh.coords.tp == 0:
             for name, t in pm.buffers.items():
-                out.append((name, "param", _whole(t.shape), (0, t.numel()), t.detach()))
+                out.append((name, "param", whole_box(t.shape), (0, t.numel()), t.detach()))
         if mesh.rank == 0:
             for name, t in pm.extra_state.items():
-                out.append((name, "param", _whole(t.shape), (0, t.numel()), t.detach()))
+                out.append((name, "param", whole_box(t.shape), (0, t.numel()), t.detach()))
     if not dp.zero:
         if mesh.coords.dp == 0:
             for lp in counted:
@@ -122,7 +137,7 @@ def _pieces(pm: ParallelModel) -> list[Piece]:
     return out
 
 
-def _gather_state(pm: ParallelModel, state: dict, padded: int, bucket: int
+def _gather_state(pm: Checkpointed, state: dict, padded: int, bucket: int
                   ) -> dict[str, torch.Tensor]:
     """The ZeRO-1 optimizer state of a whole bucket, all-gathered from the dp ranks' slices
     (a collective over dp)."""
@@ -145,10 +160,6 @@ def _gather_state(pm: ParallelModel, state: dict, padded: int, bucket: int
 
 def _is_elementwise(value: Any, numel: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and value.numel() == numel
-
-
-def _whole(shape: Any) -> Box:
-    return tuple((0, int(n)) for n in shape)
 
 
 def _hyper(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -175,7 +186,7 @@ def _durable_write(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def _barrier(pm: ParallelModel, what: str) -> None:
+def _barrier(pm: Checkpointed, what: str) -> None:
     pm.mesh.wait([dist.barrier(async_op=True)], what=what)
 
 
@@ -192,7 +203,7 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
         pass
 
 
-def save_checkpoint(pm: ParallelModel, directory: str | os.PathLike) -> Path:
+def save_checkpoint(pm: Checkpointed, directory: str | os.PathLike) -> Path:
     """Write ``pm``'s model and optimizer to ``directory`` (a collective; atomic)."""
     mesh = pm.mesh
     path = Path(directory)
@@ -346,7 +357,7 @@ def _assemble(shape: list[int], pieces: list[tuple[Box, tuple[int, int], torch.T
     return full
 
 
-def load_checkpoint(pm: ParallelModel, directory: str | os.PathLike) -> None:
+def load_checkpoint(pm: Checkpointed, directory: str | os.PathLike) -> None:
     """Load ``directory`` (written by ``save_checkpoint`` under any plan) into ``pm``."""
     path = Path(directory)
     manifest = read_manifest(path)
@@ -400,7 +411,7 @@ def load_checkpoint(pm: ParallelModel, directory: str | os.PathLike) -> None:
     _barrier(pm, "every rank to finish loading the checkpoint")
 
 
-def _load_optimizer(pm: ParallelModel, full: dict, keys: list[str], manifest: dict) -> None:
+def _load_optimizer(pm: Checkpointed, full: dict, keys: list[str], manifest: dict) -> None:
     dp, mesh = pm.data_parallel, pm.mesh
     opt = dp.optimizer
     hyper = manifest.get("optimizer", {}).get("hyper", {})

@@ -28,61 +28,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tripar.codegen.stage import StageProgram
 from tripar.errors import ConfigError
 from tripar.plan.plan import Plan
+from tripar.runtime.checkpoint import load_checkpoint, save_checkpoint
 from tripar.runtime.data_parallel import DataParallel, local_batch
-from tripar.runtime.executor import Batch, PipelineExecutor, StageProgram, split_microbatches
+from tripar.runtime.executor import Batch, PipelineExecutor, split_microbatches
 from tripar.runtime.mesh import CommError, Mesh, RankFailedError
 from tripar.runtime.p2p import P2P
+from tripar.runtime.params import LocalParam, whole_box
 from tripar.runtime.tied import TiedGrads, TiedWeight
 
-__all__ = ["BatchLayout", "Box", "LocalParam", "ParallelModel"]
+__all__ = ["BatchLayout", "ParallelModel"]
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-
-
-Box = tuple[tuple[int, int], ...]
-"""``[start, stop)`` per dim of an original tensor."""
-
-
-@dataclass(frozen=True, slots=True)
-class LocalParam:
-    """One parameter this rank holds, and what part of the original tensor it is.
-
-    Without tensor parallelism a rank holds the whole tensor: one box covering it. A
-    tensor-parallel slice is one box, or, for a fused weight (QKV) cut per part, one box
-    per part; the local tensor is the concatenation of the boxes along ``dim``.
-    """
-
-    fqn: str
-    """Canonical FQN in the original model."""
-    param: nn.Parameter
-    shape: tuple[int, ...]
-    """Shape of the whole original tensor."""
-    boxes: tuple[Box, ...]
-    """The boxes of the original tensor that ``param`` holds, concatenated along ``dim``."""
-    dim: int = 0
-    counts: bool = True
-    """Whether this copy counts in sums over ranks (False: a tensor-parallel replica,
-    counted on tensor-parallel rank 0)."""
-
-    @classmethod
-    def whole(cls, fqn: str, param: nn.Parameter) -> LocalParam:
-        """The whole original tensor ``param``."""
-        return cls(fqn, param, tuple(param.shape), (_whole(param.shape),))
-
-    def pieces(self, local: torch.Tensor) -> list[tuple[Box, torch.Tensor]]:
-        """``local`` (shaped like ``param``: the parameter or an elementwise optimizer state)
-        cut into its boxes: (box, the part of ``local`` holding it)."""
-        if len(self.boxes) == 1:
-            return [(self.boxes[0], local)]
-        sizes = [hi - lo for lo, hi in (box[self.dim] for box in self.boxes)]
-        return list(zip(self.boxes, local.split(sizes, dim=self.dim)))
-
-    def cut(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of ``full`` (shaped like the original tensor)."""
-        parts = [full[tuple(slice(lo, hi) for lo, hi in box)] for box in self.boxes]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,7 +155,7 @@ class ParallelModel:
         for prog in self.programs:
             prog.module.eval()
         mbs = split_microbatches(local_batch(batch, mesh), m)
-        mine = {p.stage: p for p in self.programs}
+        mine = {p.index: p for p in self.programs}
         p2p = P2P(mesh)
         total = torch.zeros((), dtype=torch.float64, device=mesh.device)
         try:
@@ -206,7 +165,7 @@ class ParallelModel:
                     received: tuple[torch.Tensor, ...] = ()
                     if s > 0:
                         tag = (s * m + j) * 2
-                        pending = p2p.post_recv(prog.inputs, mesh.stage_rank(s - 1), tag,
+                        pending = p2p.post_recv(prog.received, mesh.stage_rank(s - 1), tag,
                                                 f"stage {s - 1}'s output for microbatch {j}")
                         received = p2p.wait_recv(pending, tag)
                     out = prog.module(*received, *(mb[k] for k in prog.batch_inputs))
@@ -254,7 +213,7 @@ class ParallelModel:
                         pieces.append((lp.fqn, lp.shape, box, part))
             if self.mesh.coords.tp == 0:
                 for fqn, t in self.buffers.items():
-                    pieces.append((fqn, tuple(t.shape), _whole(t.shape), t.detach().cpu()))
+                    pieces.append((fqn, tuple(t.shape), whole_box(t.shape), t.detach().cpu()))
         gathered: list[Any] = [None] * self.mesh.world_size
         with self.mesh.guard("every rank's parameters for the full state dict"):
             dist.all_gather_object(gathered, pieces)
@@ -274,20 +233,12 @@ class ParallelModel:
 
     def save(self, directory: str) -> None:
         """Write a sharded checkpoint of model and optimizer to ``directory`` (atomic)."""
-        from tripar.runtime.checkpoint import save_checkpoint
-
         save_checkpoint(self, directory)
 
     def load(self, directory: str) -> None:
         """Load a checkpoint written by ``save``, under this or any other plan."""
-        from tripar.runtime.checkpoint import load_checkpoint
-
         load_checkpoint(self, directory)
 
     def close(self) -> None:
         """Detach the gradient hooks (the model can then be dropped)."""
         self.data_parallel.remove_hooks()
-
-
-def _whole(shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    return tuple((0, int(n)) for n in shape)

@@ -44,12 +44,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tripar.codegen.stage import StageProgram, TensorSpec
 from tripar.codegen.tp_rng import RNGTracker
 from tripar.errors import ConfigError
 from tripar.plan.schedule import Action, ActionKind, Schedule
 from tripar.runtime.backward_split import WeightGradients, backward_input, backward_weight
 from tripar.runtime.mesh import CommError, Mesh, RankFailedError, is_comm_failure
-from tripar.runtime.p2p import P2P, PendingRecv, TensorSpec
+from tripar.runtime.p2p import P2P, PendingRecv
 
 __all__ = ["Batch", "PipelineExecutor", "StageProgram", "split_microbatches"]
 
@@ -58,28 +59,6 @@ LossFn = Callable[[Any, Batch], torch.Tensor]
 
 _F, _f, _R = ActionKind.FORWARD, ActionKind.FORWARD_INPUT_ONLY, ActionKind.RECOMPUTE
 _B, _W = ActionKind.BACKWARD, ActionKind.WEIGHT
-
-
-@dataclass(frozen=True, eq=False)
-class StageProgram:
-    """One virtual stage as this rank runs it (what codegen emits)."""
-
-    stage: int
-    """Virtual stage index; it runs on pipeline rank ``stage % pp``."""
-    module: nn.Module
-    inputs: tuple[TensorSpec, ...] = ()
-    """Tensors received from stage - 1, in call order (empty for stage 0)."""
-    outputs: tuple[TensorSpec, ...] = ()
-    """Tensors sent to stage + 1, in order (empty for the last stage)."""
-    batch_inputs: tuple[int | str, ...] = ()
-    """Microbatch fields (tuple positions or dict keys) passed after the received tensors."""
-
-    def __post_init__(self) -> None:
-        for name in ("inputs", "outputs", "batch_inputs"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        if not isinstance(self.module, nn.Module):
-            raise ConfigError(f"stage {self.stage}: module must be an nn.Module, "
-                              f"got {type(self.module).__name__}")
 
 
 def split_microbatches(batch: Batch, num_microbatches: int) -> list[Batch]:
@@ -143,18 +122,18 @@ class PipelineExecutor:
         self.num_stages = schedule.num_stages
         self.last_stage = self.num_stages - 1
         held = list(range(mesh.coords.pp, self.num_stages, mesh.pp))
-        self.programs = {p.stage: p for p in programs}
+        self.programs = {p.index: p for p in programs}
         if sorted(self.programs) != held or len(programs) != len(held):
             raise ConfigError(f"{mesh.describe()} holds stages {held} of schedule "
                               f"{schedule.name!r} (pp={mesh.pp}, vpp={schedule.vpp}), but got "
-                              f"programs for stages {[p.stage for p in programs]}")
+                              f"programs for stages {[p.index for p in programs]}")
         for s, prog in self.programs.items():
-            if s == 0 and prog.inputs:
+            if s == 0 and prog.received:
                 raise ConfigError("stage 0 receives nothing; give its inputs as batch_inputs")
-            if s == self.last_stage and prog.outputs:
+            if s == self.last_stage and prog.sent:
                 raise ConfigError(f"stage {s} is the last stage and sends nothing; its outputs "
                                   f"spec must be empty (it returns the loss)")
-            if s > 0 and not prog.inputs and not prog.batch_inputs:
+            if s > 0 and not prog.received and not prog.batch_inputs:
                 raise ConfigError(f"stage {s} declares no inputs; give the TensorSpecs of what "
                                   f"stage {s - 1} sends it")
         self.actions: tuple[Action, ...] = schedule.actions[mesh.coords.pp]
@@ -235,7 +214,7 @@ class PipelineExecutor:
         received: tuple[torch.Tensor, ...] = ()
         if s > 0:
             received = self._receive(a)
-            for t, spec in zip(received, prog.inputs):
+            for t, spec in zip(received, prog.received):
                 if spec.needs_grad:
                     t.requires_grad_(True)
         rng = None if keep_graph else _rng_state(self.mesh.device, self._trackers)
@@ -287,7 +266,7 @@ class PipelineExecutor:
         else:
             grads = iter(self._receive(a))
             pairs = []
-            for out, spec in zip(slot.outputs, prog.outputs):
+            for out, spec in zip(slot.outputs, prog.sent):
                 if spec.needs_grad:
                     g = next(grads)
                     if out.requires_grad:
@@ -306,8 +285,8 @@ class PipelineExecutor:
         if s > 0:
             by_id = {id(t): g for t, g in zip(want, in_grads)}
             send = [by_id.get(id(t)) if t.requires_grad else None
-                    for t, spec in zip(slot.inputs, prog.inputs) if spec.needs_grad]
-            specs = [spec for spec in prog.inputs if spec.needs_grad]
+                    for t, spec in zip(slot.inputs, prog.received) if spec.needs_grad]
+            specs = [spec for spec in prog.received if spec.needs_grad]
             send = [g if g is not None else torch.zeros(sp.shape, dtype=sp.dtype,
                                                          device=self.mesh.device)
                     for g, sp in zip(send, specs)]
@@ -330,14 +309,14 @@ class PipelineExecutor:
             try:
                 args.append(mb[key])  # type: ignore[index]
             except (KeyError, IndexError, TypeError) as exc:
-                raise ConfigError(f"stage {prog.stage} reads batch field {key!r}, which the "
+                raise ConfigError(f"stage {prog.index} reads batch field {key!r}, which the "
                                   f"batch does not have") from exc
         out = prog.module(*received, *args)
-        if prog.stage != self.last_stage:
+        if prog.index != self.last_stage:
             return out
         loss = self.loss_fn(out, mb) if self.loss_fn is not None else getattr(out, "loss", out)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ConfigError(f"the last stage ({prog.stage}) must yield a scalar loss (give "
+            raise ConfigError(f"the last stage ({prog.index}) must yield a scalar loss (give "
                               f"loss_fn(output, microbatch)), got {type(loss).__name__}"
                               + (f" of shape {tuple(loss.shape)}"
                                  if isinstance(loss, torch.Tensor) else ""))
@@ -345,11 +324,11 @@ class PipelineExecutor:
 
     def _check_outputs(self, prog: StageProgram, out: Any, j: int) -> tuple[torch.Tensor, ...]:
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-        if len(outs) != len(prog.outputs):
-            raise ConfigError(f"stage {prog.stage} returned {len(outs)} values for microbatch "
-                              f"{j}, but its program declares {len(prog.outputs)} outputs")
-        return tuple(spec.check(t, f"stage {prog.stage}'s output {i} (microbatch {j})")
-                     for i, (t, spec) in enumerate(zip(outs, prog.outputs)))
+        if len(outs) != len(prog.sent):
+            raise ConfigError(f"stage {prog.index} returned {len(outs)} values for microbatch "
+                              f"{j}, but its program declares {len(prog.sent)} outputs")
+        return tuple(spec.check(t, f"stage {prog.index}'s output {i} (microbatch {j})")
+                     for i, (t, spec) in enumerate(zip(outs, prog.sent)))
 
     def _needs_recv(self, a: Action) -> bool:
         if a.kind is _F or a.kind is _f:
@@ -362,10 +341,10 @@ class PipelineExecutor:
     def _recv_args(self, a: Action) -> tuple[list[TensorSpec], int, int, str]:
         s, j = a.stage, a.microbatch
         if a.kind is _B:
-            specs = [sp for sp in self.programs[s].outputs if sp.needs_grad]
+            specs = [sp for sp in self.programs[s].sent if sp.needs_grad]
             return (specs, self.mesh.stage_rank(s + 1), self._tag(s, j, grad=True),
                     f"stage {s + 1}'s input gradient for microbatch {j} (at {a})")
-        return (list(self.programs[s].inputs), self.mesh.stage_rank(s - 1),
+        return (list(self.programs[s].received), self.mesh.stage_rank(s - 1),
                 self._tag(s, j, grad=False), f"stage {s - 1}'s output for microbatch {j} (at {a})")
 
     def _post_ahead(self, i: int) -> None:

@@ -22,53 +22,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from tripar.codegen.stage import TensorSpec
 from tripar.errors import ConfigError
 from tripar.runtime.mesh import Mesh
 
-__all__ = ["MAX_TENSORS", "P2P", "PendingRecv", "TensorSpec"]
+__all__ = ["MAX_TENSORS", "P2P", "PendingRecv"]
 
 MAX_TENSORS = 256
 """Most tensors one cut may carry."""
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """One tensor crossing a cut, for one microbatch."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype = torch.float32
-    requires_grad: bool | None = None
-    """Whether a gradient flows back through it; None: yes for floating-point dtypes."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(int(n) for n in self.shape))
-
-    @property
-    def needs_grad(self) -> bool:
-        """Whether the receiver sends a gradient back for this tensor."""
-        if self.requires_grad is None:
-            return self.dtype.is_floating_point or self.dtype.is_complex
-        return self.requires_grad
-
-    def empty(self, device: torch.device) -> torch.Tensor:
-        """An uninitialised buffer to receive this tensor into."""
-        return torch.empty(self.shape, dtype=self.dtype, device=device)
-
-    def check(self, t: object, what: str) -> torch.Tensor:
-        """Return ``t`` if it is a tensor matching this spec; raise ConfigError naming ``what``."""
-        if not isinstance(t, torch.Tensor):
-            raise ConfigError(f"{what} is a {type(t).__name__}, but its spec says a tensor of "
-                              f"shape {self.shape} and dtype {self.dtype}")
-        if tuple(t.shape) != self.shape or t.dtype != self.dtype:
-            raise ConfigError(f"{what} has shape {tuple(t.shape)} and dtype {t.dtype}, but its "
-                              f"spec says shape {self.shape} and dtype {self.dtype}; fix the "
-                              f"stage program's TensorSpec (shapes are per microbatch)")
-        return t
-
-    @staticmethod
-    def of(t: torch.Tensor, *, requires_grad: bool | None = None) -> TensorSpec:
-        """The spec of an example tensor."""
-        return TensorSpec(tuple(t.shape), t.dtype, requires_grad)
 
 
 @dataclass(slots=True)

@@ -1,12 +1,13 @@
-"""TensorSpec: what crosses a cut (the transfers themselves run in test_executor)."""
+"""TensorSpec and StageProgram: what crosses a cut, and one stage's record (the transfers
+themselves run in tests/runtime/test_executor.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tripar.codegen.stage import StageProgram, TensorSpec
 from tripar.errors import ConfigError
-from tripar.runtime.p2p import TensorSpec
 
 
 def test_spec_defaults_and_buffers():
@@ -28,12 +29,15 @@ def test_spec_check_names_the_mismatch():
         spec.check((t,), "y")
 
 
-def test_microbatch_split_rules():
-    from tripar.runtime.executor import split_microbatches
+def test_spec_names_dtypes_and_non_tensors():
+    spec = TensorSpec((2, 8), torch.int64, name="input_ids")
+    assert spec.dtype_name == "int64" and spec.is_tensor and not spec.needs_grad
+    const = TensorSpec((), "int", name="n")
+    assert const.dtype_name == "int" and not const.is_tensor and not const.needs_grad
 
-    mbs = split_microbatches({"x": torch.arange(6), "y": torch.ones(6, 2)}, 3)
-    assert [mb["x"].tolist() for mb in mbs] == [[0, 1], [2, 3], [4, 5]]
-    with pytest.raises(ConfigError, match="not divisible by num_microbatches=4"):
-        split_microbatches((torch.zeros(6),), 4)
-    with pytest.raises(ConfigError, match="different batch sizes"):
-        split_microbatches((torch.zeros(6), torch.zeros(4)), 2)
+
+def test_program_needs_a_module_and_knows_its_place():
+    with pytest.raises(ConfigError, match="stage 1: module must be an nn.Module"):
+        StageProgram(1, lambda x: x)
+    program = StageProgram(1, torch.nn.Identity(), num_stages=2)
+    assert program.is_last and not program.is_first
