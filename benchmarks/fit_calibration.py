@@ -29,7 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from tripar.graph.build import analyze
+from tripar.graph import analyze
 from tripar.models import load_model
 from tripar.partitioner import step_estimate
 from tripar.partitioner.hardware import Cluster, Efficiency, load_calibration

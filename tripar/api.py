@@ -24,6 +24,7 @@ owns it, none changing its input:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,9 +33,9 @@ import torch.distributed as dist
 from torch import nn
 
 from tripar.errors import ConfigError, PlanError
-from tripar.graph.captured import Captured, capture_model
-from tripar.partitioner.hardware import Cluster
-from tripar.plan.plan import Plan, model_fingerprint
+from tripar.graph import Captured, capture_model
+from tripar.partitioner import Cluster, Pins, search
+from tripar.plan import Plan, model_fingerprint
 from tripar.runtime import (
     CommError,
     ParallelModel,
@@ -120,8 +121,6 @@ def make_plan(captured: Captured, cluster: Cluster, global_batch: int, *,
               dtype: str | None = None) -> Plan:
     """The planner's best plan for ``captured`` on ``cluster`` under the given pins, costed
     for compute in ``dtype`` (default: the device's usual training dtype)."""
-    from tripar.partitioner import Pins, search
-
     config = captured.graph.model_config or {}
     heads = config.get("heads") or max((getattr(r, "heads", 0) or 0
                                         for r in captured.graph.tp_regions), default=0)
@@ -156,8 +155,6 @@ def _cluster_for(devices: int | Cluster | None, cluster: Cluster | None, world: 
     if isinstance(devices, Cluster):
         cluster = devices
     if cluster is None:
-        import os
-
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if world % per_node:
             per_node = world

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from tripar.codegen.stage import StageSplit
-from tripar.graph.capture import flat_graph_inputs
-from tripar.graph.capture import capture
+from tripar.graph.capture import capture, flat_graph_inputs
 from tripar.models import load_model
 
 SPECS = {

@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests._ranks import run_ranks
-from tripar.graph.capture import flat_graph_inputs
 from tripar.codegen.tensor_parallel import RewriteError, tp_rewrite
 from tripar.codegen.tp_rng import ForkedRNG, tp_rng_tracker
 from tripar.codegen.tp_shard import shard_map, shard_parameters
-from tripar.graph.capture import capture
+from tripar.graph.capture import capture, flat_graph_inputs
 from tripar.graph.tp_ops import fetch_attr
 from tripar.graph.tp_regions import find_tp_regions
 from tripar.models import load_model

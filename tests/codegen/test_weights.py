@@ -10,10 +10,9 @@ import torch
 
 from tests.codegen.conftest import SPECS, captured, run_pipeline
 from tripar.codegen.split import block_nodes, even_stage_blocks, split_by_blocks
-from tripar.graph.capture import flat_graph_inputs
 from tripar.codegen.weights import init_tensors, materialize_stage, param_map, param_map_json
 from tripar.errors import PlanError
-from tripar.graph.capture import capture
+from tripar.graph.capture import capture, flat_graph_inputs
 from tripar.models import load_model
 
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from tripar.graph import analyze
 from tripar.graph.annotate import _EXTRA_FLOP_FORMULAS, annotate
-from tripar.graph.build import analyze
 from tripar.graph.capture import capture
 from tripar.models.spec import load_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tripar.graph.build import analyze
+from tripar.graph import analyze
 from tripar.graph.proxy import ProxyGraph
 from tripar.models.spec import load_model
 

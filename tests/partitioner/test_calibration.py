@@ -13,7 +13,7 @@ import functools
 
 import pytest
 
-from tripar.graph.build import analyze
+from tripar.graph import analyze
 from tripar.models import load_model
 from tripar.partitioner.cost.step import step_estimate
 from tripar.partitioner.hardware import Cluster, builtin_device, load_calibration

@@ -39,7 +39,6 @@ from torch.utils import _pytree as pytree
 
 from tripar.codegen.stage import StageProgram, StageSplit, TensorSpec, TiedGroup
 from tripar.codegen.tp_rng import ForkedRNG
-from tripar.graph.capture import flat_graph_inputs
 from tripar.errors import PlanError
 
 # ---- helpers --------------------------------------------------------------------------

@@ -47,19 +47,19 @@ from tripar.codegen.collectives import (
     vocab_parallel_embedding,
 )
 from tripar.codegen.tp_rng import ForkedRNG, RNGTracker, method_caller, tp_rng_tracker
-from tripar.codegen.tp_shard import _check_divisible, region_shards, take_shard
+from tripar.codegen.tp_shard import check_divisible, region_shards, take_shard
 from tripar.codegen.tp_verify import RewriteError, check_shapes, propagate
 from tripar.graph.proxy import TPRegion
 from tripar.graph.tp_ops import (
     CE,
     NLL,
-    _param_ref,
     arg,
     fetch_attr,
     flat_args,
     linear_info,
     op_name,
     param_names,
+    param_ref,
     set_flat_arg,
 )
 
@@ -146,7 +146,7 @@ class _Rewriter:
         return node
 
     def _sharded_ref(self, node: torch.fx.Node) -> str | None:
-        ref = _param_ref(node, self.canon)
+        ref = param_ref(node, self.canon)
         return ref[0] if ref and ref[0] in self.shards else None
 
     # ---- checks --------------------------------------------------------------------------
@@ -186,7 +186,7 @@ class _Rewriter:
                 fqns, readers, todo = [self.canon[n.target]], [], list(n.users)
                 while todo:  # through transposes and detaches of the weight to its consumers
                     u = todo.pop()
-                    if op_name(u, self.modules) in _REF_OPS and _param_ref(u, self.canon):
+                    if op_name(u, self.modules) in _REF_OPS and param_ref(u, self.canon):
                         todo.extend(u.users)
                     else:
                         readers.append(u)
@@ -247,7 +247,7 @@ class _Rewriter:
             paths.setdefault(canon, []).append(name)
         for fqn, (dim, parts) in self.shards.items():
             param = fetch_attr(self.gm, fqn)
-            _check_divisible(fqn, param.shape[dim], dim, parts, self.t)
+            check_divisible(fqn, param.shape[dim], dim, parts, self.t)
             with torch.no_grad():
                 piece = take_shard(param.detach(), dim, parts, self.t, self.rank).clone()
             new = nn.Parameter(piece, requires_grad=param.requires_grad)

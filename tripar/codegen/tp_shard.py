@@ -123,12 +123,12 @@ def shard_map(model_or_state: nn.Module | Mapping[str, torch.Tensor], regions: S
     out = {}
     for name, (fqn, dim, parts) in _cuts(tensors, regions).items():
         size = tensors[name].shape[dim]
-        _check_divisible(fqn, size, dim, parts, t)
+        check_divisible(fqn, size, dim, parts, t)
         out[name] = ParamShard(fqn, dim, parts, _ranges(size, parts, t, rank), t, rank)
     return out
 
 
-def _check_divisible(fqn: str, size: int, dim: int, parts: tuple[int, ...], t: int) -> None:
+def check_divisible(fqn: str, size: int, dim: int, parts: tuple[int, ...], t: int) -> None:
     if sum(parts or (size,)) != size:
         raise PlanError(f"parameter {fqn} has {size} along dim {dim} but its parts {parts} add "
                         f"up to {sum(parts)}: the region does not match this model")
@@ -162,7 +162,7 @@ def shard_parameters(model_or_state: nn.Module | Mapping[str, torch.Tensor],
             continue
         fqn, dim, parts = cuts[name]
         if id(tensor) not in done:
-            _check_divisible(fqn, tensor.shape[dim], dim, parts, t)
+            check_divisible(fqn, tensor.shape[dim], dim, parts, t)
             with torch.no_grad():
                 done[id(tensor)] = take_shard(tensor.detach(), dim, parts, t, rank).clone()
         out[name] = done[id(tensor)]

@@ -43,7 +43,7 @@ def load_proxy_graph(args: argparse.Namespace, *, tp_degrees: tuple[int, ...] = 
 def proxy_graph_for(spec: str, *, batch_size: int = 1, seq_len: int | None = None,
                     tp_degrees: tuple[int, ...] = (2, 4, 8)) -> ProxyGraph:
     """The proxy graph of a MODEL spec, built on the meta device (no weights allocated)."""
-    from tripar.graph.build import analyze
+    from tripar.graph import analyze
     from tripar.models.spec import load_model
 
     loaded = load_model(spec, batch_size=batch_size, seq_len=seq_len, device="meta")

@@ -205,18 +205,14 @@ def measure_operators(sizes: tuple[tuple[int, int], ...], repeats: int) -> list[
     CPU, with its operator count and saved bytes as tripar's graph analysis counts them."""
     import torch
 
-    from tripar.graph.annotate import annotate
-    from tripar.graph.build import build_proxy_graph
-    from tripar.graph.capture import capture
+    from tripar.graph import analyze
 
     operator_set = _operator_set()
     samples = []
     for tokens, hidden in sizes:
         module = operator_set(hidden)
         x = torch.randn(1, tokens, hidden)
-        gm = capture(module, (x,))
-        annotate(gm, (x,))
-        graph = build_proxy_graph(gm, batch_size=1, seq_len=tokens)
+        graph = analyze(module, (x,))
         x.requires_grad_(True)
         grad = torch.ones(1, tokens, hidden)
         seconds = _timed(lambda m=module, x=x, g=grad: m(x).backward(g), "cpu", repeats,
@@ -248,17 +244,12 @@ def _block(tokens: int, hidden: int):
     """A GPT block (heads of 64) and its proxy graph, captured and annotated like a model."""
     import torch
 
-    from tripar.graph.annotate import annotate
-    from tripar.graph.build import build_proxy_graph
-    from tripar.graph.capture import capture
+    from tripar.graph import analyze
     from tripar.models.gpt import Block, GPTConfig
 
     heads = max(1, hidden // 64)
     module = Block(GPTConfig(layers=1, hidden=hidden, heads=heads, seq=tokens))
-    x = torch.randn(1, tokens, hidden)
-    gm = capture(module, (x,))
-    annotate(gm, (x,))
-    return module, build_proxy_graph(gm, batch_size=1, seq_len=tokens)
+    return module, analyze(module, (torch.randn(1, tokens, hidden),))
 
 
 def time_blocks(sizes: tuple[tuple[int, int], ...], repeats: int) -> list[tuple[float, float]]:

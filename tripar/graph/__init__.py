@@ -2,18 +2,29 @@
 
 capture (FX, torch.export fallback) -> annotate (shapes, FLOPs, saved bytes on
 fake tensors) -> build_proxy_graph (blocks, signatures, cuts, TP regions).
-``analyze`` runs all three.
+``capture_model`` runs all three for an example batch and records how batches feed the
+graph (``Captured``: what the planner, codegen and the runtime read); ``analyze``
+returns the proxy graph alone.
 """
 
 from tripar.graph.annotate import NodeInfo, annotate
 from tripar.graph.blocks import partition_blocks
-from tripar.graph.build import analyze, build_proxy_graph
-from tripar.graph.capture import capture
+from tripar.graph.build import build_proxy_graph
+from tripar.graph.capture import capture, flat_graph_inputs
+from tripar.graph.captured import (
+    Captured,
+    analyze,
+    batch_size,
+    capture_model,
+    example_sizes,
+    for_micro_batch,
+)
 from tripar.graph.proxy import Block, Cut, ProxyGraph, TensorInfo, TPRegion, Unproven
 from tripar.graph.tp_regions import find_tp_regions
 
 __all__ = [
     "Block",
+    "Captured",
     "Cut",
     "NodeInfo",
     "ProxyGraph",
@@ -22,8 +33,13 @@ __all__ = [
     "Unproven",
     "analyze",
     "annotate",
+    "batch_size",
     "build_proxy_graph",
     "capture",
+    "capture_model",
+    "example_sizes",
     "find_tp_regions",
+    "flat_graph_inputs",
+    "for_micro_batch",
     "partition_blocks",
 ]

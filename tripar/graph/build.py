@@ -23,7 +23,7 @@ import torch.fx
 from torch import nn
 
 from tripar.errors import CaptureError
-from tripar.graph.annotate import NodeInfo, annotate
+from tripar.graph.annotate import NodeInfo
 from tripar.graph.blocks import (
     LOSS_BLOCK,
     BlockPartition,
@@ -31,7 +31,6 @@ from tripar.graph.blocks import (
     structural_key,
     target_text,
 )
-from tripar.graph.capture import capture
 from tripar.graph.proxy import Block, Cut, ProxyGraph, TensorInfo
 
 
@@ -108,6 +107,7 @@ def build_proxy_graph(
     """Blocks, cuts, skips, late inputs and tied weights of an annotated graph.
 
     >>> import torch
+    >>> from tripar.graph.annotate import annotate
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> gm = torch.fx.symbolic_trace(model)
     >>> annotate(gm, (torch.empty(3, 4),))
@@ -277,49 +277,3 @@ def _dominant_dtype(gm: torch.fx.GraphModule) -> str:
     for param in gm.parameters():
         by_dtype[str(param.dtype).removeprefix("torch.")] += param.numel()
     return max(by_dtype, key=by_dtype.__getitem__) if by_dtype else "float32"
-
-
-def _infer_sizes(example_inputs: Sequence[Any], example_kwargs: dict) -> tuple[int, int]:
-    tensors = [t for t in list(example_inputs) + list(example_kwargs.values())
-               if isinstance(t, torch.Tensor) and t.dim() >= 1]
-    if not tensors:
-        return 1, 1
-    first = tensors[0]
-    return int(first.shape[0]), int(first.shape[1]) if first.dim() >= 2 else 1
-
-
-def analyze(
-    model: nn.Module,
-    example_inputs: Sequence[Any] = (),
-    example_kwargs: dict | None = None,
-    *,
-    leaf_modules: Sequence[type | str] = (),
-    method: str = "auto",
-    model_config: dict | None = None,
-    batch_size: int | None = None,
-    seq_len: int | None = None,
-    tp_degrees: Sequence[int] = (2, 4, 8),
-) -> ProxyGraph:
-    """capture -> annotate -> build: the proxy graph of ``model`` for the example batch.
-
-    ``batch_size`` and ``seq_len`` default to the first two dims of the first
-    tensor input (``seq_len`` 1 when it has one dim).
-
-    >>> import torch
-    >>> with torch.device("meta"):
-    ...     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
-    >>> pg = analyze(model, (torch.empty(2, 4, device="meta"),))
-    >>> pg.tracer, [b.name for b in pg.blocks], pg.batch_size
-    ('fx', ['0', '1'], 2)
-    """
-    kwargs = dict(example_kwargs or {})
-    gm = capture(model, example_inputs, kwargs, leaf_modules=leaf_modules, method=method)
-    annotate(gm, example_inputs, kwargs)
-    inferred_batch, inferred_seq = _infer_sizes(example_inputs, kwargs)
-    return build_proxy_graph(
-        gm,
-        batch_size=inferred_batch if batch_size is None else batch_size,
-        seq_len=inferred_seq if seq_len is None else seq_len,
-        model_config=model_config,
-        tp_degrees=tp_degrees,
-    )

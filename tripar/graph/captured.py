@@ -32,7 +32,8 @@ from tripar.graph.build import build_proxy_graph
 from tripar.graph.capture import capture, flat_graph_inputs
 from tripar.graph.proxy import ProxyGraph
 
-__all__ = ["Captured", "batch_size", "capture_model", "example_sizes", "for_micro_batch"]
+__all__ = ["Captured", "analyze", "batch_size", "capture_model", "example_sizes",
+           "for_micro_batch"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,11 +116,47 @@ def _resize(example: tuple | dict, size: int) -> tuple | dict:
     return tuple(one(v) for v in example)
 
 
+def _analyzed(model: nn.Module, args: tuple, kwargs: dict, *, batch: int, seq: int,
+              model_config: dict | None, leaf_modules: Sequence[type | str], method: str,
+              tp_degrees: Sequence[int]) -> tuple[torch.fx.GraphModule, ProxyGraph]:
+    """capture -> annotate -> build the proxy graph: the one place they run in order."""
+    gm = capture(model, args, kwargs, leaf_modules=leaf_modules, method=method)
+    annotate(gm, args, kwargs)
+    return gm, build_proxy_graph(gm, batch_size=batch, seq_len=seq, model_config=model_config,
+                                 tp_degrees=tp_degrees)
+
+
+def analyze(model: nn.Module, example_inputs: Sequence[Any] = (),
+            example_kwargs: Mapping[str, Any] | None = None, *,
+            leaf_modules: Sequence[type | str] = (), method: str = "auto",
+            model_config: dict | None = None, batch_size: int | None = None,
+            seq_len: int | None = None, tp_degrees: Sequence[int] = (2, 4, 8)) -> ProxyGraph:
+    """capture -> annotate -> build: the proxy graph of ``model`` for the example batch.
+
+    ``batch_size`` and ``seq_len`` default to the first two dims of the first
+    tensor input (``seq_len`` 1 when it has one dim; :func:`example_sizes`).
+
+    >>> import torch
+    >>> with torch.device("meta"):
+    ...     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    >>> pg = analyze(model, (torch.empty(2, 4, device="meta"),))
+    >>> pg.tracer, [b.name for b in pg.blocks], pg.batch_size
+    ('fx', ['0', '1'], 2)
+    """
+    args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
+    batch, seq = example_sizes(args, kwargs)
+    _, graph = _analyzed(model, args, kwargs, batch=batch if batch_size is None else batch_size,
+                         seq=seq if seq_len is None else seq_len, model_config=model_config,
+                         leaf_modules=leaf_modules, method=method, tp_degrees=tp_degrees)
+    return graph
+
+
 def capture_model(model: nn.Module, example_inputs: Sequence[Any] = (),
                   example_kwargs: Mapping[str, Any] | None = None, *,
                   model_config: dict | None = None, leaf_modules: Sequence[type | str] = (),
                   method: str = "auto", tp_degrees: Sequence[int] = (2, 4, 8)) -> Captured:
-    """capture -> annotate -> build the proxy graph, for the example batch as given."""
+    """capture -> annotate -> build the proxy graph, for the example batch as given, and
+    which batch field feeds each flat graph input."""
     args, kwargs = tuple(example_inputs), dict(example_kwargs or {})
     if args and kwargs:
         raise ConfigError("give the example batch either as example_inputs (a tuple: batches "
@@ -128,12 +165,10 @@ def capture_model(model: nn.Module, example_inputs: Sequence[Any] = (),
         raise ConfigError("auto_parallel needs an example batch: example_inputs=(...) or "
                           "example_kwargs={...}, with the model's loss or loss_fn's inputs")
     example: tuple | dict = kwargs if kwargs else args
-    size = batch_size(example)
-    gm = capture(model, args, kwargs, leaf_modules=leaf_modules, method=method)
-    annotate(gm, args, kwargs)
     _, seq = example_sizes(args, kwargs)
-    graph = build_proxy_graph(gm, batch_size=size, seq_len=seq, model_config=model_config,
-                              tp_degrees=tp_degrees)
+    gm, graph = _analyzed(model, args, kwargs, batch=batch_size(example), seq=seq,
+                          model_config=model_config, leaf_modules=leaf_modules, method=method,
+                          tp_degrees=tp_degrees)
     markers = flat_graph_inputs(gm, tuple(_Field(i) for i in range(len(args))),
                                 {k: _Field(k) for k in kwargs})
     values = flat_graph_inputs(gm, args, kwargs)

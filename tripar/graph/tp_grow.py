@@ -107,7 +107,7 @@ _TRANSPARENT = VIEWS | UNARY | NARY | SPLITS | REDUCE | MATMULS | SDPA | frozens
 )
 
 
-def _norm_dim(d: int, nd: int) -> int:
+def norm_dim(d: int, nd: int) -> int:
     return d + nd if d < 0 else d
 
 
@@ -214,7 +214,7 @@ class GrowerBase:
                     todo.append(user)
                 elif name in SPLITS and isinstance(val, tuple | list):
                     nd = self.vals[node.name].dim()
-                    if _norm_dim(arg(user, 2, "dim", 0), nd) == nd - 1:
+                    if norm_dim(arg(user, 2, "dim", 0), nd) == nd - 1:
                         sizes = tuple(v.shape[-1] for v in val)
                         if sum(sizes) == size:
                             return sizes

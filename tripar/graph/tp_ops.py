@@ -155,7 +155,7 @@ class Linear:
     embedding: bool = False
 
 
-def _param_ref(node: Any, params: dict[str, str]) -> tuple[str, bool] | None:
+def param_ref(node: Any, params: dict[str, str]) -> tuple[str, bool] | None:
     """(FQN, transposed) when ``node`` is a parameter, or ``t``/``transpose`` of one."""
     if not isinstance(node, torch.fx.Node):
         return None
@@ -165,15 +165,15 @@ def _param_ref(node: Any, params: dict[str, str]) -> tuple[str, bool] | None:
         name = op_name(node, {})
         inner = node.args[0]
         if name in ("t", "numpy_T") or (name == "getattr" and node.args[1:] == ("T",)):
-            ref = _param_ref(inner, params)
+            ref = param_ref(inner, params)
             return (ref[0], not ref[1]) if ref else None
         if name in ("transpose", "permute"):
             rest = [a % 2 if isinstance(a, int) else a for a in flat_args(node)[1:]]
             if rest in ([0, 1], [1, 0]):
-                ref = _param_ref(inner, params)
+                ref = param_ref(inner, params)
                 return (ref[0], not ref[1]) if ref else None
         if name in ("detach", "alias", "to", "contiguous"):
-            return _param_ref(inner, params)
+            return param_ref(inner, params)
     return None
 
 
@@ -207,16 +207,16 @@ def linear_info(node: torch.fx.Node, modules: dict[str, nn.Module], params: dict
         return None
     args = node.args
     if name == "linear" and len(args) >= 2:
-        ref = _param_ref(args[1], params)
+        ref = param_ref(args[1], params)
         b = arg(node, 2, "bias")
-        bref = _param_ref(b, params) if b is not None else None
+        bref = param_ref(b, params) if b is not None else None
         if ref and isinstance(args[0], torch.fx.Node) and (b is None or bref):
             w_out = 1 if ref[1] else 0
             return Linear(node.name, ref[0], w_out, 1 - w_out, bref[0] if bref else None, args[0].name)
     elif name in ("addmm", "mm", "matmul") and len(args) >= 2:
         bias_arg, x, w = (args[0], args[1], args[2]) if name == "addmm" else (None, args[0], args[1])
-        ref = _param_ref(w, params)
-        bref = _param_ref(bias_arg, params) if bias_arg is not None else None
+        ref = param_ref(w, params)
+        bref = param_ref(bias_arg, params) if bias_arg is not None else None
         if ref and isinstance(x, torch.fx.Node) and (bias_arg is None or bref):
             w_out = 0 if ref[1] else 1
             return Linear(node.name, ref[0], w_out, 1 - w_out, bref[0] if bref else None, x.name)
@@ -224,7 +224,7 @@ def linear_info(node: torch.fx.Node, modules: dict[str, nn.Module], params: dict
         # F.embedding(input, weight) but aten.embedding(weight, indices)
         aten = isinstance(node.target, torch._ops.OpOverload)
         w, ids = (args[0], args[1]) if aten else (args[1], args[0])
-        ref = _param_ref(w, params)
+        ref = param_ref(w, params)
         if ref and not ref[1] and isinstance(ids, torch.fx.Node):
             return Linear(node.name, ref[0], 0, 1, None, ids.name, embedding=True)
     return None

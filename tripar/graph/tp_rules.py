@@ -21,7 +21,7 @@ from tripar.graph.tp_grow import (
     Reject,
     Scaled,
     Shard,
-    _norm_dim,
+    norm_dim,
     reshape_groups,
 )
 from tripar.graph.tp_ops import Linear, arg, flat_args, leaf_index
@@ -33,8 +33,8 @@ def _dims(value: Any, nd: int) -> list[int] | None:
     if value is None:
         return None
     if isinstance(value, int):
-        return [_norm_dim(value, nd)]
-    return [_norm_dim(d, nd) for d in value]
+        return [norm_dim(value, nd)]
+    return [norm_dim(d, nd) for d in value]
 
 
 class Grower(GrowerBase):
@@ -73,7 +73,7 @@ class Grower(GrowerBase):
             d = arg(node, 1, "dim")
             if d is None:
                 return Scaled(tuple(i == xs.dim for i in range(nd)))
-            return Scaled(_norm_dim(d, nd) == xs.dim) if _norm_dim(d, nd) == xs.dim else REPL
+            return Scaled(norm_dim(d, nd) == xs.dim) if norm_dim(d, nd) == xs.dim else REPL
         return REPL
 
     def _int_op(self, node: Node, g: Grown, name: str) -> Any:
@@ -172,7 +172,7 @@ class Grower(GrowerBase):
         if name in ("view", "reshape", "unsafe_view"):
             self._fix_entries(node, g, self._sized_entries(node, g), 0, o)
         elif name == "unflatten":
-            start = _norm_dim(arg(node, 1, "dim"), len(a))
+            start = norm_dim(arg(node, 1, "dim"), len(a))
             sizes = arg(node, 2, "sizes")
             path = (0, 2) if len(node.args) > 2 else (1, "sizes")
             self._fix_entries(node, g, self._entries(node, g, sizes, path), start, o)
@@ -192,7 +192,7 @@ class Grower(GrowerBase):
             raise Reject(node.name, f"{name} with a size that shrinks with the sharding")
         outs = self.vals[node.name]
         nd = self.vals[node.args[0].name].dim()
-        dim = _norm_dim(arg(node, 2, "dim", 0), nd)
+        dim = norm_dim(arg(node, 2, "dim", 0), nd)
         if dim != xs.dim:
             return tuple(Shard(xs.dim, xs.parts) for _ in outs)
         if name in ("tensor_split", "unsafe_split"):
@@ -340,7 +340,7 @@ class Grower(GrowerBase):
     def _cat(self, node: Node, g: Grown) -> Any:
         tensors = arg(node, 0, "tensors")
         nd = self.vals[node.name].dim()
-        dim = _norm_dim(arg(node, 1, "dim", 0), nd)
+        dim = norm_dim(arg(node, 1, "dim", 0), nd)
         states = [self._st(g, t) for t in tensors]
         sharded = {(s.dim, s.parts) for s in states if isinstance(s, Shard)}
         if not sharded:
@@ -362,21 +362,21 @@ class Grower(GrowerBase):
         out_nd = self.vals[node.name].dim()
         d = xs.dim
         if name in ("transpose", "swapaxes"):
-            d0, d1 = _norm_dim(arg(node, 1, "dim0"), nd), _norm_dim(arg(node, 2, "dim1"), nd)
+            d0, d1 = norm_dim(arg(node, 1, "dim0"), nd), norm_dim(arg(node, 2, "dim1"), nd)
             d = d1 if d == d0 else d0 if d == d1 else d
         elif name == "t":
             d = 1 - d if nd == 2 else d
         elif name == "permute":
             dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], list | tuple) else (
                 node.args[1:] or node.kwargs["dims"])
-            d = [_norm_dim(k, nd) for k in dims].index(d)
+            d = [norm_dim(k, nd) for k in dims].index(d)
         elif name == "movedim":
-            src, dst = _norm_dim(arg(node, 1, "source"), nd), _norm_dim(arg(node, 2, "destination"), nd)
+            src, dst = norm_dim(arg(node, 1, "source"), nd), norm_dim(arg(node, 2, "destination"), nd)
             order = [k for k in range(nd) if k != src]
             order.insert(dst, src)
             d = order.index(d)
         elif name == "unsqueeze":
-            k = _norm_dim(arg(node, 1, "dim"), out_nd)
+            k = norm_dim(arg(node, 1, "dim"), out_nd)
             d = d + 1 if k <= d else d
         elif name == "squeeze":
             shape = self.vals[node.args[0].name].shape
@@ -386,11 +386,11 @@ class Grower(GrowerBase):
                 raise Reject(node.name, "squeezes the sharded dim")
             d -= sum(1 for k in gone if k < d)
         elif name in ("slice", "narrow"):
-            k = _norm_dim(arg(node, 1, "dim", 0), nd)
+            k = norm_dim(arg(node, 1, "dim", 0), nd)
             if k == d and self.vals[node.name].shape[d] != self.vals[node.args[0].name].shape[d]:
                 raise Reject(node.name, f"{name} of the sharded dim")
         elif name == "select":
-            k = _norm_dim(arg(node, 1, "dim"), nd)
+            k = norm_dim(arg(node, 1, "dim"), nd)
             if k == d:
                 raise Reject(node.name, "selects along the sharded dim")
             d -= 1 if k < d else 0
@@ -400,7 +400,7 @@ class Grower(GrowerBase):
             reps, k = arg(node, 1, "repeats"), arg(node, 2, "dim")
             if not isinstance(reps, int) or k is None:
                 raise Reject(node.name, "repeat_interleave without an int count and a dim")
-            if _norm_dim(k, nd) == d:
+            if norm_dim(k, nd) == d:
                 return Shard(d, tuple(p * reps for p in xs.parts))
         else:
             raise Reject(node.name, f"op `{name}` is not known to be safe on sharded tensors")
