@@ -10,6 +10,7 @@
 # replicas (gradients summed with the other stages holding them):
 #   wte.weight (wte.weight)
 import torch
+from tripar.codegen.collectives import vocab_parallel_embedding as tripar_codegen_collectives_vocab_parallel_embedding
 
 
 def forward(self, input_ids):
