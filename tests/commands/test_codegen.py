@@ -37,7 +37,12 @@ def test_codegen_writes_every_ranks_source_and_param_map(plan_file: Path, tmp_pa
             assert sorted(p.name for p in folder.iterdir()) == ["param_map.json",
                                                                 f"stage_{pp_rank}.py"]
             source = (folder / f"stage_{pp_rank}.py").read_text()
-            compile(source, str(folder / f"stage_{pp_rank}.py"), "exec")
+            scope: dict = {}  # the file imports what its code reads
+            exec(compile(source, str(folder / f"stage_{pp_rank}.py"), "exec"), scope)
+            assert callable(scope["forward"])
+            if pp_rank == 0:
+                assert ("from tripar.codegen.collectives import vocab_parallel_embedding as "
+                        "tripar_codegen_collectives_vocab_parallel_embedding\n") in source
             assert source.startswith(f"# tensor-parallel rank {tp_rank} of 2: 6 regions")
             assert f"(pipeline rank {pp_rank}, virtual stage 0)" in source
             assert "def forward(self" in source and "self.tp_reduce(" in source
@@ -96,3 +101,21 @@ def test_a_plan_for_another_model_is_refused(plan_file: Path, tmp_path: Path, ca
     lost.write_text(json.dumps(data))
     assert main(["codegen", str(lost), "--out", str(tmp_path / "out")]) == 2
     assert "pass the model as MODEL" in capsys.readouterr().err
+
+
+def test_the_fingerprint_is_measured_at_batch_and_the_stages_cut_per_microbatch(
+        tmp_path: Path, capsys) -> None:
+    """A plan measured at --batch 2 with microbatches of 1: codegen checks the model at
+    --batch 2 (and refuses --batch 1, whose fingerprint differs) and writes stages whose
+    shapes are one microbatch's."""
+    small, plan = "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8", tmp_path / "plan.json"
+    assert main(["plan", small, "--batch", "2", "--gpu", "cpu", "--gpus-per-node", "2",
+                 "--global-batch", "4", "--pp", "2", "--micro-batch", "1", "--out",
+                 str(plan)]) == 0
+    out = tmp_path / "out"
+    assert main(["codegen", str(plan), "--out", str(out), "--batch", "2"]) == 0
+    first = (out / "rank_pp0_tp0" / "stage_0.py").read_text()
+    assert "#   input_ids  int64[1, 8]  graph input 0" in first
+    capsys.readouterr()
+    assert main(["codegen", str(plan), "--out", str(tmp_path / "other")]) == 2
+    assert "measured at --batch 1 has fingerprint" in capsys.readouterr().err

@@ -1,12 +1,16 @@
 """``tripar codegen PLAN.json --out DIR``: every rank's stage programs as readable Python.
 
 The model is rebuilt from the plan's MODEL spec (or the MODEL given) on the meta
-device, so no weight is allocated; it is captured at the plan's microbatch size and
-checked against the plan (blocks, parameter count, fingerprint). For each rank
-``(pp_rank, tp_rank)`` the command writes ``DIR/rank_pp{p}_tp{t}/stage_{s}.py`` (one
-per virtual stage the rank holds) and ``param_map.json`` (local parameter name ->
-original FQN, the dim it is cut on and the index ranges kept), plus
-``DIR/param_map.json`` with every rank's map.
+device, so no weight is allocated, and goes through the capture pass ``auto_parallel``
+uses (``tripar.graph.captured.capture_model`` at ``--batch``, the batch the plan was
+measured on, then ``for_micro_batch`` at the plan's microbatch size); it is checked
+against the plan (blocks, parameter count, fingerprint). Codegen's ``build_pipeline``
+then makes every rank's stage programs as the ranks run them, tensor-parallel rewrite
+and per-block recomputation included. For each rank ``(pp_rank, tp_rank)`` the command
+writes ``DIR/rank_pp{p}_tp{t}/stage_{s}.py`` (one per virtual stage the rank holds:
+``forward`` and, for recomputed blocks, the checkpointed segments) and
+``param_map.json`` (local parameter name -> original FQN, the dim it is cut on and the
+index ranges kept), plus ``DIR/param_map.json`` with every rank's map.
 """
 
 from __future__ import annotations
@@ -47,27 +51,20 @@ def _load(spec: str, batch: int, seq: int | None) -> Any:
                              "model as MODEL after the plan file") from None
 
 
-def _capture(loaded: Any) -> tuple[Any, list[Any]]:
-    from tripar.graph.capture import capture, flat_graph_inputs
+def _capture(loaded: Any) -> Any:
+    """The capture pass of ``auto_parallel`` for the loaded model and its example batch
+    (regions are proven again for the plan's degree by the build, not here)."""
+    from tripar.graph.captured import capture_model
 
-    gm = capture(loaded.model, loaded.example_inputs, loaded.example_kwargs)
-    return gm, flat_graph_inputs(gm, loaded.example_inputs, loaded.example_kwargs)
-
-
-def _fingerprint(gm: Any, loaded: Any, batch: int, seq: int | None) -> str:
-    """``model_fingerprint`` of the proxy graph, as ``tripar plan`` measured it."""
-    from tripar.graph.annotate import annotate
-    from tripar.graph.build import build_proxy_graph
-    from tripar.plan.plan import model_fingerprint
-
-    annotate(gm, loaded.example_inputs, loaded.example_kwargs)
-    graph = build_proxy_graph(gm, batch_size=batch, seq_len=seq or 1, tp_degrees=())
-    return model_fingerprint(graph.blocks)
+    return capture_model(loaded.model, loaded.example_inputs, loaded.example_kwargs,
+                         model_config=dict(loaded.config), tp_degrees=())
 
 
 def run(args: argparse.Namespace) -> int:
     from tripar.codegen.build import build_pipeline, write_rank
-    from tripar.plan.plan import Plan
+    from tripar.codegen.split import propagate_values
+    from tripar.graph.captured import for_micro_batch
+    from tripar.plan.plan import Plan, model_fingerprint
 
     for name in ("batch", "seq"):
         value = getattr(args, name)
@@ -76,24 +73,22 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan).validate()
     spec = args.model or plan.model.spec
     seq = args.seq or plan.inputs.seq_len
-    micro = plan.parallel.micro_batch_size
-    loaded = _load(spec, micro, seq)
-    gm, flat = _capture(loaded)
-    if args.batch == micro:
-        fingerprint = _fingerprint(gm, loaded, args.batch, seq)
-    else:
-        measured = _load(spec, args.batch, seq)
-        fingerprint = _fingerprint(_capture(measured)[0], measured, args.batch, seq)
+    captured = _capture(_load(spec, args.batch, seq))
+    fingerprint = model_fingerprint(captured.graph.blocks)
     if fingerprint != plan.model.fingerprint:
         raise PlanError(
             f"{args.plan} was made for model {plan.model.spec!r} (fingerprint "
             f"{plan.model.fingerprint}); {spec!r} measured at --batch {args.batch} has "
             f"fingerprint {fingerprint}: give the MODEL and --batch the plan was made with, "
             "or re-plan (tripar plan ... --out)")
+    micro = for_micro_batch(captured, plan.parallel.micro_batch_size)
+    flat = list(micro.constants)
+    values = propagate_values(micro.gm, flat)  # shared by every tensor-parallel rank's build
     out = Path(args.out)
     programs = []
     for tp_rank in range(plan.parallel.tp):
-        for program in build_pipeline(gm, plan, flat, tp_rank=tp_rank, materialize=False):
+        for program in build_pipeline(micro.gm, plan, flat, tp_rank=tp_rank,
+                                      materialize=False, values=values):
             write_rank(program, out / f"rank_pp{program.pp_rank}_tp{tp_rank}")
             programs.append(program)
     programs.sort(key=lambda p: (p.pp_rank, p.tp_rank))
