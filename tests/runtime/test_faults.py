@@ -159,7 +159,10 @@ def test_ctrl_c_of_tripar_train_ends_every_process_cleanly(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "tripar.cli", "train", SPEC, "--nproc", "2", "--pp", "2",
              "--steps", "100000", "--global-batch", "4", "--log-every", "1"],
-            stdout=out, stderr=err_file, env=env, text=True, start_new_session=True)
+            stdout=out, stderr=err_file, env=env, text=True, start_new_session=True,
+            # a terminal's child takes Ctrl-C; one started from a background job inherits
+            # SIGINT ignored, and Python would then never raise KeyboardInterrupt
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         started = re.compile(r"step +2 +loss")  # a second step done: mid-training
