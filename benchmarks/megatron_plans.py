@@ -18,10 +18,9 @@ import argparse
 import time
 
 from tripar.commands._model_args import proxy_graph_for
-from tripar.partitioner import step_estimate
+from tripar.partitioner import search_with_stats, step_estimate, uniform_split_of
 from tripar.partitioner.hardware import Cluster
 from tripar.partitioner.megatron import MEGATRON_TABLE, SEQ, VOCAB
-from tripar.partitioner.search import search_with_stats, uniform_split_of
 from tripar.plan.config import ParallelConfig
 
 

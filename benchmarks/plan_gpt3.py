@@ -1,7 +1,7 @@
 """Plan GPT-3 175B on 1024 A100-80G (128 nodes of 8) at global batch 1536.
 
 Builds the real proxy graph of the zoo ``gpt`` on the meta device, then times the
-full search (``tripar.partitioner.search.search_with_stats``) on its own and prints
+full search (``tripar.partitioner.search_with_stats``) on its own and prints
 both times, the plan, the search's statistics and how the stage split was chosen (the
 partition DP's or the uniform one, whichever simulated faster).
 
@@ -14,8 +14,8 @@ import argparse
 import time
 
 from tripar.commands._model_args import proxy_graph_for
+from tripar.partitioner import search_with_stats
 from tripar.partitioner.hardware import Cluster
-from tripar.partitioner.search import search_with_stats
 
 SPEC = "gpt:layers=96,hidden=12288,heads=96,vocab=51200,seq=2048"
 

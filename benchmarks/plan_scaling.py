@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from tripar.partitioner import search_with_stats
 from tripar.partitioner.hardware import Cluster
-from tripar.partitioner.search import search_with_stats
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(RESULTS.parents[1]))  # the hand-built graph of the partitioner tests

@@ -84,8 +84,8 @@ def _own_planner_cost(out: Path, quick: bool) -> str:
 
     sys.path.insert(0, str(HERE.parent))  # the hand-built graph of the partitioner tests
     from tests.partitioner.example_graphs import example_graph
+    from tripar.partitioner import search
     from tripar.partitioner.hardware import Cluster
-    from tripar.partitioner.search import search
 
     points = [(12, 8), (32, 64), (64, 512), (128, 4096)] if quick else [
         (12, 8), (24, 32), (48, 128), (64, 512), (96, 1024), (128, 4096)]

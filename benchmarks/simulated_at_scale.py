@@ -126,8 +126,7 @@ def _uniform_split(graph, cluster, plan) -> Costed:
     """The plan's configuration and regions on the uniform split by layers, costed as the
     search costs it; the note adds fractional recompute shares on the same split."""
     from tripar.errors import TriparError
-    from tripar.partitioner import step_estimate
-    from tripar.partitioner.search import uniform_split_of
+    from tripar.partitioner import step_estimate, uniform_split_of
 
     par = plan.parallel
     cfg = replace(par, recompute="stage-aware") if par.recompute == "none" else par
@@ -152,8 +151,8 @@ def _uniform_split(graph, cluster, plan) -> Costed:
 
 def compare_row(index: int, row: tuple) -> RowResult:
     """Every system of the module docstring for 1-based row ``index`` of the table."""
+    from tripar.partitioner import search
     from tripar.partitioner.hardware import Cluster
-    from tripar.partitioner.search import search
     from tripar.plan.config import ParallelConfig
 
     params, _, _, _, t, p, gpus, batch = row
@@ -205,8 +204,8 @@ class ScheduleResult:
 def compare_schedules(index: int, row: tuple) -> list[ScheduleResult]:
     """Every schedule at the row's published dp, tp, pp and micro batch 1 (search, pinned)."""
     from tripar.errors import TriparError
+    from tripar.partitioner import Pins, search
     from tripar.partitioner.hardware import Cluster
-    from tripar.partitioner.search import Pins, search
     from tripar.plan.config import SCHEDULES
 
     _, _, _, _, t, p, gpus, batch = row

@@ -141,7 +141,7 @@ def _tiny_memory_cluster(tmp_path: Path, memory_bytes: int) -> Path:
 
 def test_a_model_that_does_not_fit_names_the_shortfall(capsys, tmp_path):
     from tripar.commands._model_args import proxy_graph_for
-    from tripar.partitioner.search import search
+    from tripar.partitioner import search
 
     limit = 200_000
     path = _tiny_memory_cluster(tmp_path, limit)

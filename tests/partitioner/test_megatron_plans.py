@@ -11,7 +11,7 @@ from tripar.commands._model_args import proxy_graph_for
 from tripar.partitioner.cost.step import step_estimate
 from tripar.partitioner.hardware import Cluster
 from tripar.partitioner.megatron import MEGATRON_TABLE
-from tripar.partitioner.search import search
+from tripar.partitioner.plan_search import search
 from tripar.plan.config import ParallelConfig
 
 

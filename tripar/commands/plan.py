@@ -49,7 +49,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def pins_from_args(args: argparse.Namespace):
-    from tripar.partitioner.search import Pins
+    from tripar.partitioner import Pins
 
     vpp = args.vpp
     schedule = None if args.schedule == "auto" else args.schedule
@@ -61,7 +61,7 @@ def pins_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tripar.partitioner.search import search
+    from tripar.partitioner import search
 
     check_model_args(args)
     if args.global_batch < 1:
@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         plan.save(args.out)
     if args.dump_lp:
-        from tripar.partitioner import build_partition_milp
-        from tripar.partitioner.search import partition_problem
+        from tripar.partitioner import build_partition_milp, partition_problem
 
         problem = partition_problem(graph, cluster, plan.parallel, dtype=args.dtype,
                                     tp_regions=[r.name for r in plan.tp_regions])

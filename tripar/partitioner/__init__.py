@@ -45,14 +45,14 @@ _LAZY = {
     "PartitionProblem": "tripar.partitioner.partition.problem",
     "solve_partition_dp": "tripar.partitioner.partition.dp",
     "build_partition_milp": "tripar.partitioner.partition.milp",
-    "Evaluated": "tripar.partitioner.search",
-    "Pins": "tripar.partitioner.search",
-    "SearchStats": "tripar.partitioner.search",
-    "evaluate_split": "tripar.partitioner.search",
-    "partition_problem": "tripar.partitioner.search",
-    "search": "tripar.partitioner.search",
-    "search_with_stats": "tripar.partitioner.search",
-    "uniform_split_of": "tripar.partitioner.search",
+    "Evaluated": "tripar.partitioner.plan_search",
+    "Pins": "tripar.partitioner.plan_search",
+    "SearchStats": "tripar.partitioner.plan_search",
+    "evaluate_split": "tripar.partitioner.plan_search",
+    "partition_problem": "tripar.partitioner.plan_search",
+    "search": "tripar.partitioner.plan_search",
+    "search_with_stats": "tripar.partitioner.plan_search",
+    "uniform_split_of": "tripar.partitioner.plan_search",
 }
 
 __all__ = sorted(_LAZY)

@@ -33,7 +33,7 @@ from tripar.errors import ConfigError
 from tripar.plan.config import SCHEDULES
 from tripar.plan.schedule import Action, ActionKind, Schedule
 
-__all__ = ["build_schedule", "scp_recomputed"]
+__all__ = ["build_schedule", "scp_recomputed", "warmup_in_flight"]
 
 _F, _f, _R = ActionKind.FORWARD, ActionKind.FORWARD_INPUT_ONLY, ActionKind.RECOMPUTE
 _B, _W = ActionKind.BACKWARD, ActionKind.WEIGHT
@@ -97,6 +97,30 @@ def build_schedule(
         ops = generator(r, pp, num_microbatches, vpp)
         ranks.append(_lower(ops, lambda s, j: per_stage[s], right_before_b=True))
     return Schedule(name, pp, vpp, num_microbatches, tuple(ranks))
+
+
+def warmup_in_flight(name: str, pp: int, num_microbatches: int, vpp: int = 1
+                     ) -> tuple[int, ...]:
+    """Peak microbatches each virtual stage holds under schedule ``name``, from the
+    generators' warm-up depths: 1F1B-like ``min(p - s, m)``, GPipe ``m``, interleaved
+    ``2 (p - 1 - r) + (v - 1) p + 1`` chunk-microbatches on rank r, shared by its v
+    stages. An estimate made before any schedule is built (the planner's memory budget);
+    the simulator measures the real peaks.
+
+    >>> warmup_in_flight("1f1b", 4, 3), warmup_in_flight("gpipe", 2, 4)
+    ((3, 3, 2, 1), (4, 4))
+    >>> warmup_in_flight("interleaved-1f1b", 2, 4, vpp=2)
+    (3, 2, 3, 2)
+    """
+    p, m, v = pp, num_microbatches, vpp
+    if name == "gpipe":
+        return (m,) * p
+    if name == "interleaved-1f1b":
+        total = m * v
+        per_rank = [total if m == p else min(2 * (p - 1 - r) + (v - 1) * p + 1, total)
+                    for r in range(p)]
+        return tuple(-(-per_rank[s % p] // v) for s in range(p * v))
+    return tuple(min(p - s, m) for s in range(p))
 
 
 def _recompute_selection(recompute: object, num_stages: int, name: str) -> list[bool]:

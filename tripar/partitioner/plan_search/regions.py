@@ -1,29 +1,39 @@
-"""Which tensor-parallel regions a configuration of the outer search shards.
+"""Which tensor-parallel regions a configuration of the search shards.
 
 Regions proven at the degree are grouped so that identical layers share one decision:
 by (block signature, kind, index), the index telling apart two regions of one kind in a
 layer (t5's self- and cross-attention); groups that shard one weight (a tied embedding
-and LM head) merge (``_merge_sharing``). :class:`RegionChoice` is the part of the search
-state (``tripar.partitioner.search._Search``) that costs each group's effect and picks
-the groups to shard: the tensor-parallel ILP (``tripar.partitioner.tp_choice``) under
-pipeline rank 0's memory, and the time-optimal choice. It reads the search's ``graph``,
-``cluster``, ``dtype``, ``limit``, ``block_costs``, ``in_flight`` and
-``optimizer_s_per_param``, and caches in its ``_groups``, ``_free``, ``_effects`` and
-``_choices``.
+and LM head) merge (``_merge_sharing``). :class:`RegionChooser` costs each group's effect
+and picks the groups to shard: the tensor-parallel ILP (``tripar.partitioner.tp_choice``)
+under pipeline rank 0's memory, and the time-optimal choice.
 """
 
 from __future__ import annotations
 
 from tripar.errors import InfeasibleError
+from tripar.graph.proxy import ProxyGraph
 from tripar.partitioner.cost.blocks import shardable_regions as _shardable
-from tripar.partitioner.cost.stages import bytes_per_param
+from tripar.partitioner.cost.stages import bytes_per_param, optimizer_s_per_param
+from tripar.partitioner.hardware import Cluster
+from tripar.partitioner.plan_search.cache import BlockCostCache, CostPoint, RegionChoiceKey
+from tripar.partitioner.schedules import warmup_in_flight
 from tripar.partitioner.tp_choice import TPCandidate, choose_tp_regions
 from tripar.plan.config import ParallelConfig
 
 
-class RegionChoice:
-    """The tensor-parallel regions of the search (a part of ``_Search``; see the module
-    docstring for what it reads)."""
+class RegionChooser:
+    """The tensor-parallel regions of one search: groups, their effects, and the regions
+    sharded for a configuration (the ILP's choice and the time-optimal one)."""
+
+    def __init__(self, graph: ProxyGraph, cluster: Cluster, dtype: str,
+                 costs: BlockCostCache) -> None:
+        self.graph, self.cluster, self.dtype, self.costs = graph, cluster, dtype, costs
+        self.limit = cluster.device.memory_bytes
+        self._groups: dict[int, list[tuple[str, tuple[str, ...]]]] = {}
+        self._all: dict[int, frozenset[str]] = {}
+        self._free: dict[CostPoint, frozenset[str]] = {}
+        self._effects: dict[CostPoint, list[tuple[float, float, float, float]]] = {}
+        self._choices: dict[RegionChoiceKey, tuple[frozenset[str], str]] = {}
 
     def groups(self, tp: int) -> list[tuple[str, tuple[str, ...]]]:
         """Regions proven at ``tp`` grouped by (block signature, kind, index): identical
@@ -47,20 +57,20 @@ class RegionChoice:
         return self._groups[tp]
 
     def all_regions(self, tp: int) -> frozenset[str]:
-        key = ("all", tp)
-        if key not in self._free:
-            self._free[key] = frozenset(n for _, names in self.groups(tp) for n in names)
-        return self._free[key]
+        """Every region proven at ``tp``."""
+        if tp not in self._all:
+            self._all[tp] = frozenset(n for _, names in self.groups(tp) for n in names)
+        return self._all[tp]
 
     def effects(self, tp: int, b: int) -> list[tuple[float, float, float, float]]:
         """Per group, for one microbatch on the whole model: (compute saved, collective
         time added, parameters saved, activation bytes saved) by sharding it alone."""
-        key = (tp, b)
+        key = CostPoint(tp, b)
         if key not in self._effects:
-            none = self.block_costs(tp, b, frozenset())
+            none = self.costs.get(tp, b, frozenset())
             out = []
             for _name, names in self.groups(tp):
-                alone = self.block_costs(tp, b, frozenset(names))
+                alone = self.costs.get(tp, b, frozenset(names))
                 work = sum(c.forward_s + c.backward_input_s + c.backward_weight_s - c.tp_comm_s
                            for c in alone)
                 base = sum(c.forward_s + c.backward_input_s + c.backward_weight_s for c in none)
@@ -74,7 +84,7 @@ class RegionChoice:
     def free_choice(self, tp: int, b: int) -> frozenset[str]:
         """The regions whose sharding saves more compute than its collectives cost (the
         tensor-parallel ILP's answer when memory does not bind)."""
-        key = (tp, b)
+        key = CostPoint(tp, b)
         if key not in self._free:
             if tp == 1:
                 self._free[key] = frozenset()
@@ -93,20 +103,20 @@ class RegionChoice:
         tp = cfg.tp
         if tp == 1:
             return frozenset(), ""
-        inflight = self.in_flight(cfg)
-        key = (tp, cfg.micro_batch_size, cfg.pp, cfg.vpp, cfg.dp, cfg.zero,
-               inflight[0] if cfg.vpp == 1 else tuple(inflight[::cfg.pp]))
+        inflight = warmup_in_flight(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.vpp)
+        key = RegionChoiceKey(tp, cfg.micro_batch_size, cfg.pp, cfg.vpp, cfg.dp, cfg.zero,
+                              inflight[0] if cfg.vpp == 1 else tuple(inflight[::cfg.pp]))
         if key not in self._choices:
             p, v, m = cfg.pp, cfg.vpp, cfg.num_microbatches
             held = sum(inflight[s] for s in range(0, p * v, p)) / (p * v)
             model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
             per_param = model + optimizer
             steps = (p + m * v - 1) / (p * v)
-            none = self.block_costs(tp, cfg.micro_batch_size, frozenset())
+            none = self.costs.get(tp, cfg.micro_batch_size, frozenset())
             memory = int(sum(c.params for c in none) * per_param / p
                          + sum(c.saved_bytes for c in none) * held)
             candidates = []
-            optimizer_s = self.optimizer_s_per_param()
+            optimizer_s = optimizer_s_per_param(self.cluster)
             for (name, names), (save, comm, params, act) in zip(
                     self.groups(tp), self.effects(tp, cfg.micro_batch_size)):
                 region = next(r for r in self.graph.tp_regions if r.name == names[0])

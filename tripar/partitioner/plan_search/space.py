@@ -1,80 +1,41 @@
-"""The outer search's candidates: pins, enumeration, and the bounds that order and prune.
+"""The search's candidates: enumeration, and the estimates that order and prune them.
 
-:class:`Candidates` is the part of the search state (``tripar.partitioner.search._Search``)
-that lists every configuration the pins allow (``configs``) and, before any is costed,
-estimates them: a quick screening estimate that orders them (``screen``), a lower bound on
-the step time that prunes them (``lower_bound``; see the module docstring of
-``tripar.partitioner.search`` for its derivation) and the static-memory check that rules
-out a configuration whose weights alone do not fit (``static_overflow``). It reads the
-search's ``graph``, ``cluster``, ``batch``, ``pins``, ``dtype``, ``limit``,
-``max_micro_batch``, ``block_costs``, ``all_regions`` and ``in_flight``, and caches in its
-``_blocks`` and ``_prefix``.
+:class:`SearchSpace` lists every configuration the pins allow (``configs``) and, before
+any is costed, estimates them: a quick screening estimate that orders them (``screen``),
+a lower bound on the step time that prunes them (``lower_bound``; its derivation is in
+the docstring of :mod:`tripar.partitioner.plan_search`) and the static-memory check that
+rules out a configuration whose weights alone do not fit (``static_overflow``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from tripar.errors import ConfigError
 from tripar.graph.proxy import ProxyGraph
+from tripar.partitioner.cost.blocks import BlockCost
 from tripar.partitioner.cost.collectives import (
     all_gather_time,
     all_reduce_time,
     reduce_scatter_time,
 )
-from tripar.partitioner.cost.stages import BUCKET_BYTES, bytes_per_param, uniform_boundaries
+from tripar.partitioner.cost.stages import (
+    BUCKET_BYTES,
+    bytes_per_param,
+    optimizer_s_per_param,
+    uniform_boundaries,
+)
 from tripar.partitioner.hardware import Cluster, dtype_bytes
+from tripar.partitioner.plan_search.cache import BlockCostCache, CostPoint, UniformSplits
+from tripar.partitioner.plan_search.pins import Pins, divisors
+from tripar.partitioner.plan_search.regions import RegionChooser
+from tripar.partitioner.schedules import warmup_in_flight
 from tripar.plan.config import SCHEDULES, ParallelConfig
 
 VIRTUAL_STAGES = (2, 3, 4, 6, 8)
 """vpp values tried for interleaved-1f1b."""
-
-
-@dataclass(frozen=True, slots=True)
-class Pins:
-    """What the user fixed; None means the search chooses it."""
-
-    dp: int | None = None
-    tp: int | None = None
-    pp: int | None = None
-    vpp: int | None = None
-    micro_batch_size: int | None = None
-    schedule: str | None = None
-    """One of SCHEDULES, or None (auto)."""
-    recompute: str | None = None
-    """``none``, ``full``, ``stage-aware``, or None (auto: stage-aware, which recomputes
-    only what does not fit)."""
-    zero: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("dp", "tp", "pp", "vpp", "micro_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"pinned {name} must be a positive integer, got {value!r}")
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of "
-                              f"{', '.join(SCHEDULES)}")
-        if self.recompute not in (None, "none", "full", "stage-aware"):
-            raise ConfigError(f"unknown recompute {self.recompute!r}; choose none, full or "
-                              f"stage-aware")
-        if self.zero not in (None, 0, 1):
-            raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}")
-        if self.vpp is not None and self.vpp > 1 and self.schedule not in (None,
-                                                                           "interleaved-1f1b"):
-            raise ConfigError(f"vpp={self.vpp} needs schedule interleaved-1f1b, but the "
-                              f"schedule is pinned to {self.schedule!r}")
-
-
-def divisors(n: int) -> list[int]:
-    """Every divisor of ``n``, ascending.
-
-    >>> divisors(12)
-    [1, 2, 3, 4, 6, 12]
-    """
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def config_key(cfg: ParallelConfig) -> tuple:
@@ -87,9 +48,24 @@ def config_key(cfg: ParallelConfig) -> tuple:
             cfg.zero, cfg.recompute)
 
 
-class Candidates:
-    """Enumeration, bounds and screening of the search's configurations (a part of
-    ``_Search``; see the module docstring for what it reads)."""
+class SearchSpace:
+    """The configurations of one search: their enumeration (``configs``) and, before any
+    is costed, their estimates (``screen``, ``lower_bound``, ``static_overflow``)."""
+
+    def __init__(self, graph: ProxyGraph, cluster: Cluster, global_batch: int, pins: Pins,
+                 dtype: str, max_micro_batch: int, costs: BlockCostCache,
+                 regions: RegionChooser, uniform: UniformSplits) -> None:
+        self.graph, self.cluster, self.batch, self.pins = graph, cluster, global_batch, pins
+        self.dtype, self.max_micro_batch = dtype, max_micro_batch
+        self.limit = cluster.device.memory_bytes
+        self.costs, self.regions, self.uniform = costs, regions, uniform
+        self._chain_share: dict[CostPoint, float] = {}
+        self._prefix: dict[CostPoint, dict[str, np.ndarray]] = {}
+
+    def least_work_costs(self, tp: int, b: int) -> list[BlockCost]:
+        """Block costs with the time-optimal regions sharded (``free_choice``): the least
+        work a configuration at ``tp`` and microbatch ``b`` can do."""
+        return self.costs.get(tp, b, self.regions.free_choice(tp, b))
 
     # ---- enumeration -----------------------------------------------------------------
 
@@ -149,32 +125,22 @@ class Candidates:
 
     # ---- bounds and screening --------------------------------------------------------
 
-    def uniform(self, stages: int) -> tuple[int, ...] | None:
-        """``uniform_boundaries`` for ``stages`` (None when there are too few layers)."""
-        key = ("uniform", stages)
-        if key not in self._blocks:
-            try:
-                self._blocks[key] = uniform_boundaries(self.graph, stages)
-            except ConfigError:
-                self._blocks[key] = None
-        return self._blocks[key]
-
     def chain_share(self, tp: int, b: int) -> float:
         """Least share of a block's work on the F ... B chain under zb-h1 (W off it), over
         the region choices a configuration may end with."""
-        key = ("phi", tp, b)
-        if key not in self._blocks:
-            extremes = [self.block_costs(tp, b), self.block_costs(tp, b, frozenset()),
-                        self.block_costs(tp, b, self.all_regions(tp))]
-            self._blocks[key] = min(
+        key = CostPoint(tp, b)
+        if key not in self._chain_share:
+            extremes = [self.least_work_costs(tp, b), self.costs.get(tp, b, frozenset()),
+                        self.costs.get(tp, b, self.regions.all_regions(tp))]
+            self._chain_share[key] = min(
                 ((c.forward_s + c.backward_input_s)
                  / (c.forward_s + c.backward_input_s + c.backward_weight_s)
                  for cs in extremes for c in cs if c.forward_s + c.backward_input_s > 0),
                 default=0.0)
-        return self._blocks[key]
+        return self._chain_share[key]
 
     def lower_bound(self, cfg: ParallelConfig) -> float:
-        costs = self.block_costs(cfg.tp, cfg.micro_batch_size)   # the least work
+        costs = self.least_work_costs(cfg.tp, cfg.micro_batch_size)
         totals = [c.forward_s + c.backward_input_s + c.backward_weight_s for c in costs]
         work = sum(totals)
         m, p, v = cfg.num_microbatches, cfg.pp, cfg.vpp
@@ -189,21 +155,13 @@ class Candidates:
             bound = max(bound, phi * work / (1.0 - (1.0 - phi / m) ** p))
         return bound + self.tail_bound(cfg)
 
-    def optimizer_s_per_param(self) -> float:
-        """Seconds the optimizer step takes per parameter, as the cost model charges it:
-        the cluster's ``Efficiency.optimizer_bytes`` moved at its achieved memory bandwidth
-        (the per-tensor launch cost ``optimizer_tensor_s`` is left out, so bounds stay
-        bounds)."""
-        device = self.cluster.device
-        eff = device.efficiency
-        return eff.optimizer_bytes / (device.memory_bandwidth * eff.memory)
-
     def tail_bound(self, cfg: ParallelConfig) -> float:
         """Least time rank 0 spends after its last backward: reducing its last gradient
         bucket and the optimizer step, for no more than the first block's parameters."""
-        params = self.block_costs(cfg.tp, cfg.micro_batch_size,
-                                  self.all_regions(cfg.tp))[0].params   # the fewest
-        optimizer = params / (cfg.dp if cfg.zero else 1) * self.optimizer_s_per_param()
+        params = self.costs.get(cfg.tp, cfg.micro_batch_size,
+                                self.regions.all_regions(cfg.tp))[0].params   # the fewest
+        # the optimizer's charge leaves out its per-tensor launches, so bounds stay bounds
+        optimizer = params / (cfg.dp if cfg.zero else 1) * optimizer_s_per_param(self.cluster)
         if cfg.dp == 1 or not params:
             return optimizer
         grad = min(params * dtype_bytes(self.dtype), BUCKET_BYTES)
@@ -212,9 +170,9 @@ class Candidates:
 
     def prefix(self, tp: int, b: int) -> dict[str, np.ndarray]:
         """Prefix sums over blocks of forward, total work, saved, input bytes and params."""
-        key = (tp, b)
+        key = CostPoint(tp, b)
         if key not in self._prefix:
-            costs = self.block_costs(tp, b)
+            costs = self.least_work_costs(tp, b)
 
             def cum(values) -> np.ndarray:
                 return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
@@ -248,7 +206,8 @@ class Candidates:
         model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
         fwd, work, act = span("fwd"), span("work"), span("act")
         save = act - span("inp")
-        inflight = np.asarray(self.in_flight(cfg), dtype=np.float64)
+        inflight = np.asarray(warmup_in_flight(cfg.schedule, cfg.pp, cfg.num_microbatches,
+                                               cfg.vpp), dtype=np.float64)
         need = span("params") * (model + optimizer) + inflight * act - self.limit / cfg.vpp
         share = np.zeros(k)
         short = need > 0
@@ -265,7 +224,7 @@ class Candidates:
             weight = float(pre["weight"][-1]) / k
             pipeline -= min(weight, float(times.max())) * (cfg.pp - 1)
         params = float(pre["params"][-1]) / cfg.pp
-        tail = params * self.optimizer_s_per_param()
+        tail = params * optimizer_s_per_param(self.cluster)
         if cfg.dp > 1:
             reduce = reduce_scatter_time if cfg.zero else all_reduce_time
             tail /= cfg.dp if cfg.zero else 1
@@ -276,24 +235,18 @@ class Candidates:
                 tail += all_gather_time(self.cluster, grad, cfg.dp, cfg.tp)
         return pipeline + tail
 
-    def static_bytes(self, cfg: ParallelConfig, shard: frozenset[str] | None = None
-                     ) -> list[int]:
-        model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
-        return [int(c.params * (model + optimizer))
-                for c in self.block_costs(cfg.tp, cfg.micro_batch_size, shard)]
-
     def static_overflow(self, cfg: ParallelConfig) -> int:
         """Bytes by which the busiest device's static memory exceeds the device, at least
         (every proven region sharded, the weights spread evenly over the stages)."""
         model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
-        costs = self.block_costs(cfg.tp, cfg.micro_batch_size, self.all_regions(cfg.tp))
+        costs = self.costs.get(cfg.tp, cfg.micro_batch_size, self.regions.all_regions(cfg.tp))
         total = sum(c.params for c in costs) * (model + optimizer)
         return math.ceil(total / cfg.pp) - self.limit
 
     def static_message(self, cfg: ParallelConfig, over: int) -> str:
         """Why ``cfg`` cannot hold its weights: the stage, the bytes short, the fix."""
         model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
-        costs = self.block_costs(cfg.tp, cfg.micro_batch_size, self.all_regions(cfg.tp))
+        costs = self.costs.get(cfg.tp, cfg.micro_batch_size, self.regions.all_regions(cfg.tp))
         per_block = [c.params * (model + optimizer) for c in costs]
         try:
             firsts = (*uniform_boundaries(self.graph, cfg.pp), len(costs))
@@ -314,60 +267,3 @@ class Candidates:
                 f"least {devices} such devices (tp*pp >= {devices}), so use more devices "
                 f"(at least {math.ceil(devices / self.cluster.devices_per_node)} nodes of "
                 f"{self.cluster.devices_per_node}), or devices with more memory")
-
-
-def check_pins(graph: ProxyGraph, cluster: Cluster, batch: int, pins: Pins,
-                state: Candidates) -> None:
-    """One clear ConfigError for pins that contradict each other, the cluster, the batch
-    or the model."""
-    devices, n = cluster.devices, len(graph.blocks)
-    if pins.tp is not None and pins.tp > 1:
-        proven = sorted({d for r in graph.tp_regions for d in r.degrees})
-        if pins.tp not in proven:
-            heads = graph.model_config.get("heads") or max(
-                (r.heads for r in graph.tp_regions), default=0)
-            why = (f"; the model has {heads} attention heads, which {pins.tp} does not divide"
-                   if heads and heads % pins.tp else "")
-            raise ConfigError(f"--tp {pins.tp}: no tensor-parallel region of the model is "
-                              f"proven to shard {pins.tp} ways{why}; proven degrees: "
-                              f"{', '.join(map(str, proven)) or 'none'} (or --tp 1)")
-    for name in ("dp", "tp", "pp"):
-        value = getattr(pins, name)
-        if value is not None and devices % value:
-            raise ConfigError(f"--{name} {value} does not divide the {devices} devices "
-                              f"(dp*tp*pp must equal {devices}); pin one of "
-                              f"{', '.join(map(str, divisors(devices)))}")
-    pinned = [getattr(pins, k) for k in ("dp", "tp", "pp") if getattr(pins, k) is not None]
-    product = math.prod(pinned)
-    if pinned and (devices % product or (len(pinned) == 3 and product != devices)):
-        raise ConfigError(f"the pinned degrees (dp={pins.dp}, tp={pins.tp}, pp={pins.pp}) "
-                          f"multiply to {product}, which does not divide into the {devices} "
-                          f"devices as dp*tp*pp = {devices}; change one of them")
-    if pins.schedule == "scp" and pins.recompute == "none":
-        raise ConfigError("schedule scp is 1f1b with stage-aware recomputation; with "
-                          "--recompute none use --schedule 1f1b, or allow recomputation")
-    if pins.pp is not None and pins.pp * (pins.vpp or 1) > n:
-        raise ConfigError(f"pp*vpp = {pins.pp * (pins.vpp or 1)} stages for {n} blocks; "
-                          f"each stage needs at least one block, use pp*vpp <= {n}")
-    if pins.dp is not None and batch % pins.dp:
-        raise ConfigError(f"the global batch {batch} is not divisible by dp={pins.dp}; use a "
-                          f"global batch that is a multiple of {pins.dp} or another --dp")
-    if pins.micro_batch_size is not None:
-        dps = [pins.dp] if pins.dp else [d for d in divisors(devices)]
-        if not any(batch % (d * pins.micro_batch_size) == 0 for d in dps):
-            shown = (f"dp x micro-batch = {pins.dp} x {pins.micro_batch_size} = "
-                     f"{pins.dp * pins.micro_batch_size}" if pins.dp else
-                     f"micro-batch {pins.micro_batch_size} times any data-parallel degree")
-            raise ConfigError(f"the global batch {batch} is not divisible by {shown}; use a "
-                              f"global batch that is a multiple of it, or another "
-                              f"--micro-batch" + ("/--dp" if pins.dp else ""))
-
-
-def no_config_message(graph: ProxyGraph, cluster: Cluster, batch: int, pins: Pins) -> str:
-    pinned = ", ".join(f"{k}={getattr(pins, k)}" for k in Pins.__slots__
-                       if getattr(pins, k) is not None)
-    return (f"no configuration matches {cluster.devices} devices, global batch {batch} and "
-            f"{len(graph.blocks)} blocks" + (f" with the pins {pinned}" if pinned else "")
-            + ": dp*tp*pp must equal the device count, dp must divide the global batch, "
-              "tp must be a degree the model's tensor-parallel regions support, and "
-              "pp*vpp must not exceed the blocks; relax a pin or change the batch")

@@ -1,0 +1,327 @@
+"""Costing one configuration: the stage partition, the schedule, the simulation.
+
+:class:`Evaluator` costs a configuration as the search does: the regions to shard (the
+tensor-parallel ILP's choice and the time-optimal one, from
+:class:`~tripar.partitioner.plan_search.regions.RegionChooser`), for each the partition
+DP's stage split and the uniform split by layers with the DP's per-stage recomputation,
+each simulated; the faster that fits is the configuration's :class:`Evaluated`. Its
+caches are typed: schedules by :class:`~tripar.partitioner.plan_search.cache.ScheduleKey`,
+solved partitions by :class:`~tripar.partitioner.plan_search.cache.PartitionKey`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from tripar.errors import InfeasibleError
+from tripar.graph.proxy import ProxyGraph
+from tripar.partitioner.cost.collectives import p2p_time
+from tripar.partitioner.cost.stages import BUCKET_BYTES, bytes_per_param, stage_costs
+from tripar.partitioner.hardware import Cluster, dtype_bytes
+from tripar.partitioner.partition.dp import solve_partition_dp
+from tripar.partitioner.partition.fixed import solve_fixed_partition
+from tripar.partitioner.partition.problem import PartitionProblem, PartitionSolution
+from tripar.partitioner.plan_search.cache import (
+    BlockCostCache,
+    PartitionKey,
+    ScheduleKey,
+    UniformSplits,
+)
+from tripar.partitioner.plan_search.pins import Pins
+from tripar.partitioner.plan_search.regions import RegionChooser
+from tripar.partitioner.schedules import build_schedule, warmup_in_flight
+from tripar.partitioner.simulator import EncodedSchedule, encode_schedule, simulate
+from tripar.partitioner.stage_cost import StageCost
+from tripar.plan import Estimate, ParallelConfig
+from tripar.plan.schedule import Schedule
+from tripar.plan.units import fmt_time
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluated:
+    """One costed configuration."""
+
+    config: ParallelConfig
+    step_time_s: float
+    bubble_fraction: float
+    peak_memory_bytes: int
+    rank_memory_bytes: tuple[int, ...]
+    busy_s: float
+    """Busiest rank's compute."""
+    idle_s: float
+    """Pipeline time minus the busiest rank's compute."""
+    tail_s: float
+    """Step time after the pipeline (exposed data-parallel reduction, optimizer)."""
+    boundaries: tuple[int, ...]
+    recompute: tuple[tuple[int, ...], ...]
+    costs: tuple[StageCost, ...]
+    stage_time_s: tuple[float, ...]
+    stage_memory_bytes: tuple[int, ...]
+    in_flight: tuple[int, ...]
+    schedule_lines: tuple[str, ...]
+    partition_time_s: float
+    partition_objective: float
+    tp_regions: tuple[str, ...] = ()
+    """Names (``block:kind:index``) of the regions sharded at ``config.tp``."""
+    tp_note: str = ""
+    """How the sharded regions were chosen."""
+    split: str = "dp"
+    """Whose stage split this is: ``dp`` (the partition DP's), ``uniform`` (layers spread
+    evenly, :func:`~tripar.partitioner.cost.stages.uniform_boundaries`) or ``given``
+    (:func:`evaluate_split`'s)."""
+    split_note: str = ""
+    """How the split was chosen: the simulated step of the DP's split against the uniform
+    one's."""
+
+    def estimate(self, tokens: int) -> Estimate:
+        return Estimate(self.step_time_s, tokens / self.step_time_s, self.peak_memory_bytes,
+                        max(0.0, self.bubble_fraction), self.rank_memory_bytes, self.busy_s,
+                        max(0.0, self.tail_s))
+
+
+class Evaluator:
+    """Costs configurations of one search (see the module docstring), counting its work:
+    ``work`` (partition work units and simulated actions), ``partition_work`` (the
+    partition's part) and ``partition_seconds`` (each partition solved, in order)."""
+
+    def __init__(self, graph: ProxyGraph, cluster: Cluster, pins: Pins, dtype: str,
+                 costs: BlockCostCache, regions: RegionChooser,
+                 uniform: UniformSplits) -> None:
+        self.graph, self.cluster, self.pins, self.dtype = graph, cluster, pins, dtype
+        self.limit = cluster.device.memory_bytes
+        self.costs, self.regions, self.uniform = costs, regions, uniform
+        self.work = 0
+        self.partition_work = 0
+        self.partition_seconds: list[float] = []
+        self._schedules: dict[ScheduleKey, tuple[Schedule, EncodedSchedule]] = {}
+        self._partitions: dict[PartitionKey, PartitionSolution] = {}
+
+    def schedule(self, cfg: ParallelConfig, recompute: str
+                 ) -> tuple[Schedule, EncodedSchedule]:
+        """``cfg``'s schedule with ``recompute``, built and encoded once per search."""
+        key = ScheduleKey.of(cfg, recompute)
+        if key not in self._schedules:
+            sched = build_schedule(cfg.schedule, cfg.pp, cfg.num_microbatches, vpp=cfg.vpp,
+                                   recompute=recompute)
+            self._schedules[key] = (sched, encode_schedule(sched))
+        return self._schedules[key]
+
+    def partition_problem(self, cfg: ParallelConfig, margin: Sequence[int],
+                          shard: frozenset[str]) -> PartitionProblem:
+        """The stage-partition problem of ``cfg`` with ``shard`` sharded, each pipeline
+        rank's budget less its ``margin``."""
+        costs = self.costs.get(cfg.tp, cfg.micro_batch_size, shard)
+        k = cfg.pp * cfg.vpp
+        crosses = cfg.dp * cfg.tp >= self.cluster.devices_per_node
+        cut = [p2p_time(self.cluster, c.output_bytes / cfg.tp, crosses) for c in costs[:-1]]
+        width = dtype_bytes(self.dtype)
+        params = sum(c.params for c in costs)
+        buffers = (min(params * width, BUCKET_BYTES) * (cfg.dp > 1)
+                   + 4 * max(c.output_bytes for c in costs))
+        budget = [max(0, (self.limit - margin[s % cfg.pp]) // cfg.vpp - buffers)
+                  for s in range(k)]
+        policy = "stage-aware" if cfg.recompute == "stage-aware" else cfg.recompute
+        return PartitionProblem(
+            blocks=tuple(b.name for b in self.graph.blocks),
+            forward_s=[c.forward_s for c in costs],
+            backward_s=[c.backward_input_s + c.backward_weight_s for c in costs],
+            recompute_s=[c.forward_s for c in costs],
+            activation_bytes=[c.saved_bytes for c in costs],
+            input_bytes=[c.input_bytes for c in costs],
+            static_bytes=self.static_bytes(cfg, shard),
+            in_flight=warmup_in_flight(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.vpp),
+            memory_limit_bytes=budget, num_microbatches=cfg.num_microbatches,
+            virtual_stages=cfg.vpp, cut_s=cut, recompute=policy)
+
+    def static_bytes(self, cfg: ParallelConfig, shard: frozenset[str]) -> list[int]:
+        """Weights, gradients and optimizer state of each block under ``cfg``."""
+        model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
+        return [int(c.params * (model + optimizer))
+                for c in self.costs.get(cfg.tp, cfg.micro_batch_size, shard)]
+
+    def evaluate(self, cfg: ParallelConfig) -> Evaluated:
+        """Partition, cost and simulate ``cfg``; InfeasibleError when it does not fit.
+
+        The regions sharded are the tensor-parallel ILP's choice (``tp_choice``) and the
+        time-optimal one (``free_choice``); when they differ both are costed and the
+        faster that fits is kept. For each, the partition DP's stage split and the
+        uniform one are simulated (``best_split``)."""
+        if cfg.tp == 1:
+            return self.best_split(cfg, frozenset(), "")
+        ilp, note = self.regions.tp_choice(cfg)
+        free = self.regions.free_choice(cfg.tp, cfg.micro_batch_size)
+        options = [(ilp, note)] + ([(free, "regions whose sharding saves more compute than "
+                                           "its collectives cost")] if free != ilp else [])
+        if not ilp and not free and self.pins.tp == cfg.tp:
+            every = frozenset(n for _group, names in self.regions.groups(cfg.tp) for n in names)
+            options = [(every, f"every proven region: tp={cfg.tp} is pinned, though no region's "
+                               "sharding pays for its collectives on this cluster")]
+        results, errors = [], []
+        for shard, why in options:
+            if not shard:
+                errors.append(f"at tp={cfg.tp} no proven region is worth sharding, so the "
+                              f"{cfg.tp} tensor-parallel devices would only repeat work")
+                continue
+            try:
+                results.append(self.best_split(cfg, shard, why))
+            except InfeasibleError as error:
+                errors.append(str(error))
+        if not results:
+            raise InfeasibleError(errors[0])
+        return min(results, key=lambda e: (e.step_time_s, len(e.tp_regions)))
+
+    def best_split(self, cfg: ParallelConfig, shard: frozenset[str], note: str) -> Evaluated:
+        """The partition DP's stage split and the uniform split by layers, each with the
+        recomputation the DP's per-stage choice gives it under the same memory budget, both
+        simulated: the faster that fits (the DP's on a tie). The DP minimises a proxy of the
+        step (``sum t / v + (m v - 1) max t``: no schedule dependencies, tails or uneven
+        p2p), so the uniform split can simulate faster. It costs one more simulation: none
+        when the DP's split is the uniform one, or when the uniform split's busiest rank
+        alone (``m`` forward and backward passes of its stages, then its tail) takes at
+        least the DP split's simulated step."""
+        uniform = self.uniform(cfg.pp * cfg.vpp)
+        dp_error: InfeasibleError | None = None
+        try:
+            dp: Evaluated | None = self.simulate_split(cfg, shard, note)
+        except InfeasibleError as error:
+            if uniform is None:
+                raise
+            dp, dp_error = None, error
+        if dp is not None and (uniform is None or dp.boundaries == uniform):
+            return replace(dp, split_note="the partition DP's split" + (
+                ", which is the uniform split by layers" if uniform is not None
+                else " (too few layers for a uniform split)"))
+        try:  # one try without margins where the DP's split does not fit (rarely does this)
+            even = self.simulate_split(cfg, shard, note, uniform,
+                                  cutoff=math.inf if dp is None else dp.step_time_s,
+                                  attempts=1 if dp is None else 3)
+        except InfeasibleError:
+            if dp is None:
+                raise dp_error from None
+            return replace(dp, split_note=f"the partition DP's split (simulated "
+                                          f"{fmt_time(dp.step_time_s)}); the uniform split "
+                                          f"by layers does not fit the device")
+        if even is None:
+            assert dp is not None
+            return replace(dp, split_note=(
+                f"the partition DP's split, simulated {fmt_time(dp.step_time_s)}; on the "
+                f"uniform split by layers {list(uniform)} the busiest rank's compute alone "
+                f"takes longer"))
+        if dp is None:
+            return replace(even, split="uniform", split_note=(
+                f"the uniform split by layers (simulated {fmt_time(even.step_time_s)}); the "
+                f"partition DP's split does not fit the device in the simulation"))
+        if even.step_time_s < dp.step_time_s:
+            return replace(even, split="uniform", split_note=(
+                f"the uniform split by layers, simulated {fmt_time(even.step_time_s)}, "
+                f"{1 - even.step_time_s / dp.step_time_s:.2%} faster than the partition "
+                f"DP's split {list(dp.boundaries)} (the DP minimises a proxy of the step)"))
+        return replace(dp, split_note=(
+            f"the partition DP's split, simulated {fmt_time(dp.step_time_s)}, "
+            f"{1 - dp.step_time_s / even.step_time_s:.2%} faster than the uniform split by "
+            f"layers {list(even.boundaries)}"))
+
+    def simulate_split(self, cfg: ParallelConfig, shard: frozenset[str], note: str,
+                       split: tuple[int, ...] | None = None, *, cutoff: float = math.inf,
+                       attempts: int = 3) -> Evaluated | None:
+        """Cost and simulate ``cfg`` on the partition DP's split, or on ``split`` (the first
+        block of each stage) with the DP's per-stage recomputation for it; a stage over
+        the device in the simulation shrinks its budget by the overshoot and the split is
+        solved again (``attempts`` tries in all). None, without simulating, when a rank's forward and
+        backward passes and tail alone take ``cutoff`` or more (the step cannot be
+        shorter: every rank runs them all, one action at a time, then its tail)."""
+        margin = [0] * cfg.pp
+        regions = None if cfg.tp == 1 else shard
+        for _attempt in range(attempts):
+            problem = self.partition_problem(cfg, margin, shard)
+            key = PartitionKey(problem, split)
+            if key not in self._partitions:  # 1f1b, zb-h1 and scp share problems
+                self._partitions[key] = (solve_partition_dp(problem) if split is None
+                                         else solve_fixed_partition(problem, split))
+                self.partition_seconds.append(self._partitions[key].solve_time_s)
+                self.work += self._partitions[key].work
+                self.partition_work += self._partitions[key].work
+            sol = self._partitions[key]
+            bounds = sol.boundaries
+            rec = tuple(st.recompute for st in sol.stages)
+            fractions = []
+            for st in sol.stages:
+                total = sum(problem.saving_bytes(b) for b in range(st.first, st.stop)
+                            if problem.recomputable(b))
+                saved = sum(problem.saving_bytes(b) for b in st.recompute)
+                fractions.append(saved / total if total else 0.0)
+            explicit = cfg.recompute == "full" or cfg.schedule == "scp"
+            if explicit:
+                sched_policy = "full" if cfg.recompute == "full" else "stage-aware"
+                if cfg.schedule == "scp" and cfg.recompute == "none":
+                    sched_policy = "none"
+                schedule, encoded = self.schedule(cfg, sched_policy)
+                costs = stage_costs(self.graph, self.cluster, cfg, bounds, recompute="none",
+                                    explicit_recompute=sched_policy != "none", dtype=self.dtype,
+                                    tp_regions=regions)
+            else:
+                schedule, encoded = self.schedule(cfg, "none")
+                costs = stage_costs(self.graph, self.cluster, cfg, bounds, recompute=fractions,
+                                    dtype=self.dtype, tp_regions=regions)
+            if math.isfinite(cutoff) and _busy_bound(costs, cfg) >= cutoff:
+                return None
+            result = simulate(schedule, costs, record_timeline=False, encoded=encoded)
+            self.work += encoded.n
+            over = [used - self.limit for used in result.peak_memory_bytes]
+            if max(over) <= 0:
+                break
+            margin = [m + max(0, o) for m, o in zip(margin, over)]
+        else:
+            worst = max(range(cfg.pp), key=lambda r: over[r])
+            first = sol.stages[worst]
+            raise InfeasibleError(
+                f"pipeline rank {worst} (from {self.graph.blocks[first.first].name}) needs "
+                f"{result.peak_memory_bytes[worst]} bytes "
+                f"({result.peak_memory_bytes[worst] / 1e9:.1f} GB) in the simulation, "
+                f"{over[worst]} bytes more than the {self.limit / 1e9:.1f} GB device")
+        busy = max(result.busy_s)
+        if explicit:
+            recomputed = {a.stage for acts in schedule.actions for a in acts
+                          if a.kind.value == "R"}
+            rec = tuple(tuple(range(sol.stages[s].first, sol.stages[s].stop))
+                        if s in recomputed else () for s in range(len(sol.stages)))
+        label = cfg.recompute
+        if cfg.recompute == "stage-aware" and not any(rec):
+            label = "none"
+        lines = tuple(" ".join(a.short() if schedule.vpp == 1 else str(a) for a in acts)
+                      for acts in schedule.actions)
+        return Evaluated(
+            config=replace(cfg, recompute=label), step_time_s=result.step_time_s,
+            bubble_fraction=result.bubble_fraction, peak_memory_bytes=int(result.peak_memory),
+            rank_memory_bytes=tuple(int(b) for b in result.peak_memory_bytes), busy_s=busy,
+            idle_s=result.pipeline_time_s - busy,
+            tail_s=result.step_time_s - result.pipeline_time_s, boundaries=bounds,
+            recompute=rec, costs=tuple(costs),
+            stage_time_s=tuple(c.forward_s + c.backward_input_s + c.backward_weight_s
+                               + c.recompute_s for c in costs),
+            stage_memory_bytes=tuple(int(b) for b in result.stage_peak_memory_bytes),
+            in_flight=tuple(result.stage_peak_inflight), schedule_lines=lines,
+            partition_time_s=sol.solve_time_s, partition_objective=sol.objective_s,
+            tp_regions=tuple(sorted(shard)), tp_note=note,
+            split="dp" if split is None else (
+                "uniform" if split == self.uniform(cfg.pp * cfg.vpp) else "given"))
+
+
+def _busy_bound(costs: Sequence[StageCost], cfg: ParallelConfig) -> float:
+    """A lower bound on the simulated step: the busiest pipeline rank's forward and
+    backward passes of every microbatch through its stages (recomputation left out),
+    then its stages' tails.
+
+    >>> c = StageCost(forward_s=1.0, backward_input_s=1.5, backward_weight_s=0.5, tail_s=2.0)
+    >>> cfg = ParallelConfig(dp=1, tp=1, pp=2, micro_batch_size=1, num_microbatches=4)
+    >>> _busy_bound([c, c], cfg)
+    14.0
+    """
+    ranks = [0.0] * cfg.pp
+    for s, c in enumerate(costs):
+        ranks[s % cfg.pp] += (cfg.num_microbatches
+                              * (c.forward_s + c.backward_input_s + c.backward_weight_s)
+                              + c.tail_s)
+    return max(ranks)

@@ -1,0 +1,128 @@
+"""The search's result: its statistics, and the plan assembled from the best
+configuration with the runners-up and why each lost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tripar.graph.proxy import ProxyGraph
+from tripar.partitioner.cost.blocks import shardable_regions as _shardable
+from tripar.partitioner.hardware import Cluster
+from tripar.partitioner.plan_search.evaluate import Evaluated
+from tripar.partitioner.plan_search.space import config_key
+from tripar.plan import (
+    Alternative,
+    Binding,
+    ClusterInfo,
+    Inputs,
+    ModelInfo,
+    ParallelConfig,
+    Plan,
+    SolverRun,
+    StagePlan,
+    TPShard,
+    model_fingerprint,
+)
+from tripar.plan.units import fmt_time
+
+
+@dataclass(frozen=True, slots=True)
+class SearchStats:
+    candidates: int
+    evaluated: int
+    pruned_by_bound: int
+    pruned_by_memory: int
+    pruned_by_screen: int
+    seconds: float
+    work: int = 0
+    """Clock-free cost of the search: partition work units (DP cells, stage evaluations),
+    simulated actions and screened candidates."""
+    partition_work: int = 0
+    """The part of ``work`` spent in the stage partition solver."""
+
+
+def _loss_reason(alt: Evaluated, best: Evaluated) -> tuple[str, Binding]:
+    """Why ``alt`` is slower than ``best``: the component that grew most."""
+    grew = {
+        Binding.BUBBLE: (alt.idle_s - best.idle_s,
+                         f"larger bubble: {alt.bubble_fraction:.1%} vs {best.bubble_fraction:.1%}"),
+        Binding.COMPUTE: (alt.busy_s - best.busy_s,
+                          f"more compute per device (recomputation, less efficient products): "
+                          f"{fmt_time(alt.busy_s)} vs {fmt_time(best.busy_s)}"),
+        Binding.COMMUNICATION: (alt.tail_s - best.tail_s,
+                                f"more communication after the pipeline (gradient reduction, "
+                                f"ZeRO gathers): {fmt_time(alt.tail_s)} vs "
+                                f"{fmt_time(best.tail_s)}"),
+    }
+    binding = max(grew, key=lambda b: (grew[b][0], b.value))
+    return grew[binding][1], binding
+
+
+def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluated,
+                  evaluated: list[Evaluated], failures: list[tuple[int, ParallelConfig, str]],
+                  stats: SearchStats, *, seq_len: int, spec: str, alternatives: int,
+                  partition_seconds: Sequence[float]) -> Plan:
+    """The validated plan of ``best``: its stages, regions and estimate, the runners-up
+    among ``evaluated`` (and the closest of ``failures``) with the reason each lost, the
+    solvers' provenance and the search's notes."""
+    cfg = best.config
+    names = [b.name for b in graph.blocks]
+    n, k = len(names), cfg.pp * cfg.vpp
+    bounds = (*best.boundaries, n)
+    stages = tuple(
+        StagePlan(index=s, rank=s % cfg.pp, virtual_index=s // cfg.pp,
+                  blocks=tuple(names[bounds[s]:bounds[s + 1]]),
+                  recompute=tuple(names[b] for b in best.recompute[s]),
+                  time_s=best.stage_time_s[s], memory_bytes=best.stage_memory_bytes[s],
+                  in_flight=max(1, best.in_flight[s]))
+        for s in range(k))
+    chosen = set(best.tp_regions)
+    regions = tuple(TPShard(r.block, r.kind, r.nodes, r.shards, index=r.index)
+                    for r in graph.tp_regions if cfg.tp > 1 and r.name in chosen)
+    proven = _shardable(graph, cfg.tp)
+    tokens = cfg.global_batch_size * seq_len
+    runners = sorted((e for e in evaluated if e is not best),
+                     key=lambda e: (e.step_time_s, config_key(e.config)))
+    alts = []
+    seen = {best.config}
+    for e in runners:
+        if e.config in seen:
+            continue
+        seen.add(e.config)
+        reason, binding = _loss_reason(e, best)
+        alts.append(Alternative(e.config, e.estimate(tokens), reason, binding))
+        if len(alts) >= max(0, alternatives - 1):
+            break
+    for _over, fcfg, why in sorted(failures, key=lambda f: (f[0], config_key(f[1]))):
+        if fcfg not in seen and len(alts) < alternatives:
+            alts.append(Alternative(fcfg, None, why, Binding.MEMORY))
+            break
+    part_time = sum(partition_seconds)
+    notes = [f"searched {stats.candidates} configurations: {stats.evaluated} simulated, "
+             f"{stats.pruned_by_bound} ruled out by the step-time bound, "
+             f"{stats.pruned_by_memory} by static memory, {stats.pruned_by_screen} left "
+             f"after screening"]
+    notes.append(f"stage split: {best.split_note}")
+    if cfg.tp > 1:
+        left = [name for name in proven if name not in chosen]
+        notes.append(f"{len(regions)} of the {len(proven)} regions proven at tp={cfg.tp} "
+                     f"are sharded ({best.tp_note})" + (
+                         f"; replicated: {', '.join(left[:6])}"
+                         + (f" and {len(left) - 6} more" if len(left) > 6 else "")
+                         if left else ""))
+    plan = Plan(
+        model=ModelInfo(spec or "model", model_fingerprint(graph.blocks), tuple(names),
+                        sum(b.params for b in graph.blocks)),
+        cluster=ClusterInfo.from_cluster(cluster, dtype),
+        inputs=Inputs(cfg.global_batch_size, seq_len, dtype),
+        parallel=cfg, stages=stages, estimate=best.estimate(tokens), tp_regions=regions,
+        schedule=best.schedule_lines,
+        solvers=(SolverRun("search", "enumeration with bounds",
+                           "optimal" if not stats.pruned_by_screen else "screened",
+                           best.step_time_s, stats.seconds),
+                 SolverRun("partition", "dp" if best.split == "dp" else "uniform split",
+                           "optimal" if best.split == "dp" else "simulated faster than dp",
+                           best.partition_objective, part_time)),
+        solve_time_s=stats.seconds, alternatives=tuple(alts), notes=tuple(notes))
+    return plan.validate()
