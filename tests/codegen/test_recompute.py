@@ -27,18 +27,13 @@ from torch.utils._pytree import tree_leaves
 
 from tests._ranks import run_ranks
 from tripar.codegen.recompute import Recomputed, apply_recompute, node_blocks
-from tripar.codegen.split import (
-    StageSplit,
-    block_nodes,
-    even_stage_blocks,
-    flat_graph_inputs,
-    split_by_blocks,
-)
+from tripar.codegen.split import block_nodes, even_stage_blocks, split_by_blocks
+from tripar.codegen.stage import StageSplit
 from tripar.codegen.weights import materialize_stage
 from tripar.errors import PlanError
 from tripar.graph.annotate import annotate
 from tripar.graph.build import build_proxy_graph
-from tripar.graph.capture import capture
+from tripar.graph.capture import capture, flat_graph_inputs
 from tripar.models import load_model
 from tripar.partitioner import block_costs
 from tripar.partitioner.hardware import Cluster
