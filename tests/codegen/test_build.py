@@ -32,15 +32,10 @@ import torch
 
 from tests._ranks import run_ranks
 from tripar.codegen.build import build, build_pipeline, check_plan, plan_regions, write_rank
-from tripar.codegen.split import (
-    block_nodes,
-    even_stage_blocks,
-    flat_graph_inputs,
-    propagate_values,
-)
+from tripar.codegen.split import block_nodes, even_stage_blocks, propagate_values
 from tripar.codegen.tensor_parallel import RewriteError
 from tripar.errors import PlanError
-from tripar.graph.capture import capture
+from tripar.graph.capture import capture, flat_graph_inputs
 from tripar.graph.tp_regions import find_tp_regions
 from tripar.models import load_model
 
