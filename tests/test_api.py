@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tests._ranks import run_ranks
-from tripar import api
+from tripar import Pins, api
 from tripar.errors import ConfigError
 from tripar.models import load_model
 
@@ -26,10 +26,13 @@ def test_bad_arguments_are_refused_before_anything_runs():
     from tripar.partitioner.hardware import Cluster
 
     with pytest.raises(ConfigError, match="tp=3 does not divide the model's attention heads"):
-        api.make_plan(captured, Cluster.builtin("cpu", gpus_per_node=3), 6, tp=3)
+        api.make_plan(captured, Cluster.builtin("cpu", gpus_per_node=3), 6, Pins(tp=3))
     with pytest.raises(ConfigError, match="not divisible by dp x num_microbatches"):
-        api.make_plan(captured, Cluster.builtin("cpu", gpus_per_node=2), 6, dp=2,
-                      num_microbatches=4)
+        api.make_plan(captured, Cluster.builtin("cpu", gpus_per_node=2), 6,
+                      Pins(dp=2, num_microbatches=4))
+    with pytest.raises(ConfigError, match="tp given both in pins= and as keywords"):
+        api.auto_parallel(loaded.model, 1, example_inputs=loaded.example_inputs,
+                          pins=Pins(tp=1), tp=1)
 
 
 def test_pinned_tp_shards_regions_even_where_they_do_not_pay():
@@ -39,7 +42,7 @@ def test_pinned_tp_shards_regions_even_where_they_do_not_pay():
     captured = api.capture_model(loaded.model, loaded.example_inputs)
     from tripar.partitioner.hardware import Cluster
 
-    plan = api.make_plan(captured, Cluster.builtin("cpu", gpus_per_node=2), 4, tp=2)
+    plan = api.make_plan(captured, Cluster.builtin("cpu", gpus_per_node=2), 4, Pins(tp=2))
     assert plan.parallel.tp == 2 and plan.tp_regions
     assert {r.kind for r in plan.tp_regions} >= {"attention", "mlp"}
 

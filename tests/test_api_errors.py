@@ -16,8 +16,8 @@ from dataclasses import replace
 import pytest
 
 from tests._ranks import run_ranks
-from tripar.api import check_pins
 from tripar.errors import ConfigError, PlanError
+from tripar.partitioner import Pins, check_pins
 from tripar.plan.plan import Plan
 
 SPEC = "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8"
@@ -55,10 +55,11 @@ def _cases(directory: str) -> dict:
                                  model_spec=SPEC, **kw)
 
     out["dp"] = _error(ap, dp=2)
-    out["dp-expected"] = _error(check_pins, 1, 4, dp=2)
+    out["dp-expected"] = _error(check_pins, Pins(dp=2), 1, 4)
     out["batch"] = _error(ap, global_batch_size=6, num_microbatches=4)
-    out["batch-expected"] = _error(check_pins, 1, 6, num_microbatches=4)
-    out["tp"] = _error(api.make_plan, captured, Cluster.builtin("cpu", gpus_per_node=3), 6, tp=3)
+    out["batch-expected"] = _error(check_pins, Pins(num_microbatches=4), 1, 6)
+    out["tp"] = _error(api.make_plan, captured, Cluster.builtin("cpu", gpus_per_node=3), 6,
+                       Pins(tp=3))
 
     cpu = Cluster.builtin("cpu", gpus_per_node=1)
     tiny = replace(cpu, device=replace(cpu.device, memory_bytes=LIMIT, name="tiny"))
@@ -81,7 +82,7 @@ def _cases(directory: str) -> dict:
     other_plan = api.make_plan(api.capture_model(other.model, other.example_inputs), cpu, 4,
                                model_spec=OTHER)
     out["plan-model"] = _error(ap, plan=other_plan)
-    two = api.make_plan(captured, Cluster.builtin("cpu", gpus_per_node=2), 4, dp=2)
+    two = api.make_plan(captured, Cluster.builtin("cpu", gpus_per_node=2), 4, Pins(dp=2))
     out["plan-devices"] = _error(ap, plan=two)
 
     # checkpoints: save one, then load it into another model and in damaged forms
@@ -139,16 +140,22 @@ def cases(tmp_path_factory) -> dict:
     return out
 
 
-def test_pins_raise_config_errors_with_the_cli_message(cases):
+def test_pins_raise_config_errors_naming_the_keywords(cases):
+    """The one pin check (``check_pins``) speaks the API's language: ``dp=2``, not ``--dp 2``."""
     assert cases["dp"] == cases["dp-expected"]
     kind, bases, message = cases["dp"]
     assert kind == "ConfigError" and "TriparError" in bases
-    assert "dp=2 multiply to 2, which does not divide the job's 1 devices" in message
+    assert "dp=2 does not divide the 1 devices" in message and "--" not in message
     assert cases["batch"] == cases["batch-expected"]
-    assert "global batch 6 is not divisible by dp x num_microbatches=4" in cases["batch"][2]
+    assert ("global_batch_size=6 is not divisible by num_microbatches=4 times any "
+            "data-parallel degree" in cases["batch"][2])
     kind, _, message = cases["tp"]
-    assert kind == "ConfigError"
-    assert message == str(pytest.raises(ConfigError, check_pins, 3, 6, tp=3, heads=4).value)
+    assert kind == "ConfigError" and "--" not in message
+    before_capture = str(pytest.raises(ConfigError, check_pins, Pins(tp=3), 3, 6,
+                                       heads=4).value)
+    for text in (message, before_capture):
+        assert text.startswith("tp=3 does not divide the model's attention heads (4)")
+        assert text.endswith("tp=1")
 
 
 def test_a_model_that_does_not_fit_raises_infeasible_with_the_shortfall(cases):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tripar.api import check_pins
 from tripar.cli import main
 from tripar.errors import CaptureError, ConfigError, InfeasibleError, PlanError, TriparError
+from tripar.partitioner import Pins, Spelling, check_pins
 from tripar.partitioner.hardware import BUILTIN_DEVICES, Cluster
 from tripar.plan.plan import Plan
 
@@ -90,42 +90,59 @@ def test_malformed_cluster_file(capsys, tmp_path, text, words):
 
 # ---- pins -----------------------------------------------------------------------------------
 
+def spoken(pins: Pins, devices: int, batch: int, **model) -> tuple[TriparError, TriparError]:
+    """The one pin check's error for the API (keywords) and for the CLI (flags)."""
+    return tuple(raised(check_pins, pins, devices, batch, spelling=spelling, **model)
+                 for spelling in (Spelling.API, Spelling.CLI))
+
+
 def test_devices_not_the_product_of_the_pinned_degrees(capsys):
     fails(capsys, ["simulate", M, "--gpus-per-node", "8", "--global-batch", "8", "--dp", "3"],
-          "dp*tp*pp = 3*1*1 = 3", "the cluster has 8 devices", "--dp 8")
+          "--dp 3 does not divide the 8 devices", "pin --dp to one of 1, 2, 4, 8")
     fails(capsys, ["plan", M, "--gpus-per-node", "8", "--global-batch", "8", "--dp", "3"],
-          "--dp 3 does not divide the 8 devices", "pin one of 1, 2, 4, 8")
-    api_error = raised(check_pins, 2, 16, dp=3)
-    fails(capsys, ["train", M, "--nproc", "2", "--dp", "3"], "dp=3", "2 devices",
-          "1, 2", same_as=api_error)
-    api_error = raised(check_pins, 4, 16, dp=2, tp=1, pp=1)
+          "--dp 3 does not divide the 8 devices", "pin --dp to one of 1, 2, 4, 8")
+    api_error, cli_error = spoken(Pins(dp=3), 2, 16)
+    assert str(api_error).startswith("dp=3 does not divide the 2 devices") and "--" not in str(
+        api_error)
+    fails(capsys, ["train", M, "--nproc", "2", "--dp", "3"], "--dp 3", "2 devices",
+          "1, 2", same_as=cli_error)
+    api_error, cli_error = spoken(Pins(dp=2, tp=1, pp=1), 4, 16)
+    assert str(api_error) == str(cli_error).replace("--dp ", "dp=")
     fails(capsys, ["train", M, "--nproc", "4", "--dp", "2", "--tp", "1", "--pp", "1"],
-          "dp*tp*pp = 2*1*1 = 2, but the job has 4 devices", same_as=api_error)
+          "dp*tp*pp = 2*1*1 = 2, but there are 4 devices", same_as=cli_error)
 
 
 def test_heads_not_divisible_by_the_pinned_tp(capsys):
+    """The API and every command refuse a tp that does not divide the heads, with one
+    rule: before capture from the model's sizes, after it from the proven regions."""
     fails(capsys, ["simulate", M, "--gpus-per-node", "3", "--global-batch", "3", "--tp", "3"],
           "--tp 3 does not divide the model's attention heads (4)", "--tp 2", "--tp 1")
     fails(capsys, ["plan", M, "--gpus-per-node", "3", "--global-batch", "3", "--tp", "3"],
-          "4 attention heads, which 3 does not divide", "(or --tp 1)")
-    api_error = raised(check_pins, 3, 6, tp=3, heads=4, hidden=32)
+          "--tp 3 does not divide the model's attention heads (4)", "--tp 2", "--tp 1")
+    api_error, cli_error = spoken(Pins(tp=3), 3, 6, heads=4, hidden=32)
+    assert str(api_error).startswith("tp=3 does not divide the model's attention heads (4)")
     fails(capsys, ["train", M, "--nproc", "3", "--tp", "3", "--global-batch", "6"],
-          "tp=3 does not divide the model's attention heads (4)", same_as=api_error)
-    hidden = raised(check_pins, 4, 8, tp=4, hidden=30)
+          "--tp 3 does not divide the model's attention heads (4)", same_as=cli_error)
+    hidden = raised(check_pins, Pins(tp=4), 4, 8, hidden=30)
     assert "hidden size (30)" in str(hidden) and "divisor of 30" in str(hidden)
 
 
 def test_global_batch_not_divisible_by_dp_times_microbatches(capsys):
     fails(capsys, ["simulate", M, "--gpus-per-node", "2", "--global-batch", "7", "--dp", "2"],
-          "--global-batch 7 is not divisible by dp*micro-batch = 2*1 = 2",
-          "use --global-batch 6 or 8")
+          "--global-batch 7 is not divisible by --dp 2", "use --global-batch 6 or 8")
     fails(capsys, ["plan", M, "--gpus-per-node", "2", "--global-batch", "7", "--dp", "2"],
-          "global batch 7 is not divisible by dp=2")
-    api_error = raised(check_pins, 2, 6, dp=2, num_microbatches=2)
+          "--global-batch 7 is not divisible by --dp 2", "use --global-batch 6 or 8")
+    fails(capsys, ["simulate", M, "--gpus-per-node", "2", "--global-batch", "6", "--dp", "2",
+                   "--micro-batch", "2"],
+          "--global-batch 6 is not divisible by --dp x --micro-batch = 2 x 2 = 4",
+          "use --global-batch 4 or 8")
+    api_error, cli_error = spoken(Pins(dp=2, num_microbatches=2), 2, 6)
+    assert str(api_error).startswith("global_batch_size=6 is not divisible by dp x "
+                                     "num_microbatches = 2 x 2 = 4")
     fails(capsys, ["train", M, "--nproc", "2", "--global-batch", "6", "--dp", "2",
                    "--microbatches", "2"],
-          "global batch 6 is not divisible by dp x num_microbatches=2", "(dp=2)",
-          same_as=api_error)
+          "--global-batch 6 is not divisible by --dp x --microbatches = 2 x 2 = 4",
+          same_as=cli_error)
 
 
 # ---- memory ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ The public surface is small:
   returns a ``ParallelModel`` (``train_step``, ``eval_step``, ``save``, ``load``);
 - ``Plan``: the plan as data (``tripar plan`` writes it, ``tripar explain`` reads it);
 - ``Cluster``: the machines a plan is made for;
+- ``Pins``: what the user fixes of the plan (the rest is searched);
 - ``TriparError``: the base of every error tripar raises on purpose.
 
 Names load on first use, so that ``tripar plan`` never imports the runtime.
@@ -22,12 +23,14 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "auto_parallel": "tripar.api",
-    "ParallelModel": "tripar.runtime.engine",
-    "Plan": "tripar.plan.plan",
-    "Cluster": "tripar.partitioner.hardware",
+    "ParallelModel": "tripar.runtime",
+    "Plan": "tripar.plan",
+    "Cluster": "tripar.partitioner",
+    "Pins": "tripar.partitioner",
 }
 
-__all__ = ["Cluster", "ParallelModel", "Plan", "TriparError", "__version__", "auto_parallel"]
+__all__ = ["Cluster", "ParallelModel", "Pins", "Plan", "TriparError", "__version__",
+           "auto_parallel"]
 
 
 def __getattr__(name: str) -> Any:

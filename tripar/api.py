@@ -23,8 +23,7 @@ owns it, none changing its input:
 
 from __future__ import annotations
 
-import math
-import os
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,11 +42,11 @@ from tripar.runtime import (
     build_mesh,
     check_precision,
     ensure_process_group,
+    job_cluster,
     short_cause,
 )
 
-__all__ = ["Captured", "auto_parallel", "capture_model", "check_pins", "default_optimizer",
-           "make_plan"]
+__all__ = ["Captured", "Pins", "auto_parallel", "capture_model", "default_optimizer", "make_plan"]
 
 
 def default_optimizer(params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
@@ -55,123 +54,25 @@ def default_optimizer(params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(list(params), lr=1e-3)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def make_plan(captured: Captured, cluster: Cluster, global_batch: int, pins: Pins | None = None,
+              *, model_spec: str = "", dtype: str | None = None) -> Plan:
+    """The planner's best plan for ``captured`` on ``cluster`` under ``pins``, costed for
+    compute in ``dtype`` (default: the device's usual training dtype). Pins that no plan
+    can meet raise ConfigError naming them as keywords (``tp=3``)."""
+    return search(captured.graph, cluster, global_batch, pins=pins or Pins(),
+                  model_spec=model_spec, dtype=dtype)
 
 
-def check_pins(devices: int, global_batch: int, *, dp: int | None = None,
-               tp: int | None = None, pp: int | None = None,
-               num_microbatches: int | None = None, heads: int | None = None,
-               hidden: int | None = None) -> None:
-    """Raise ConfigError, with the numbers and a fix, for pins no plan can satisfy.
-
-    What ``auto_parallel`` and ``tripar train`` check before any search or process:
-    positive pins, pinned degrees that multiply into ``devices``, a pinned tp that
-    divides the model's ``heads`` and ``hidden`` size (when known), and a global batch divisible by dp x num_microbatches.
-
-    >>> try:
-    ...     check_pins(8, 16, dp=3)
-    ... except ConfigError as error:
-    ...     print(error)
-    the pinned degrees dp=3 multiply to 3, which does not divide the job's 8 devices \
-(dp*tp*pp must equal 8); pin degrees whose product divides 8: 1, 2, 4, 8
-    """
-    pins = {"dp": dp, "tp": tp, "pp": pp, "num_microbatches": num_microbatches}
-    for name, value in pins.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                  or value < 1):
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
-        raise ConfigError(f"the global batch must be a positive integer, got {global_batch!r}")
-    pinned = {k: v for k, v in pins.items() if k != "num_microbatches" and v is not None}
-    product = math.prod(pinned.values())
-    shown = " x ".join(f"{k}={v}" for k, v in pinned.items())
-    if len(pinned) == 3 and product != devices:
-        raise ConfigError(f"dp*tp*pp = {dp}*{tp}*{pp} = {product}, but the job has {devices} "
-                          f"devices; choose degrees whose product is {devices}")
-    if pinned and devices % product:
-        raise ConfigError(f"the pinned degrees {shown} multiply to {product}, which does not "
-                          f"divide the job's {devices} devices (dp*tp*pp must equal {devices}); "
-                          f"pin degrees whose product divides {devices}: "
-                          f"{', '.join(map(str, _divisors(devices)))}")
-    if tp is not None and tp > 1:
-        for what, size in (("attention heads", heads), ("hidden size", hidden)):
-            if size and size % tp:
-                fit = [d for d in _divisors(size) if d > 1 and devices % d == 0]
-                raise ConfigError(f"tp={tp} does not divide the model's {what} ({size}); a "
-                                  f"tensor-parallel degree must split every layer evenly: pin "
-                                  f"tp to a divisor of {size}"
-                                  + (f" ({', '.join(map(str, fit))})" if fit else "")
-                                  + " or tp=1")
-    if num_microbatches is not None:
-        rest = devices // product if pinned else devices
-        dps = [dp] if dp is not None else [d for d in _divisors(rest)]
-        if not any(global_batch % (d * num_microbatches) == 0 for d in dps):
-            raise ConfigError(f"global batch {global_batch} is not divisible by dp x "
-                              f"num_microbatches={num_microbatches} for any dp"
-                              + (f" (dp={dp})" if dp else "") + "; choose a global batch that "
-                              "is a multiple of dp x num_microbatches")
-
-
-def make_plan(captured: Captured, cluster: Cluster, global_batch: int, *,
-              dp: int | None = None, tp: int | None = None, pp: int | None = None,
-              vpp: int | None = None, num_microbatches: int | None = None,
-              schedule: str | None = None, recompute: str | None = None,
-              zero: int | bool | None = None, model_spec: str = "",
-              dtype: str | None = None) -> Plan:
-    """The planner's best plan for ``captured`` on ``cluster`` under the given pins, costed
-    for compute in ``dtype`` (default: the device's usual training dtype)."""
-    config = captured.graph.model_config or {}
-    heads = config.get("heads") or max((getattr(r, "heads", 0) or 0
-                                        for r in captured.graph.tp_regions), default=0)
-    check_pins(cluster.devices, global_batch, dp=dp, tp=tp, pp=pp,
-               num_microbatches=num_microbatches, heads=heads or None,
-               hidden=config.get("hidden"))
-    if vpp is not None and vpp > 1 and schedule is None:
-        schedule = "interleaved-1f1b"
-    zero_pin = None if zero is None else int(bool(zero))
-    devices = cluster.devices
-    if num_microbatches is None:
-        dps: list[int | None] = [dp]
-    else:
-        rest = devices // ((tp or 1) * (pp or 1))
-        dps = [dp] if dp is not None else [d for d in range(1, rest + 1) if rest % d == 0]
-        dps = [d for d in dps if global_batch % (d * num_microbatches) == 0]  # not empty:
-        # check_pins refused a batch that no dp x num_microbatches divides
-    best: Plan | None = None
-    for d in dps:
-        mbs = None if num_microbatches is None else global_batch // (d * num_microbatches)
-        pins = Pins(dp=d, tp=tp, pp=pp, vpp=vpp, micro_batch_size=mbs, schedule=schedule,
-                    recompute=recompute, zero=zero_pin)
-        plan = search(captured.graph, cluster, global_batch, pins=pins, model_spec=model_spec,
-                      dtype=dtype)
-        if best is None or plan.estimate.step_time_s < best.estimate.step_time_s:
-            best = plan
-    assert best is not None
-    return best
-
-
-def _cluster_for(devices: int | Cluster | None, cluster: Cluster | None, world: int) -> Cluster:
-    if isinstance(devices, Cluster):
-        cluster = devices
-    if cluster is None:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        if world % per_node:
-            per_node = world
-        kind = "cpu"
-        if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl":
-            name = torch.cuda.get_device_name().lower()
-            kind = next((k for key, k in (("h200", "h200"), ("h100", "h100-80g"),
-                                          ("a100", "a100-80g"), ("v100", "v100-32g"))
-                         if key in name), "")
-            if not kind:
-                raise ConfigError(f"no built-in profile for GPU {name!r}; pass cluster= "
-                                  f"(tripar calibrate writes one)")
-        cluster = Cluster.builtin(kind, nodes=world // per_node, gpus_per_node=per_node)
-    if cluster.devices != world:
-        raise ConfigError(f"the cluster has {cluster.devices} devices but the job has {world} "
-                          f"ranks; start {cluster.devices} ranks or describe the job's devices")
-    return cluster
+def _merge(pins: Pins | None, keywords: dict[str, Any]) -> Pins:
+    """``pins`` with the keyword pins added; a pin given both ways is a ConfigError."""
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if pins is None:
+        return Pins(**given)
+    both = sorted(k for k in given if getattr(pins, k) is not None)
+    if both:
+        raise ConfigError(f"{', '.join(both)} given both in pins= and as keywords; give each "
+                          "once")
+    return dataclasses.replace(pins, **given)
 
 
 def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
@@ -179,6 +80,7 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
                   = None, loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
                   optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
                   global_batch_size: int | None = None, cluster: Cluster | None = None,
+                  pins: Pins | None = None,
                   dp: int | None = None, tp: int | None = None, pp: int | None = None,
                   vpp: int | None = None, num_microbatches: int | None = None,
                   schedule: str | None = None, recompute: str | None = None,
@@ -194,8 +96,9 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     ``example_kwargs`` (dict) is one batch; train batches take its form (extra fields are
     passed to ``loss_fn`` only). ``global_batch_size`` defaults to the example's batch size.
     ``loss_fn(outputs, microbatch)``; None uses the model's own loss (a scalar output, or
-    ``.loss``). ``optimizer(params)`` builds the optimizer (default AdamW, lr 1e-3). The pins
-    (dp, tp, pp, vpp, num_microbatches, schedule, recompute, zero) fix what they name; the
+    ``.loss``). ``optimizer(params)`` builds the optimizer (default AdamW, lr 1e-3).
+    ``pins`` (a :class:`tripar.Pins`), or the keywords of its fields (dp, tp, pp, vpp,
+    num_microbatches, schedule, recompute, zero) as a convenience, fix what they name; the
     search chooses the rest, or ``plan`` (from ``tripar plan``) is used as is. A model on the
     meta device is initialised stage by stage under ``seed``. ``precision="bf16"`` runs the
     stages under bf16 autocast with fp32 master weights (:mod:`tripar.runtime.precision`);
@@ -203,6 +106,9 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     :func:`capture_model` result of the same model and example. Every rank calls it with the
     same arguments. Returns a :class:`~tripar.runtime.engine.ParallelModel`.
     """
+    pins = _merge(pins, {"dp": dp, "tp": tp, "pp": pp, "vpp": vpp,
+                         "num_microbatches": num_microbatches, "schedule": schedule,
+                         "recompute": recompute, "zero": zero})
     check_precision(precision)
     world = ensure_process_group(None if isinstance(devices, Cluster) else devices,
                                  timeout_s=timeout_s)
@@ -214,10 +120,9 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
         raise ConfigError("captured= was made from another model; pass the same model")
     batch = global_batch_size or captured.batch_size
     if plan is None:
-        plan = make_plan(captured, _cluster_for(devices, cluster, world), batch, dp=dp, tp=tp,
-                         pp=pp, vpp=vpp, num_microbatches=num_microbatches, schedule=schedule,
-                         recompute=recompute, zero=zero, model_spec=model_spec,
-                         dtype="bf16" if precision == "bf16" else "fp32")
+        plan = make_plan(captured, job_cluster(world, devices if isinstance(devices, Cluster)
+                                               else cluster), batch, pins,
+                         model_spec=model_spec, dtype="bf16" if precision == "bf16" else "fp32")
     else:
         plan.validate()
         plan.check_model(model_fingerprint(captured.graph.blocks))

@@ -34,7 +34,7 @@ from tests._ranks import run_ranks
 from tests.codegen.test_build import SPECS as BUILD_SPECS
 from tests.codegen.test_build import _gpt, make_plan, run_pipeline
 from tests.runtime.test_engine import GLOBAL_BATCH, MODELS, OPTIMIZERS, _model, batches, reference
-from tripar import api
+from tripar import Pins, api
 from tripar.cli import main
 from tripar.codegen.build import build_pipeline, split_for_rank, stage_programs, write_rank
 from tripar.codegen.emit import recomputed_segments, stage_source
@@ -48,9 +48,10 @@ def _plan(path: Path) -> Any:
     from tripar.partitioner.hardware import Cluster
 
     _, captured = _model("gpt")
-    plan = api.make_plan(captured, Cluster.builtin("cpu", gpus_per_node=4), GLOBAL_BATCH,
-                         dp=1, tp=2, pp=2, num_microbatches=GLOBAL_BATCH, schedule="1f1b",
-                         recompute="none", model_spec=MODELS["gpt"])
+    pins = Pins(dp=1, tp=2, pp=2, num_microbatches=GLOBAL_BATCH, schedule="1f1b",
+                recompute="none")
+    plan = api.make_plan(captured, Cluster.builtin("cpu", gpus_per_node=4), GLOBAL_BATCH, pins,
+                         model_spec=MODELS["gpt"])
     stages = tuple(dataclasses.replace(s, recompute=tuple(b for b in s.blocks
                                                           if b.startswith("blocks.")))
                    for s in plan.stages)

@@ -42,9 +42,9 @@ def test_plan_text_summary(capsys):
 def test_contradicting_pins_exit_with_one_clear_message(capsys):
     cases = [
         (["--gpus-per-node", "8", "--dp", "3"], "--dp 3 does not divide the 8 devices"),
-        (["--gpus-per-node", "8", "--tp", "3"], "--tp 3: no tensor-parallel region"),
+        (["--gpus-per-node", "8", "--tp", "3"], "--tp 3 does not divide the 8 devices"),
         (["--gpus-per-node", "4", "--dp", "4", "--micro-batch", "3"],
-         "global batch 16 is not divisible by dp x micro-batch = 4 x 3 = 12"),
+         "--global-batch 16 is not divisible by --dp x --micro-batch = 4 x 3 = 12"),
         (["--gpus-per-node", "4", "--vpp", "2", "--schedule", "gpipe"],
          "needs schedule interleaved-1f1b"),
     ]
@@ -53,8 +53,10 @@ def test_contradicting_pins_exit_with_one_clear_message(capsys):
         err = capsys.readouterr().err
         assert code == 2 and want in err, (extra, err)
         assert err.count("error:") == 1 and "Traceback" not in err
-    main(["plan", MODEL, "--global-batch", "16", "--gpus-per-node", "8", "--tp", "3"])
-    assert "4 attention heads, which 3 does not divide" in capsys.readouterr().err
+    main(["plan", MODEL, "--global-batch", "16", "--gpus-per-node", "8", "--tp", "8"])
+    err = capsys.readouterr().err
+    assert "--tp 8 does not divide the model's attention heads (4)" in err, err
+    assert "use --tp 2 or --tp 4 or --tp 1" in err, err
 
 
 def test_gpt3_on_one_node_fails_naming_the_stage_bytes_and_fix(capsys):

@@ -61,9 +61,9 @@ def test_text_summary_and_timeline(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (("--gpus-per-node", "8", "--dp", "2", "--pp", "2"),
-     r"dp\*tp\*pp = 2\*1\*2 = 4, but the cluster has 8 devices"),
+     r"dp\*tp\*pp = 2\*1\*2 = 4, but there are 8 devices.*\(e.g. --dp 4\)"),
     (("--gpus-per-node", "2", "--dp", "2", "--global-batch", "5"),
-     r"--global-batch 5 is not divisible by dp\*micro-batch = 2\*1 = 2; use --global-batch 4"),
+     r"--global-batch 5 is not divisible by --dp 2; use --global-batch 4 or 6"),
     (("--gpu", "b200", "--gpus-per-node", "1"), "unknown GPU 'b200'.*a100-80g"),
 ])
 def test_user_errors_exit_2_with_numbers(capsys, extra, message):

@@ -13,7 +13,6 @@ from typing import Any
 
 from tripar.commands._cluster_args import add_cluster_args, cluster_from_args
 from tripar.commands._model_args import add_model_args, check_model_args, proxy_graph_for
-from tripar.errors import ConfigError
 from tripar.plan.config import SCHEDULES
 
 
@@ -49,28 +48,26 @@ def add_parser(subparsers: Any) -> None:
 
 
 def pins_from_args(args: argparse.Namespace):
+    """The flags' pins (``auto`` and unset flags pin nothing)."""
     from tripar.partitioner import Pins
 
-    vpp = args.vpp
-    schedule = None if args.schedule == "auto" else args.schedule
-    if vpp is not None and vpp > 1 and schedule is None:
-        schedule = "interleaved-1f1b"
-    return Pins(dp=args.dp, tp=args.tp, pp=args.pp, vpp=vpp, micro_batch_size=args.micro_batch,
-                schedule=schedule, recompute=None if args.recompute == "auto" else args.recompute,
+    return Pins(dp=args.dp, tp=args.tp, pp=args.pp, vpp=args.vpp,
+                micro_batch_size=args.micro_batch,
+                schedule=None if args.schedule == "auto" else args.schedule,
+                recompute=None if args.recompute == "auto" else args.recompute,
                 zero=None if args.zero == "auto" else int(args.zero))
 
 
 def run(args: argparse.Namespace) -> int:
-    from tripar.partitioner import search
+    from tripar.partitioner import Spelling, check_pins, search
 
     check_model_args(args)
-    if args.global_batch < 1:
-        raise ConfigError(f"--global-batch must be a positive integer, got {args.global_batch}")
     cluster = cluster_from_args(args)
     pins = pins_from_args(args)
+    check_pins(pins, cluster.devices, args.global_batch, spelling=Spelling.CLI)  # before capture
     graph = proxy_graph_for(args.model, batch_size=args.batch, seq_len=args.seq)
     plan = search(graph, cluster, args.global_batch, pins=pins, model_spec=args.model,
-                  dtype=args.dtype)
+                  dtype=args.dtype, spelling=Spelling.CLI)
     if args.out:
         plan.save(args.out)
     if args.dump_lp:

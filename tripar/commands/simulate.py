@@ -12,7 +12,7 @@ import json
 
 from tripar.commands._cluster_args import add_cluster_args, cluster_from_args
 from tripar.commands._model_args import add_model_args, load_proxy_graph
-from tripar.errors import ConfigError, InfeasibleError
+from tripar.errors import InfeasibleError
 from tripar.plan.config import RECOMPUTE, SCHEDULES, ParallelConfig
 
 
@@ -45,37 +45,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _pins(args: argparse.Namespace):
+    """Every choice of the configuration, pinned (a fully given configuration)."""
+    from tripar.partitioner import Pins
+
+    return Pins(dp=args.dp, tp=args.tp, pp=args.pp, vpp=args.vpp,
+                micro_batch_size=args.micro_batch,
+                schedule=args.schedule or ("interleaved-1f1b" if args.vpp > 1 else "1f1b"),
+                recompute=args.recompute, zero=args.zero)
+
+
 def parallel_config(args: argparse.Namespace, devices: int) -> ParallelConfig:
-    """Check the degrees against the cluster and the batch; ConfigError with a fix."""
-    product = args.dp * args.tp * args.pp
-    if product != devices:
-        raise ConfigError(
-            f"dp*tp*pp = {args.dp}*{args.tp}*{args.pp} = {product}, but the cluster has "
-            f"{devices} devices; choose degrees whose product is {devices} (e.g. --dp "
-            f"{max(1, devices // (args.tp * args.pp))} when {devices} is divisible by "
-            f"tp*pp = {args.tp * args.pp}) or change --nodes/--gpus-per-node")
-    per_step = args.dp * args.micro_batch
-    if args.global_batch < 1 or args.global_batch % per_step:
-        lower = max(per_step, args.global_batch // per_step * per_step)
-        raise ConfigError(
-            f"--global-batch {args.global_batch} is not divisible by dp*micro-batch = "
-            f"{args.dp}*{args.micro_batch} = {per_step}; use --global-batch {lower} or "
-            f"{lower + per_step}")
-    schedule = args.schedule or ("interleaved-1f1b" if args.vpp > 1 else "1f1b")
+    """The configuration the flags give, checked against the devices and the batch
+    (``check_pins``: ConfigError naming the flags, with a fix)."""
+    from tripar.partitioner import Spelling, check_pins
+
+    pins = _pins(args)
+    check_pins(pins, devices, args.global_batch, spelling=Spelling.CLI)
     return ParallelConfig(dp=args.dp, tp=args.tp, pp=args.pp,
                           micro_batch_size=args.micro_batch,
-                          num_microbatches=args.global_batch // per_step, vpp=args.vpp,
-                          schedule=schedule, recompute=args.recompute, zero=args.zero)
+                          num_microbatches=args.global_batch // (args.dp * args.micro_batch),
+                          vpp=args.vpp, schedule=pins.schedule, recompute=args.recompute,
+                          zero=args.zero)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tripar.partitioner import step_estimate
+    from tripar.partitioner import Spelling, check_pins, step_estimate
 
     cluster = cluster_from_args(args)
     config = parallel_config(args, cluster.devices)
     degrees = tuple(sorted({2, 4, 8, config.tp} - {1}))
     graph = load_proxy_graph(args, tp_degrees=degrees)  # costs scale to the microbatch
-    check_tp(graph, config.tp)
+    check_pins(_pins(args), cluster.devices, args.global_batch, graph=graph,
+               spelling=Spelling.CLI)  # the model: a pinned tp its regions support, pp*vpp
     estimate = step_estimate(graph, cluster, config, dtype=args.dtype,
                              record_timeline=bool(args.timeline))
     if args.timeline:
@@ -90,24 +92,6 @@ def run(args: argparse.Namespace) -> int:
     if not estimate.fits:
         raise InfeasibleError(does_not_fit(estimate, config))
     return 0
-
-
-def check_tp(graph, tp: int) -> None:
-    """ConfigError unless the model's tensor-parallel regions shard ``tp`` ways (tp > 1)."""
-    if tp == 1:
-        return
-    proven = sorted({d for r in graph.tp_regions for d in r.degrees})
-    if tp in proven:
-        return
-    config = graph.model_config or {}
-    heads = config.get("heads") or max((r.heads for r in graph.tp_regions), default=0)
-    hidden = config.get("hidden") or 0
-    why = next((f"--tp {tp} does not divide the model's {what} ({size})"
-                for what, size in (("attention heads", heads), ("hidden size", hidden))
-                if size and size % tp), f"--tp {tp} splits no layer of the model evenly")
-    raise ConfigError(f"{why}: no tensor-parallel region of the model shards {tp} ways "
-                      f"(proven degrees: {', '.join(map(str, proven)) or 'none'}); use "
-                      + "".join(f"--tp {d} or " for d in proven) + "--tp 1")
 
 
 def does_not_fit(estimate, config: ParallelConfig) -> str:

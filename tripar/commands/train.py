@@ -217,15 +217,16 @@ class _Progress:
 
 
 def _check_before_launch(opts: dict[str, Any], nproc: int) -> None:
-    """Fail before any process starts, with the Python API's message, on a bad MODEL, pins
-    no plan can meet, or a checkpoint to load that is missing, corrupt or of another version."""
-    from tripar.api import check_pins
-    from tripar.models.spec import load_model
+    """Fail before any process starts, naming the flags, on a bad MODEL, pins no plan can
+    meet, or a checkpoint to load that is missing, corrupt or of another version."""
+    from tripar.models import load_model
+    from tripar.partitioner import Pins, Spelling, check_pins
 
     loaded = load_model(_spec(opts["model"]), seq_len=opts["seq"], device="meta")
-    check_pins(nproc, opts["global_batch"], dp=opts["dp"], tp=opts["tp"], pp=opts["pp"],
-               num_microbatches=opts["num_microbatches"], heads=loaded.config.get("heads"),
-               hidden=loaded.config.get("hidden"))
+    pins = Pins(**{k: opts[k] for k in ("dp", "tp", "pp", "vpp", "num_microbatches",
+                                        "schedule", "recompute", "zero")})
+    check_pins(pins, nproc, opts["global_batch"], heads=loaded.config.get("heads"),
+               hidden=loaded.config.get("hidden"), spelling=Spelling.CLI)
     if opts["load"]:
         from tripar.runtime.checkpoint import read_manifest
 

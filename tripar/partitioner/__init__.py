@@ -47,6 +47,8 @@ _LAZY = {
     "build_partition_milp": "tripar.partitioner.partition.milp",
     "Evaluated": "tripar.partitioner.plan_search",
     "Pins": "tripar.partitioner.plan_search",
+    "Spelling": "tripar.partitioner.plan_search",
+    "check_pins": "tripar.partitioner.plan_search",
     "SearchStats": "tripar.partitioner.plan_search",
     "evaluate_split": "tripar.partitioner.plan_search",
     "partition_problem": "tripar.partitioner.plan_search",

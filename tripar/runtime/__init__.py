@@ -8,7 +8,13 @@ and a plan), the mesh (:func:`build_mesh`), starting a job (:func:`ensure_proces
 from tripar.runtime.assemble import assemble
 from tripar.runtime.checkpoint import CheckpointError, read_manifest
 from tripar.runtime.engine import BatchLayout, ParallelModel
-from tripar.runtime.launch import LaunchError, ensure_process_group, launch_local, report
+from tripar.runtime.launch import (
+    LaunchError,
+    ensure_process_group,
+    job_cluster,
+    launch_local,
+    report,
+)
 from tripar.runtime.mesh import CommError, Mesh, RankFailedError, build_mesh, short_cause
 from tripar.runtime.params import LocalParam
 from tripar.runtime.precision import PRECISIONS, check_precision
@@ -27,6 +33,7 @@ __all__ = [
     "build_mesh",
     "check_precision",
     "ensure_process_group",
+    "job_cluster",
     "launch_local",
     "read_manifest",
     "report",

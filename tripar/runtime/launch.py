@@ -36,8 +36,9 @@ import torch
 import torch.distributed as dist
 
 from tripar.errors import ConfigError, TriparError
+from tripar.partitioner import Cluster
 
-__all__ = ["LaunchError", "ensure_process_group", "launch_local", "report"]
+__all__ = ["LaunchError", "ensure_process_group", "job_cluster", "launch_local", "report"]
 
 
 class LaunchError(TriparError, RuntimeError):
@@ -83,6 +84,30 @@ def ensure_process_group(devices: int | None = None, *, timeout_s: float = 300.0
 # ---- local processes ---------------------------------------------------------------------
 
 _CONN: list[Connection] = []  # the running rank's pipe to its launcher (a child process only)
+
+
+def job_cluster(world: int, cluster: Cluster | None = None) -> Cluster:
+    """The devices of this job as the planner sees them: ``cluster`` when given (checked to
+    have ``world`` devices), else a built-in profile for the job's device (``cpu``, or the
+    CUDA GPU under NCCL) with ``LOCAL_WORLD_SIZE`` ranks a node."""
+    if cluster is None:
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if world % per_node:
+            per_node = world
+        kind = "cpu"
+        if torch.cuda.is_available() and dist.get_backend() == "nccl":
+            name = torch.cuda.get_device_name().lower()
+            kind = next((k for key, k in (("h200", "h200"), ("h100", "h100-80g"),
+                                          ("a100", "a100-80g"), ("v100", "v100-32g"))
+                         if key in name), "")
+            if not kind:
+                raise ConfigError(f"no built-in profile for GPU {name!r}; pass cluster= "
+                                  f"(tripar calibrate writes one)")
+        cluster = Cluster.builtin(kind, nodes=world // per_node, gpus_per_node=per_node)
+    if cluster.devices != world:
+        raise ConfigError(f"the cluster has {cluster.devices} devices but the job has {world} "
+                          f"ranks; start {cluster.devices} ranks or describe the job's devices")
+    return cluster
 
 
 def report(message: Any) -> None:

@@ -8,21 +8,48 @@ from example_graphs import example_graph
 from search_clusters import small_cluster
 
 from tripar.errors import ConfigError, InfeasibleError
-from tripar.partitioner.plan_search import Pins, search
+from tripar.partitioner.plan_search import Pins, Spelling, check_pins, search
 
 
 def test_contradicting_pins_and_infeasible_models():
     graph = example_graph(layers=4, hidden=512, seq=256, vocab=4000, heads=4)
-    with pytest.raises(ConfigError, match="--dp 3 does not divide the 8 devices"):
+    with pytest.raises(ConfigError, match="dp=3 does not divide the 8 devices"):
         search(graph, small_cluster(80), 16, pins=Pins(dp=3))
-    with pytest.raises(ConfigError, match="--tp 3.*4 attention heads.*proven degrees: 2, 4"):
+    with pytest.raises(ConfigError, match=r"tp=3 does not divide the model's attention heads "
+                                          r"\(4\).*proven degrees: 2, 4"):
         search(graph, small_cluster(80), 16, pins=Pins(tp=3))
-    with pytest.raises(ConfigError, match=r"global batch 12 is not divisible by dp x "
-                                          r"micro-batch = 2 x 4 = 8"):
+    with pytest.raises(ConfigError, match=r"global_batch_size=12 is not divisible by dp x "
+                                          r"micro_batch_size = 2 x 4 = 8"):
         search(graph, small_cluster(80), 12, pins=Pins(dp=2, micro_batch_size=4))
     with pytest.raises(ConfigError, match="vpp=2 needs schedule interleaved-1f1b"):
-        Pins(vpp=2, schedule="1f1b")
+        search(graph, small_cluster(80), 16, pins=Pins(vpp=2, schedule="1f1b"))
     with pytest.raises(InfeasibleError, match="no configuration of 8 devices fits") as info:
         search(graph, small_cluster(0.001), 16)
     message = str(info.value)
     assert "pipeline stage" in message and "bytes more than" in message and "fix:" in message
+
+
+@pytest.mark.parametrize("pins, api, cli", [
+    (Pins(dp=0), "dp must be a positive integer, got 0", "--dp must be a positive integer"),
+    (Pins(micro_batch_size=3), "global_batch_size=16 is not divisible by micro_batch_size=3",
+     "--global-batch 16 is not divisible by --micro-batch 3"),
+    (Pins(schedule="scp", recompute="none"), "with recompute='none' use schedule='1f1b'",
+     "with --recompute none use --schedule 1f1b"),
+    (Pins(schedule="fastest"), "unknown schedule 'fastest' (schedule)",
+     "unknown schedule 'fastest' (--schedule)"),
+    (Pins(dp=2, tp=2, pp=1), "dp*tp*pp = 2*2*1 = 4, but there are 8 devices; choose degrees "
+     "whose product is 8 (e.g. dp=4)", "(e.g. --dp 4)"),
+    (Pins(pp=4, vpp=2), "pp*vpp = 8 stages (pp=4, vpp=2) for 6 blocks",
+     "pp*vpp = 8 stages (--pp 4, --vpp 2) for 6 blocks"),
+    (Pins(micro_batch_size=2, num_microbatches=2, dp=2),
+     "micro_batch_size x num_microbatches = 2 x 2 = 4 samples",
+     "--micro-batch x --microbatches = 2 x 2 = 4 samples"),
+])
+def test_one_check_names_pins_in_the_callers_language(pins, api, cli):
+    graph = example_graph(layers=4, hidden=512, seq=256, vocab=4000, heads=4)
+    for spelling, want in ((Spelling.API, api), (Spelling.CLI, cli)):
+        with pytest.raises(ConfigError) as info:
+            check_pins(pins, 8, 16, graph=graph, spelling=spelling)
+        assert want in str(info.value), (spelling, str(info.value))
+    assert Pins(vpp=2).implied().schedule == "interleaved-1f1b"
+    assert Pins(zero=True).implied().zero == 1

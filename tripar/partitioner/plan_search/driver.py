@@ -10,14 +10,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from tripar.errors import ConfigError, InfeasibleError
+from tripar.errors import InfeasibleError
 from tripar.graph.proxy import ProxyGraph
 from tripar.partitioner.cost.stages import uniform_boundaries
 from tripar.partitioner.hardware import Cluster, canonical_dtype
 from tripar.partitioner.partition.problem import PartitionProblem
 from tripar.partitioner.plan_search.cache import BlockCostCache, UniformSplits
 from tripar.partitioner.plan_search.evaluate import Evaluated, Evaluator
-from tripar.partitioner.plan_search.pins import Pins, check_pins, no_config_message
+from tripar.partitioner.plan_search.pins import Pins, Spelling, check_pins, no_config_message
 from tripar.partitioner.plan_search.regions import RegionChooser
 from tripar.partitioner.plan_search.result import SearchStats, assemble_plan
 from tripar.partitioner.plan_search.space import SearchSpace, config_key
@@ -63,7 +63,8 @@ def search_parts(graph: ProxyGraph, cluster: Cluster, global_batch: int, pins: P
 def search(graph: ProxyGraph, cluster: Cluster, global_batch: int, *, seq_len: int | None = None,
            pins: Pins = _NO_PINS, model_spec: str = "", dtype: str | None = None,
            max_micro_batch: int = 16, alternatives: int = 4, min_evaluations: int = 6,
-           max_evaluations: int = 24, screen_slack: float = 0.05) -> Plan:
+           max_evaluations: int = 24, screen_slack: float = 0.05,
+           spelling: Spelling = Spelling.API) -> Plan:
     """The best plan for ``graph`` on ``cluster`` at ``global_batch`` samples per step
     (see :func:`search_with_stats`, which also returns the search's statistics).
 
@@ -75,15 +76,15 @@ def search(graph: ProxyGraph, cluster: Cluster, global_batch: int, *, seq_len: i
         graph, cluster, global_batch, seq_len=seq_len, pins=pins, model_spec=model_spec,
         dtype=dtype, max_micro_batch=max_micro_batch, alternatives=alternatives,
         min_evaluations=min_evaluations, max_evaluations=max_evaluations,
-        screen_slack=screen_slack)[0]
+        screen_slack=screen_slack, spelling=spelling)[0]
 
 
 def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
                       seq_len: int | None = None, pins: Pins = _NO_PINS, model_spec: str = "",
                       dtype: str | None = None, max_micro_batch: int = 16,
                       alternatives: int = 4, min_evaluations: int = 6,
-                      max_evaluations: int = 24, screen_slack: float = 0.05
-                      ) -> tuple[Plan, SearchStats]:
+                      max_evaluations: int = 24, screen_slack: float = 0.05,
+                      spelling: Spelling = Spelling.API) -> tuple[Plan, SearchStats]:
     """The best plan for ``graph`` on ``cluster`` at ``global_batch`` samples per step.
 
     Candidates that fit by static memory are ordered by a quick screening estimate
@@ -103,11 +104,10 @@ def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
     ('optimal', 0, True)
     """
     start = time.perf_counter()
-    if global_batch < 1:
-        raise ConfigError(f"the global batch must be >= 1 samples, got {global_batch}")
+    check_pins(pins, cluster.devices, global_batch, graph=graph, spelling=spelling)
+    pins = pins.implied()
     parts = search_parts(graph, cluster, global_batch, pins, dtype, max_micro_batch)
     space, evaluator = parts.space, parts.evaluator
-    check_pins(graph, cluster, global_batch, pins, space)
     configs = space.configs()
     if not configs:
         raise InfeasibleError(no_config_message(graph, cluster, global_batch, pins))

@@ -1,20 +1,42 @@
-"""What the user pinned, and the one clear error for pins that cannot hold.
+"""What the user pinned, and the one check of pins that cannot hold.
 
-:class:`Pins` fixes any of the search's choices (None: the search chooses it);
-:func:`check_pins` rejects pins that contradict each other, the cluster, the batch or the
-model before anything is costed, and :func:`no_config_message` says why no
+:class:`Pins` fixes any of the search's choices (None: the search chooses it). It is
+the options object of ``tripar.auto_parallel`` (whose keyword pins fill one in) and of
+``tripar plan``/``simulate``/``train`` (whose flags do). :func:`check_pins` is the one
+place pins are checked -- their values, against each other, the devices, the global
+batch and the model -- before anything is costed or any process starts. Its errors
+name each pin in the caller's language (:class:`Spelling`): ``tp=3`` for the Python
+API, ``--tp 3`` for the command line. :func:`no_config_message` says why no
 configuration is left when the pins allow none.
+
+>>> try:
+...     check_pins(Pins(dp=3), devices=8, global_batch=16)
+... except ConfigError as error:
+...     print(error)
+dp=3 does not divide the 8 devices (dp*tp*pp must equal 8); pin dp to one of 1, 2, 4, 8
+>>> try:
+...     check_pins(Pins(dp=3), devices=8, global_batch=16, spelling=Spelling.CLI)
+... except ConfigError as error:
+...     print(error)
+--dp 3 does not divide the 8 devices (dp*tp*pp must equal 8); pin --dp to one of 1, 2, 4, 8
 """
 
 from __future__ import annotations
 
+import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from tripar.errors import ConfigError
 from tripar.graph.proxy import ProxyGraph
 from tripar.partitioner.hardware import Cluster
-from tripar.plan.config import SCHEDULES
+from tripar.plan.config import RECOMPUTE, SCHEDULES
+
+__all__ = ["Pins", "Spelling", "check_pins", "divisors", "no_config_message"]
+
+_DEGREES = ("dp", "tp", "pp")
+_COUNTS = ("dp", "tp", "pp", "vpp", "micro_batch_size", "num_microbatches")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,34 +44,62 @@ class Pins:
     """What the user fixed; None means the search chooses it."""
 
     dp: int | None = None
+    """Data-parallel degree: replicas of the model, each with its share of the batch."""
     tp: int | None = None
+    """Tensor-parallel degree: ranks each layer's proven regions are sharded over."""
     pp: int | None = None
+    """Pipeline-parallel degree: ranks the stages are spread over."""
     vpp: int | None = None
+    """Virtual stages per pipeline rank (> 1 means the interleaved-1f1b schedule)."""
     micro_batch_size: int | None = None
+    """Samples per microbatch."""
+    num_microbatches: int | None = None
+    """Microbatches per data-parallel replica per step (global batch = dp x micro batch
+    size x num_microbatches)."""
     schedule: str | None = None
-    """One of SCHEDULES, or None (auto)."""
+    """One of SCHEDULES (``gpipe``, ``1f1b``, ``interleaved-1f1b``, ``zb-h1``, ``scp``)."""
     recompute: str | None = None
     """``none``, ``full``, ``stage-aware``, or None (auto: stage-aware, which recomputes
     only what does not fit)."""
     zero: int | None = None
+    """1: optimizer state sharded over data-parallel ranks (ZeRO-1); 0: replicated."""
 
-    def __post_init__(self) -> None:
-        for name in ("dp", "tp", "pp", "vpp", "micro_batch_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"pinned {name} must be a positive integer, got {value!r}")
-        if self.schedule is not None and self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of "
-                              f"{', '.join(SCHEDULES)}")
-        if self.recompute not in (None, "none", "full", "stage-aware"):
-            raise ConfigError(f"unknown recompute {self.recompute!r}; choose none, full or "
-                              f"stage-aware")
-        if self.zero not in (None, 0, 1):
-            raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}")
-        if self.vpp is not None and self.vpp > 1 and self.schedule not in (None,
-                                                                           "interleaved-1f1b"):
-            raise ConfigError(f"vpp={self.vpp} needs schedule interleaved-1f1b, but the "
-                              f"schedule is pinned to {self.schedule!r}")
+    def pinned(self) -> dict[str, Any]:
+        """The fields that are set, in field order."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if getattr(self, f.name) is not None}
+
+    def implied(self) -> Pins:
+        """The pins as the search reads them: a ``vpp`` > 1 implies interleaved-1f1b, and
+        a ``zero`` given as a bool is 0 or 1."""
+        schedule = self.schedule
+        if self.vpp is not None and self.vpp > 1 and schedule is None:
+            schedule = "interleaved-1f1b"
+        zero = None if self.zero is None else int(self.zero)
+        if (schedule, zero) == (self.schedule, self.zero):
+            return self
+        return Pins(**{**self.pinned(), "schedule": schedule, "zero": zero})
+
+
+class Spelling(enum.Enum):
+    """How an error names a pin: as the Python API's keyword or the command line's flag."""
+
+    API = "api"
+    CLI = "cli"
+
+    def name(self, pin: str) -> str:
+        """``tp`` / ``--tp``; ``global_batch`` is ``global_batch_size`` / ``--global-batch``."""
+        if self is Spelling.API:
+            return {"global_batch": "global_batch_size"}.get(pin, pin)
+        return "--" + {"micro_batch_size": "micro-batch",
+                       "num_microbatches": "microbatches"}.get(pin, pin.replace("_", "-"))
+
+    def of(self, pin: str, value: Any) -> str:
+        """``tp=3`` / ``--tp 3``."""
+        if self is Spelling.API:
+            return f"{self.name(pin)}={value!r}" if isinstance(value, str) else \
+                f"{self.name(pin)}={value}"
+        return f"{self.name(pin)} {value}"
 
 
 def divisors(n: int) -> list[int]:
@@ -61,56 +111,151 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_pins(graph: ProxyGraph, cluster: Cluster, batch: int, pins: Pins,
-               state: object) -> None:
-    """One clear ConfigError for pins that contradict each other, the cluster, the batch
-    or the model (``state``, the search's candidate space, is not read)."""
-    devices, n = cluster.devices, len(graph.blocks)
-    if pins.tp is not None and pins.tp > 1:
-        proven = sorted({d for r in graph.tp_regions for d in r.degrees})
-        if pins.tp not in proven:
-            heads = graph.model_config.get("heads") or max(
-                (r.heads for r in graph.tp_regions), default=0)
-            why = (f"; the model has {heads} attention heads, which {pins.tp} does not divide"
-                   if heads and heads % pins.tp else "")
-            raise ConfigError(f"--tp {pins.tp}: no tensor-parallel region of the model is "
-                              f"proven to shard {pins.tp} ways{why}; proven degrees: "
-                              f"{', '.join(map(str, proven)) or 'none'} (or --tp 1)")
-    for name in ("dp", "tp", "pp"):
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _nearby(batch: int, unit: int) -> tuple[int, int]:
+    lower = max(unit, batch // unit * unit)
+    return lower, lower + unit
+
+
+def check_pins(pins: Pins, devices: int, global_batch: int, *,
+               graph: ProxyGraph | None = None, heads: int | None = None,
+               hidden: int | None = None, spelling: Spelling = Spelling.API) -> None:
+    """Raise one ConfigError, with the numbers and a fix, for pins no plan can meet.
+
+    Checked: each pin's value; pins against each other (vpp and the schedule, scp and no
+    recomputation); the degrees against the ``devices``; the global batch against dp,
+    the micro batch size and the number of microbatches; and the model: a pinned tp
+    against the degrees its tensor-parallel regions are proven at (``graph``), or, before
+    the model is captured, against its ``heads`` and ``hidden`` size; pp x vpp against
+    its blocks (``graph``). Errors name pins as ``spelling`` does.
+    """
+    s = spelling
+    for name in _COUNTS:
         value = getattr(pins, name)
-        if value is not None and devices % value:
-            raise ConfigError(f"--{name} {value} does not divide the {devices} devices "
-                              f"(dp*tp*pp must equal {devices}); pin one of "
-                              f"{', '.join(map(str, divisors(devices)))}")
-    pinned = [getattr(pins, k) for k in ("dp", "tp", "pp") if getattr(pins, k) is not None]
-    product = math.prod(pinned)
-    if pinned and (devices % product or (len(pinned) == 3 and product != devices)):
-        raise ConfigError(f"the pinned degrees (dp={pins.dp}, tp={pins.tp}, pp={pins.pp}) "
-                          f"multiply to {product}, which does not divide into the {devices} "
-                          f"devices as dp*tp*pp = {devices}; change one of them")
+        if value is not None and not _positive(value):
+            raise ConfigError(f"{s.name(name)} must be a positive integer, got {value!r}")
+    if not _positive(global_batch):
+        raise ConfigError(f"{s.name('global_batch')} must be a positive integer, got "
+                          f"{global_batch!r}")
+    if pins.schedule is not None and pins.schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {pins.schedule!r} ({s.name('schedule')}); "
+                          f"choose one of {', '.join(SCHEDULES)}")
+    if pins.recompute is not None and pins.recompute not in RECOMPUTE:
+        raise ConfigError(f"unknown recompute {pins.recompute!r} ({s.name('recompute')}); "
+                          f"choose one of {', '.join(RECOMPUTE)}")
+    if pins.zero is not None and pins.zero not in (0, 1):
+        raise ConfigError(f"{s.name('zero')} must be 0 or 1, got {pins.zero!r}")
+    if pins.vpp is not None and pins.vpp > 1 and pins.schedule not in (None,
+                                                                       "interleaved-1f1b"):
+        raise ConfigError(f"{s.of('vpp', pins.vpp)} needs schedule interleaved-1f1b, but "
+                          f"the schedule is pinned to {pins.schedule!r}")
     if pins.schedule == "scp" and pins.recompute == "none":
-        raise ConfigError("schedule scp is 1f1b with stage-aware recomputation; with "
-                          "--recompute none use --schedule 1f1b, or allow recomputation")
-    if pins.pp is not None and pins.pp * (pins.vpp or 1) > n:
-        raise ConfigError(f"pp*vpp = {pins.pp * (pins.vpp or 1)} stages for {n} blocks; "
-                          f"each stage needs at least one block, use pp*vpp <= {n}")
+        raise ConfigError(f"schedule scp is 1f1b with stage-aware recomputation; with "
+                          f"{s.of('recompute', 'none')} use {s.of('schedule', '1f1b')}, or "
+                          f"allow recomputation")
+    _check_tp(pins, graph, heads, hidden, devices, s)
+    _check_degrees(pins, devices, s)
+    if graph is not None and pins.pp is not None:
+        n, stages = len(graph.blocks), pins.pp * (pins.vpp or 1)
+        if stages > n:
+            raise ConfigError(f"pp*vpp = {stages} stages ({s.of('pp', pins.pp)}"
+                              + (f", {s.of('vpp', pins.vpp)}" if pins.vpp else "")
+                              + f") for {n} blocks; each stage needs at least one block: "
+                              f"use pp*vpp <= {n}")
+    _check_batch(pins, devices, global_batch, s)
+
+
+def _check_degrees(pins: Pins, devices: int, s: Spelling) -> None:
+    pinned = {k: getattr(pins, k) for k in _DEGREES if getattr(pins, k) is not None}
+    for name, value in pinned.items():
+        if devices % value:
+            raise ConfigError(f"{s.of(name, value)} does not divide the {devices} devices "
+                              f"(dp*tp*pp must equal {devices}); pin {s.name(name)} to one "
+                              f"of {', '.join(map(str, divisors(devices)))}")
+    product = math.prod(pinned.values())
+    if len(pinned) == 3 and product != devices:
+        hint = (f" (e.g. {s.of('dp', devices // (pins.tp * pins.pp))})"
+                if devices % (pins.tp * pins.pp) == 0 else "")
+        raise ConfigError(f"dp*tp*pp = {pins.dp}*{pins.tp}*{pins.pp} = {product}, but there "
+                          f"are {devices} devices; choose degrees whose product is "
+                          f"{devices}{hint}")
+    if pinned and devices % product:
+        shown = ", ".join(s.of(k, v) for k, v in pinned.items())
+        raise ConfigError(f"the pinned degrees {shown} multiply to {product}, which does not "
+                          f"divide the {devices} devices (dp*tp*pp must equal {devices}); "
+                          f"pin degrees whose product divides {devices}: "
+                          f"{', '.join(map(str, divisors(devices)))}")
+
+
+def _check_tp(pins: Pins, graph: ProxyGraph | None, heads: int | None, hidden: int | None,
+              devices: int, s: Spelling) -> None:
+    tp = pins.tp
+    if tp is None or tp == 1:
+        return
+    if graph is not None:
+        config = graph.model_config or {}
+        heads = config.get("heads") or max((r.heads for r in graph.tp_regions), default=0)
+        hidden = hidden or config.get("hidden")
+    why = next((f"{s.of('tp', tp)} does not divide the model's {what} ({size})"
+                for what, size in (("attention heads", heads), ("hidden size", hidden))
+                if size and size % tp), None)
+    if graph is None:
+        if why:
+            size = next(n for n in (heads, hidden) if n and n % tp)
+            fit = [d for d in divisors(size) if d > 1 and devices % d == 0]
+            raise ConfigError(f"{why}; a tensor-parallel degree must split every layer "
+                              f"evenly: pin {s.name('tp')} to a divisor of {size}"
+                              + (f" ({', '.join(map(str, fit))})" if fit else "")
+                              + f" or {s.of('tp', 1)}")
+        return
+    proven = sorted({d for r in graph.tp_regions for d in r.degrees})
+    if tp in proven and not why:  # a tp that leaves attention whole is refused, as before
+        return                    # capture (the API and every command agree)
+    proven = [d for d in proven if not any(n and n % d for n in (heads, hidden))]
+    why = why or f"{s.of('tp', tp)} splits no layer of the model evenly"
+    raise ConfigError(f"{why}: no tensor-parallel region of the model is proven to shard "
+                      f"{tp} ways (proven degrees: {', '.join(map(str, proven)) or 'none'}); "
+                      "use " + "".join(f"{s.of('tp', d)} or " for d in proven)
+                      + s.of("tp", 1))
+
+
+def _check_batch(pins: Pins, devices: int, batch: int, s: Spelling) -> None:
+    gb = s.of("global_batch", batch)
     if pins.dp is not None and batch % pins.dp:
-        raise ConfigError(f"the global batch {batch} is not divisible by dp={pins.dp}; use a "
-                          f"global batch that is a multiple of {pins.dp} or another --dp")
-    if pins.micro_batch_size is not None:
-        dps = [pins.dp] if pins.dp else [d for d in divisors(devices)]
-        if not any(batch % (d * pins.micro_batch_size) == 0 for d in dps):
-            shown = (f"dp x micro-batch = {pins.dp} x {pins.micro_batch_size} = "
-                     f"{pins.dp * pins.micro_batch_size}" if pins.dp else
-                     f"micro-batch {pins.micro_batch_size} times any data-parallel degree")
-            raise ConfigError(f"the global batch {batch} is not divisible by {shown}; use a "
-                              f"global batch that is a multiple of it, or another "
-                              f"--micro-batch" + ("/--dp" if pins.dp else ""))
+        lower, upper = _nearby(batch, pins.dp)
+        raise ConfigError(f"{gb} is not divisible by {s.of('dp', pins.dp)}; use "
+                          f"{s.of('global_batch', lower)} or {upper}, or another "
+                          f"{s.name('dp')}")
+    rest = devices // math.prod(getattr(pins, k) or 1 for k in _DEGREES)
+    dps = [pins.dp] if pins.dp is not None else divisors(max(rest, 1))
+    for name in ("micro_batch_size", "num_microbatches"):
+        value = getattr(pins, name)
+        if value is None or any(batch % (d * value) == 0 for d in dps):
+            continue
+        if pins.dp is not None:
+            unit = pins.dp * value
+            lower, upper = _nearby(batch, unit)
+            raise ConfigError(f"{gb} is not divisible by {s.name('dp')} x {s.name(name)} = "
+                              f"{pins.dp} x {value} = {unit}; use "
+                              f"{s.of('global_batch', lower)} or {upper}")
+        raise ConfigError(f"{gb} is not divisible by {s.of(name, value)} times any "
+                          f"data-parallel degree ({', '.join(map(str, dps))}); use a "
+                          f"{s.name('global_batch')} that is a multiple of {value}")
+    if pins.micro_batch_size is not None and pins.num_microbatches is not None:
+        per_replica = pins.micro_batch_size * pins.num_microbatches
+        if batch % per_replica or not any(d * per_replica == batch for d in dps):
+            raise ConfigError(
+                f"{gb} is not {s.name('micro_batch_size')} x {s.name('num_microbatches')} = "
+                f"{pins.micro_batch_size} x {pins.num_microbatches} = {per_replica} samples "
+                f"times a data-parallel degree ({', '.join(map(str, dps))}); pin one of "
+                f"them, not both, or change the {s.name('global_batch')}")
 
 
 def no_config_message(graph: ProxyGraph, cluster: Cluster, batch: int, pins: Pins) -> str:
-    pinned = ", ".join(f"{k}={getattr(pins, k)}" for k in Pins.__slots__
-                       if getattr(pins, k) is not None)
+    pinned = ", ".join(f"{k}={v}" for k, v in pins.pinned().items())
     return (f"no configuration matches {cluster.devices} devices, global batch {batch} and "
             f"{len(graph.blocks)} blocks" + (f" with the pins {pinned}" if pinned else "")
             + ": dp*tp*pp must equal the device count, dp must divide the global batch, "

@@ -89,12 +89,19 @@ class SearchSpace:
                 if (pins.dp and dp != pins.dp) or self.batch % dp:
                     continue
                 per_replica = self.batch // dp
-                sizes = ([pins.micro_batch_size] if pins.micro_batch_size else
-                         [b for b in divisors(per_replica) if b <= self.max_micro_batch])
+                if pins.micro_batch_size:
+                    sizes = [pins.micro_batch_size]
+                elif pins.num_microbatches:
+                    sizes = ([per_replica // pins.num_microbatches]
+                             if per_replica % pins.num_microbatches == 0 else [])
+                else:
+                    sizes = [b for b in divisors(per_replica) if b <= self.max_micro_batch]
                 for b in sizes:
                     if per_replica % b:
                         continue
                     m = per_replica // b
+                    if pins.num_microbatches and m != pins.num_microbatches:
+                        continue
                     for schedule, vpp in self._schedules_for(pp, m, n):
                         for zero in ([pins.zero] if pins.zero is not None else
                                      ([0, 1] if dp > 1 else [0])):
