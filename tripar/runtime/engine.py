@@ -34,6 +34,7 @@ from tripar.plan.plan import Plan
 from tripar.runtime.checkpoint import load_checkpoint, save_checkpoint
 from tripar.runtime.data_parallel import DataParallel, local_batch
 from tripar.runtime.executor import Batch, PipelineExecutor, split_microbatches
+from tripar.runtime.loss import model_loss
 from tripar.runtime.mesh import CommError, Mesh, RankFailedError
 from tripar.runtime.p2p import P2P
 from tripar.runtime.params import LocalParam, whole_box
@@ -170,9 +171,8 @@ class ParallelModel:
                         received = p2p.wait_recv(pending, tag)
                     out = prog.module(*received, *(mb[k] for k in prog.batch_inputs))
                     if s == num_stages - 1:
-                        loss = (self.loss_fn(out, mb) if self.loss_fn is not None
-                                else getattr(out, "loss", out))
-                        total += loss.detach().to(torch.float64).reshape(())
+                        loss = model_loss(out, mb, self.loss_fn, where=f"the last stage ({s})")
+                        total += loss.detach().to(torch.float64)
                     else:
                         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
                         p2p.send(outs, mesh.stage_rank(s + 1), ((s + 1) * m + j) * 2,

@@ -7,7 +7,8 @@ Stage s is called as ``module(*received, *(microbatch[k] for k in batch_inputs))
 stage 0 receives nothing. A non-last stage returns a tensor or a tuple of tensors
 (several values may cross a cut, e.g. a skip connection); the last stage returns
 what ``loss_fn(output, microbatch)`` turns into a scalar loss, or, with no
-``loss_fn``, the scalar loss itself (or an object with a ``.loss``).
+``loss_fn``, the model's own loss (:func:`tripar.runtime.loss.model_loss`: a scalar, a
+``ModelOutput`` or mapping with a ``loss``, or a tuple starting with the loss).
 
 ``PipelineExecutor.step(batch)`` splits this data-parallel rank's batch into the
 schedule's microbatches and runs the rank's actions in order:
@@ -49,6 +50,7 @@ from tripar.codegen.tp_rng import RNGTracker
 from tripar.errors import ConfigError
 from tripar.plan.schedule import Action, ActionKind, Schedule
 from tripar.runtime.backward_split import WeightGradients, backward_input, backward_weight
+from tripar.runtime.loss import model_loss
 from tripar.runtime.mesh import CommError, Mesh, RankFailedError, is_comm_failure
 from tripar.runtime.p2p import P2P, PendingRecv
 
@@ -314,13 +316,7 @@ class PipelineExecutor:
         out = prog.module(*received, *args)
         if prog.index != self.last_stage:
             return out
-        loss = self.loss_fn(out, mb) if self.loss_fn is not None else getattr(out, "loss", out)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ConfigError(f"the last stage ({prog.index}) must yield a scalar loss (give "
-                              f"loss_fn(output, microbatch)), got {type(loss).__name__}"
-                              + (f" of shape {tuple(loss.shape)}"
-                                 if isinstance(loss, torch.Tensor) else ""))
-        return loss.reshape(())
+        return model_loss(out, mb, self.loss_fn, where=f"the last stage ({prog.index})")
 
     def _check_outputs(self, prog: StageProgram, out: Any, j: int) -> tuple[torch.Tensor, ...]:
         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
