@@ -1,10 +1,17 @@
-"""The shipped efficiency calibration against the Megatron-LM weak-scaling table.
+"""The GPU efficiency calibration against published Megatron-LM runs.
 
-Every row (arXiv 2104.04473, Table 1; shared/REFERENCE.md) is rebuilt as a real
-proxy graph of the zoo gpt on the meta device, costed with its t, p, d, batch,
-microbatch 1, full recomputation and 1F1B on a100-80g nodes of 8, and
-simulated. The predicted TFLOP/s per GPU (96-factor formula FLOPs / simulated
-step time / GPUs) must be within 15% of the published figure.
+Every row of the weak-scaling table (arXiv 2104.04473, Table 1; shared/REFERENCE.md) is
+rebuilt as a real proxy graph of the zoo gpt on the meta device, costed with its t, p, d,
+batch, microbatch 1, full recomputation and 1F1B on a100-80g nodes of 8, and simulated;
+its predicted TFLOP/s per GPU is the 96-factor formula FLOPs / simulated step / GPUs.
+
+- in sample: the shipped curve predicts every row within 10% (the fit's worst row is
+  6.7% off);
+- out of sample: each row predicted by a fit to the other nine, within 10%
+  (``test_leave_one_out``; the largest error is the README's held-out figure);
+- the runs of Korthikanti et al. (arXiv 2205.05198) that no fit has seen, within 15%;
+- the shipped curve is the fit, refitted here from a neutral start, tightly enough that
+  ``matmul_max`` scaled by 0.9 or by 1.1 in ``calibration.json`` fails.
 """
 
 from __future__ import annotations
@@ -15,47 +22,134 @@ import pytest
 
 from tripar.graph import analyze
 from tripar.models import load_model
+from tripar.partitioner.calibrate_fit import fit_efficiency, leave_one_out
 from tripar.partitioner.cost.step import step_estimate
-from tripar.partitioner.hardware import Cluster, builtin_device, load_calibration
-from tripar.partitioner.megatron import MEGATRON_TABLE, SEQ, VOCAB, megatron_flops
-from tripar.plan.config import ParallelConfig
+from tripar.partitioner.hardware import Efficiency, builtin_device, load_calibration
+from tripar.partitioner.megatron import (
+    KORTHIKANTI_RUNS,
+    MEGATRON_TABLE,
+    gpt_spec,
+    korthikanti_run,
+    megatron_flops,
+    table_run,
+)
+
+NEUTRAL_START = (0.6, 100.0)
+"""Where the refits start (matmul_max, matmul_half): not the shipped values, so that
+what they find does not depend on the file they check."""
+ROW_IDS = [f"{r[0]}B" for r in MEGATRON_TABLE]
 
 
 @functools.cache
 def gpt_graph(heads: int, hidden: int, layers: int):
-    spec = f"gpt:layers={layers},hidden={hidden},heads={heads},vocab={VOCAB},seq={SEQ}"
-    loaded = load_model(spec, batch_size=1, device="meta")
+    loaded = load_model(gpt_spec(heads, hidden, layers), batch_size=1, device="meta")
     return analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs,
                    model_config=loaded.config)
 
 
-@pytest.mark.parametrize("row", MEGATRON_TABLE, ids=[f"{r[0]}B" for r in MEGATRON_TABLE])
-def test_megatron_row_within_15_percent(row):
-    params_b, heads, hidden, layers, t, p, gpus, batch, published = row
-    graph = gpt_graph(heads, hidden, layers)
+@functools.cache
+def table_runs():
+    return tuple(table_run(row, gpt_graph(*row[1:4])) for row in MEGATRON_TABLE)
+
+
+def shipped_gpu() -> Efficiency:
+    return Efficiency.from_dict(load_calibration()["efficiency"]["gpu"])
+
+
+@functools.cache
+def held_out_predictions() -> tuple[float, ...]:
+    """Each row's TFLOP/s per GPU from a fit to the other nine (about 1 s of CPU once the
+    graphs and schedules exist: the fit runs on exact piecewise-affine models of the
+    step time, see calibrate_fit)."""
+    return leave_one_out(table_runs(), shipped_gpu(), start=NEUTRAL_START)
+
+
+@pytest.mark.parametrize("index", range(len(MEGATRON_TABLE)), ids=ROW_IDS)
+def test_megatron_row_within_10_percent(index):
+    params_b, heads, hidden, layers, t, p, gpus, batch, published = MEGATRON_TABLE[index]
+    run = table_runs()[index]
+    graph = run.graph
     assert sum(b.params for b in graph.blocks) == pytest.approx(params_b * 1e9, rel=0.05)
-    d = gpus // (t * p)
-    config = ParallelConfig(dp=d, tp=t, pp=p, micro_batch_size=1, num_microbatches=batch // d,
-                            schedule="1f1b", recompute="full")
-    cluster = Cluster.builtin("a100-80g", nodes=gpus // 8, gpus_per_node=8)
-    estimate = step_estimate(graph, cluster, config, record_timeline=False)
+    assert (run.config.dp * t * p, run.config.global_batch_size) == (gpus, batch)
+    estimate = step_estimate(graph, run.cluster, run.config, record_timeline=False)
     predicted = megatron_flops(batch, layers, hidden) / estimate.step_time_s / gpus / 1e12
-    assert predicted == pytest.approx(published, rel=0.15), (
+    assert predicted == pytest.approx(published, rel=0.10), (
         f"{params_b}B: predicted {predicted:.1f} TFLOP/s per GPU, published {published}")
     assert estimate.recompute == (1.0,) * p
     assert estimate.fits  # Megatron ran it on 80 GB devices
+    # the fit's fast path simulates exactly what step_estimate does
+    assert run.step_time() == pytest.approx(estimate.step_time_s, rel=1e-12)
+
+
+@pytest.mark.parametrize("index", range(len(MEGATRON_TABLE)), ids=ROW_IDS)
+def test_leave_one_out(index):
+    """The row, predicted by the efficiency fitted to the other nine, within 10%.
+    Measured (fit from NEUTRAL_START; other starts move each figure by <= 0.05 points):
+    1.7B +4.3%, 3.6B +2.6%, 7.5B -5.0%, 18.4B -7.3%, 39.1B +0.9%, 76.1B +4.2%,
+    145.6B +2.4%, 310.1B +1.7%, 529.6B -2.6%, 1008.0B +0.1%: at most 7.3%."""
+    run = table_runs()[index]
+    predicted = held_out_predictions()[index]
+    assert predicted == pytest.approx(run.published, rel=0.10), (
+        f"{run.name} held out: predicted {predicted:.1f} TFLOP/s per GPU, published "
+        f"{run.published:g} ({100 * (predicted / run.published - 1):+.1f}%)")
+
+
+def test_held_out_error_is_the_readme_figure():
+    errors = [abs(p / r.published - 1) for p, r in zip(held_out_predictions(), table_runs())]
+    assert max(errors) < 0.075  # README: "within 7.3% on the rows held out of the fit"
+
+
+@functools.cache
+def korthikanti(index: int):
+    row = KORTHIKANTI_RUNS[index]
+    return korthikanti_run(row, gpt_graph(*row[1:4]))
+
+
+@pytest.mark.parametrize("index", range(len(KORTHIKANTI_RUNS)),
+                         ids=[r[0] for r in KORTHIKANTI_RUNS])
+def test_korthikanti_run_within_15_percent(index):
+    """A run no fit has seen: Korthikanti et al., data-parallel size 1, with sequence
+    parallelism and selective recomputation, which tripar does not model. What it can cost
+    honestly is the same configuration with neither, i.e. no recomputation; that is
+    compared with the run's hardware FLOPs utilization (the step without its recomputed
+    attention cores, taken at the run's mean rate). Sequence parallelism would also shard
+    the norms and dropouts t ways, which tripar charges whole: its prediction is expected
+    low. Measured with the shipped curve: 22B -8.5%, 175B -10.9%, 530B -12.1%, 1T -10.7%
+    (against the model FLOPs utilization instead: -3.7%, -8.5%, -10.6%, -9.5%)."""
+    run = korthikanti(index)
+    name, *_, hfu = KORTHIKANTI_RUNS[index]
+    params = {"22B": 22e9, "175B": 175e9, "530B": 530e9, "1T": 1e12}[name]
+    assert sum(b.params for b in run.graph.blocks) == pytest.approx(params, rel=0.05)
+    predicted = run.predict()  # the shipped curve, on the run's own cluster
+    assert predicted == pytest.approx(run.published, rel=0.15), (
+        f"{name}: predicted model FLOPs rate {predicted:.1f} TFLOP/s per GPU, published "
+        f"HFU {hfu}% = {run.published:.1f} ({100 * (predicted / run.published - 1):+.1f}%)")
 
 
 def test_shipped_efficiency_is_the_fitted_curve():
-    data = load_calibration()
-    gpu = data["efficiency"]["gpu"]
-    assert "fit_calibration.py" in gpu["source"]
-    eff = builtin_device("a100-80g").efficiency
-    assert eff.matmul_max == gpu["matmul_max"] and eff.matmul_half > 0
+    """Refit on the ten rows from NEUTRAL_START: the shipped numbers are what the fit
+    finds (refit: matmul_max 0.83464, matmul_half 299.58; shipped 0.8347, 299.51), and
+    they predict every row as the refit does. matmul_max x0.9 or x1.1 in the file moves
+    every prediction by 5-9% and fails here."""
+    shipped = shipped_gpu()
+    assert "fit_calibration.py" in shipped.source
+    assert builtin_device("a100-80g").efficiency == shipped
+    fit = fit_efficiency(table_runs(), shipped, start=NEUTRAL_START)
+    assert shipped.matmul_max == pytest.approx(fit.efficiency.matmul_max, rel=0.005)
+    assert shipped.matmul_half == pytest.approx(fit.efficiency.matmul_half, rel=0.03)
+    for run, refit in zip(table_runs(), fit.predicted):
+        assert run.predict(shipped) == pytest.approx(refit, rel=0.005), run.name
     # Not a constant: a 512-wide product is clearly less efficient than a 8192-wide one.
-    assert eff.matmul(512, 512, 512) < 0.9 * eff.matmul(8192, 8192, 8192)
-    # The fit report in the file agrees with the table it was fitted to.
-    fitted = {r["params_b"]: r for r in data["megatron_fit"]}
-    for row in MEGATRON_TABLE:
-        assert fitted[row[0]]["published"] == row[-1]
-        assert abs(fitted[row[0]]["error"]) < 0.15
+    assert shipped.matmul(512, 512, 512) < 0.9 * shipped.matmul(8192, 8192, 8192)
+
+
+def test_shipped_fit_report_is_what_the_simulator_gives():
+    """The ``megatron_fit`` rows in calibration.json, recomputed with the shipped curve."""
+    reported = {r["params_b"]: r for r in load_calibration()["megatron_fit"]}
+    assert sorted(reported) == sorted(r[0] for r in MEGATRON_TABLE)
+    for row, run in zip(MEGATRON_TABLE, table_runs()):
+        predicted = run.predict(shipped_gpu())
+        entry = reported[row[0]]
+        assert entry["published"] == row[-1]
+        assert entry["predicted"] == pytest.approx(predicted, abs=0.051), run.name
+        assert entry["error"] == pytest.approx(predicted / row[-1] - 1, abs=5.1e-5), run.name
