@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from tripar.cli import main
 from tripar.errors import ConfigError
@@ -67,3 +68,73 @@ def test_a_failing_rank_stops_the_job_naming_it():
     # rank 0 stopped with an error naming rank 1, its stage and action
     assert "then rank 0: RankFailedError: rank 1 (pp 1, dp 0, tp 0) failed at action" in message
     assert "(stage 1, microbatch 0) of schedule '1f1b'" in message
+
+
+def _checkpoint_tensors(directory) -> dict:
+    """Every piece of a checkpoint (parameters and optimizer state) by (fqn, key, box, range)."""
+    import torch
+
+    out = {}
+    for shard in sorted(directory.glob("shard-*.pt")):
+        for fqn, key, box, flat, tensor in torch.load(shard, weights_only=True):
+            out[(fqn, key, str(box), str(flat))] = tensor
+    return out
+
+
+def test_resuming_from_a_checkpoint_continues_the_data_and_equals_training_straight(
+        tmp_path, capsys):
+    """N steps, save, load, N more: bit-exactly the parameters (and AdamW state) of 2N
+    steps straight, on text data read as bytes, dp=2, warmup + cosine; the first run also
+    writes metrics and the held-out loss."""
+    from tripar.data import corpus
+
+    (tmp_path / "train.txt").write_text(corpus(200, seed=1))
+    (tmp_path / "held.txt").write_text(corpus(40, seed=2))
+    common = ["train", "gpt:layers=1,hidden=16,heads=2,seq=16", "--nproc", "2",
+              "--global-batch", "4", "--dp", "2", "--data", str(tmp_path / "train.txt"),
+              "--lr-schedule", "cosine", "--warmup", "2", "--decay-steps", "6",
+              "--format", "json"]
+    metrics = tmp_path / "run.jsonl"
+    assert main([*common, "--steps", "3", "--save", str(tmp_path / "half"),
+                 "--metrics", str(metrics), "--log-every", "1",
+                 "--eval-data", str(tmp_path / "held.txt"), "--eval-every", "2"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main([*common, "--steps", "3", "--load", str(tmp_path / "half"),
+                 "--save", str(tmp_path / "resumed")]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert main([*common, "--steps", "6", "--save", str(tmp_path / "straight")]) == 0
+    straight = json.loads(capsys.readouterr().out)
+
+    assert first["data_position"] == 3 and second["data_position"] == 6
+    assert first["losses"] + second["losses"] == straight["losses"]
+    resumed = _checkpoint_tensors(tmp_path / "resumed")
+    expected = _checkpoint_tensors(tmp_path / "straight")
+    assert resumed.keys() == expected.keys()
+    assert any(key == "param" for _, key, _, _ in resumed)
+    for name, tensor in expected.items():
+        assert resumed[name].dtype == torch.float32 or name[1] != "param"
+        assert torch.equal(resumed[name], tensor), name
+    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert manifest["extra"]["data"]["position"] == 6
+
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    for m in lines:
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "model_tflops_per_device", "mfu",
+                    "step_time_s", "time_s"):
+            assert isinstance(m[key], float) and m[key] > 0, (key, m)
+        assert len(m["peak_memory_bytes"]) == 2 and min(m["peak_memory_bytes"]) > 0
+    assert [m["lr"] for m in lines][:2] == [1.5e-3, 3e-3]  # warmup over 2 steps of lr 3e-3
+    assert [m["eval_loss"] is not None for m in lines] == [False, True, True]
+    assert [s for s, _ in first["eval"]] == [2, 3]
+
+
+def test_data_the_model_cannot_read_fails_before_starting(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("héllo " * 100)
+    assert main(["train", "bert", "--data", str(tmp_path / "a.txt")]) == 2
+    assert "causal language model" in capsys.readouterr().err
+    assert main(["train", "gpt:layers=1,hidden=16,heads=2,vocab=32,seq=16",
+                 "--data", str(tmp_path / "a.txt")]) == 2
+    assert "vocabulary (32) is smaller than the data's (256" in capsys.readouterr().err
+    assert main(["train", "gpt", "--tokenizer", str(tmp_path)]) == 2
+    assert "give --data" in capsys.readouterr().err

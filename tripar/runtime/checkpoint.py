@@ -203,8 +203,13 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
         pass
 
 
-def save_checkpoint(pm: Checkpointed, directory: str | os.PathLike) -> Path:
-    """Write ``pm``'s model and optimizer to ``directory`` (a collective; atomic)."""
+def save_checkpoint(pm: Checkpointed, directory: str | os.PathLike, *,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write ``pm``'s model and optimizer to ``directory`` (a collective; atomic).
+
+    ``extra``: JSON values a trainer keeps with the checkpoint (the data position, say),
+    written into the manifest as ``"extra"`` from rank 0's call; ``read_manifest`` returns
+    them. A manifest without it reads as before."""
     mesh = pm.mesh
     path = Path(directory)
     ids: list[Any] = [uuid.uuid4().hex[:12] if mesh.rank == 0 else None]
@@ -245,6 +250,8 @@ def save_checkpoint(pm: Checkpointed, directory: str | os.PathLike) -> Path:
             "aliases": {k: list(v) for k, v in pm.aliases.items() if len(v) > 1},
             "files": {k: sorted(set(v)) for k, v in sorted(files.items())},
         }
+        if extra:
+            manifest["extra"] = extra
         _write_manifest(path, manifest)
     _barrier(pm, "the checkpoint manifest")
     if mesh.rank == 0:
@@ -309,6 +316,8 @@ def _manifest_problem(m: dict) -> str:
     optimizer = m.get("optimizer", {})
     if not isinstance(optimizer, dict) or not isinstance(optimizer.get("hyper", {}), dict):
         return "'optimizer' must be an object with a 'hyper' object"
+    if not isinstance(m.get("extra", {}), dict):
+        return "'extra' must be an object"
     return ""
 
 

@@ -101,6 +101,9 @@ class ParallelModel:
         self.extra_state = dict(extra_state or {})
         self.steps = 0
         """Optimizer steps taken (restored by ``load``)."""
+        self.last_grad_norm: float | None = None
+        """The global gradient norm of the last ``train_step`` before clipping (None
+        without ``max_grad_norm``; ``max_grad_norm=math.inf`` measures it, clipping nothing)."""
         by_fqn = {lp.fqn: lp.param for lp in self.params}
         self.tied = TiedGrads(mesh, tied, by_fqn)
         duplicates = [lp.param for lp in self.params if not lp.counts]
@@ -134,7 +137,7 @@ class ParallelModel:
         try:
             self.tied.sum_(self.data_parallel.reduced_grad)
             if self.max_grad_norm is not None:
-                self.data_parallel.clip_grad_norm_(self.max_grad_norm)
+                self.last_grad_norm = self.data_parallel.clip_grad_norm_(self.max_grad_norm)
             self.data_parallel.step()
         except (RankFailedError, CommError):
             raise
@@ -231,9 +234,10 @@ class ParallelModel:
             full.setdefault(fqn, t.detach().cpu().clone())
         return full
 
-    def save(self, directory: str) -> None:
-        """Write a sharded checkpoint of model and optimizer to ``directory`` (atomic)."""
-        save_checkpoint(self, directory)
+    def save(self, directory: str, *, extra: dict[str, Any] | None = None) -> None:
+        """Write a sharded checkpoint of model and optimizer to ``directory`` (atomic);
+        ``extra``: JSON values kept in its manifest (see ``save_checkpoint``)."""
+        save_checkpoint(self, directory, extra=extra)
 
     def load(self, directory: str) -> None:
         """Load a checkpoint written by ``save``, under this or any other plan."""
