@@ -29,3 +29,19 @@ def test_explain_refuses_a_corrupt_plan(capsys, tmp_path):
     bad.write_text('{"schema_version": 1, "stages": [')
     assert main(["explain", str(bad)]) == 2
     assert "corrupt or truncated" in capsys.readouterr().err
+
+
+def test_runners_up_never_blame_recomputation_when_recompute_is_none(capsys, tmp_path):
+    """A runner-up that loses on compute names what grew its compute (here its smaller
+    micro-batches), not recomputation, which none of them does."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", MODEL, "--gpus-per-node", "4", "--global-batch", "16",
+                 "--recompute", "none", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["explain", str(out), "--format", "json"]) == 0
+    alternatives = json.loads(capsys.readouterr().out)["alternatives"]
+    assert alternatives and all("recompute none" in a["parallel"] for a in alternatives)
+    assert not any("recomput" in a["reason"] for a in alternatives), alternatives
+    compute = [a["reason"] for a in alternatives if a["binding"] == "compute"]
+    assert compute and all(r.startswith("more compute on the busiest device, ") for r in compute)
+    assert any("smaller micro-batches (2 vs 4 samples)" in r for r in compute), compute

@@ -42,20 +42,44 @@ class SearchStats:
     """The part of ``work`` spent in the stage partition solver."""
 
 
+def _compute_causes(alt: Evaluated, best: Evaluated) -> list[str]:
+    """What makes ``alt``'s busiest device compute more than ``best``'s, from what differs
+    between them: recomputation only when ``alt`` recomputes more, never when its recompute
+    is ``none``."""
+    a, b = alt.config, best.config
+    causes = []
+    recomputed = sum(len(r) for r in alt.recompute)
+    if a.recompute != "none" and recomputed and (
+            sum(c.recompute_s for c in alt.costs) > sum(c.recompute_s for c in best.costs)):
+        causes.append(f"recomputation of {recomputed} blocks")
+    if a.micro_batch_size < b.micro_batch_size:
+        causes.append(f"smaller micro-batches ({a.micro_batch_size} vs {b.micro_batch_size} "
+                      f"samples), less efficient products")
+    if a.tp > b.tp:
+        causes.append(f"smaller products at tp={a.tp} than at tp={b.tp}")
+    elif a.tp < b.tp:
+        causes.append(f"each layer split over fewer devices (tp={a.tp} vs tp={b.tp})")
+    if not causes:
+        causes.append("a less even stage split" if a.pp > 1 else "less efficient products")
+    return causes
+
+
 def _loss_reason(alt: Evaluated, best: Evaluated) -> tuple[str, Binding]:
-    """Why ``alt`` is slower than ``best``: the component that grew most."""
+    """Why ``alt`` is slower than ``best``: the component that grew most, and for compute
+    what grew it."""
     grew = {
         Binding.BUBBLE: (alt.idle_s - best.idle_s,
                          f"larger bubble: {alt.bubble_fraction:.1%} vs {best.bubble_fraction:.1%}"),
-        Binding.COMPUTE: (alt.busy_s - best.busy_s,
-                          f"more compute per device (recomputation, less efficient products): "
-                          f"{fmt_time(alt.busy_s)} vs {fmt_time(best.busy_s)}"),
+        Binding.COMPUTE: (alt.busy_s - best.busy_s, ""),
         Binding.COMMUNICATION: (alt.tail_s - best.tail_s,
                                 f"more communication after the pipeline (gradient reduction, "
                                 f"ZeRO gathers): {fmt_time(alt.tail_s)} vs "
                                 f"{fmt_time(best.tail_s)}"),
     }
     binding = max(grew, key=lambda b: (grew[b][0], b.value))
+    if binding is Binding.COMPUTE:
+        return (f"more compute on the busiest device, {fmt_time(alt.busy_s)} vs "
+                f"{fmt_time(best.busy_s)}: {'; '.join(_compute_causes(alt, best))}"), binding
     return grew[binding][1], binding
 
 
