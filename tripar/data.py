@@ -173,7 +173,7 @@ class _HFTokenizer:
             out.extend(self.tok(doc, add_special_tokens=False)["input_ids"])
             if eos is not None:
                 out.append(eos)
-        return np.asarray(out, dtype=np.int64)
+        return np.asarray(out, dtype=token_dtype(None, self.vocab_size))
 
 
 def load_tokenizer(path: str | None) -> ByteTokenizer | _HFTokenizer:
@@ -375,8 +375,8 @@ class TokenBatches:
         rows = []
         for w in self.indices(step):
             start = w * self.seq_len
-            rows.append(torch.as_tensor(np.asarray(self.tokens[start:start + self.seq_len + 1],
-                                                   dtype=np.int64)))
+            window = np.array(self.tokens[start:start + self.seq_len + 1], dtype=np.int64)
+            rows.append(torch.from_numpy(window))  # a copy: memory maps are read-only
         windows = torch.stack(rows)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 

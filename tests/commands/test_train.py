@@ -138,3 +138,8 @@ def test_data_the_model_cannot_read_fails_before_starting(tmp_path, capsys):
     assert "vocabulary (32) is smaller than the data's (256" in capsys.readouterr().err
     assert main(["train", "gpt", "--tokenizer", str(tmp_path)]) == 2
     assert "give --data" in capsys.readouterr().err
+    (tmp_path / "short.txt").write_text("x" * 50)
+    assert main(["train", "gpt:layers=1,hidden=16,heads=2,seq=16", "--global-batch", "8",
+                 "--data", str(tmp_path / "a.txt"), "--eval-data",
+                 str(tmp_path / "short.txt")]) == 2
+    assert "--eval-data" in (err := capsys.readouterr().err) and "fewer than one batch" in err

@@ -2,7 +2,7 @@
 
 Reads the JSON lines ``tripar train --metrics`` writes (one per logged step), prints a
 summary, and draws two panels: the training loss (and the held-out loss, where measured)
-and the throughput (tokens/s, with MFU on a second axis). matplotlib is imported only
+and the throughput (tokens/s, with its MFU scale on the right axis). matplotlib is imported only
 to draw (the ``plot`` extra).
 """
 
@@ -82,7 +82,7 @@ def plot(records: list[dict[str, Any]], out: str) -> None:
 
     steps = [r["step"] for r in records]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
-    top.plot(steps, [r["loss"] for r in records], label="train")
+    top.plot(steps, [r["loss"] for r in records], ".-", label="train")
     evals = [r for r in records if isinstance(r.get("eval_loss"), (int, float))]
     if evals:
         top.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
@@ -91,16 +91,17 @@ def plot(records: list[dict[str, Any]], out: str) -> None:
     top.legend()
     top.grid(alpha=0.3)
     timed = [r for r in records if isinstance(r.get("tokens_per_s"), (int, float))]
-    bottom.plot([r["step"] for r in timed], [r["tokens_per_s"] for r in timed], color="C2")
+    bottom.plot([r["step"] for r in timed], [r["tokens_per_s"] for r in timed], ".-",
+                color="C2")
     bottom.set_ylabel("tokens/s")
     bottom.set_xlabel("step")
     bottom.grid(alpha=0.3)
-    with_mfu = [r for r in timed if isinstance(r.get("mfu"), (int, float))]
-    if with_mfu:
-        right = bottom.twinx()
-        right.plot([r["step"] for r in with_mfu], [100 * r["mfu"] for r in with_mfu],
-                   color="C3", alpha=0.6)
-        right.set_ylabel("MFU %")
+    ratios = [r["mfu"] / r["tokens_per_s"] for r in timed
+              if isinstance(r.get("mfu"), (int, float)) and r["tokens_per_s"] > 0]
+    if ratios:  # MFU is tokens/s times a constant (FLOPs per token over the peak): an axis
+        ratio = 100 * sum(ratios) / len(ratios)
+        bottom.secondary_yaxis("right", functions=(lambda t: t * ratio, lambda m: m / ratio)
+                               ).set_ylabel("MFU %")
     fig.suptitle(summary(records), fontsize=8)
     fig.tight_layout()
     try:

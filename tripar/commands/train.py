@@ -178,7 +178,7 @@ def _prepare(path: str | None, opts: dict[str, Any], tokenizer: Any, workdir: st
         file = os.path.join(workdir, f"tokens-{len(os.listdir(workdir))}.npy")
         np.save(file, src.tokens)
     return {"file": file, "dtype": str(src.tokens.dtype), "vocab": src.vocab_size,
-            "description": src.description}
+            "description": src.description, "path": path}
 
 
 def _open_tokens(data: dict[str, Any]) -> Any:
@@ -461,6 +461,16 @@ def _check_before_launch(opts: dict[str, Any], nproc: int) -> None:
             raise ConfigError(f"the model's vocabulary ({vocab}) is smaller than the data's "
                               f"({data['vocab']}: {data['description']}); drop vocab= from "
                               f"MODEL or give a larger one")
+        from tripar.data import TokenBatches
+
+        example = loaded.example_kwargs or loaded.example_inputs
+        first = example[0] if isinstance(example, tuple) else example["input_ids"]
+        for flag, what in (("--data", data), ("--eval-data", opts["eval_data"])):
+            if what:
+                try:
+                    TokenBatches(_open_tokens(what), opts["global_batch"], int(first.shape[1]))
+                except ConfigError as error:
+                    raise ConfigError(f"{flag} {what['path']}: {error}") from None
     if opts["load"]:
         from tripar.runtime.checkpoint import read_manifest
 
