@@ -126,3 +126,12 @@ def test_the_generated_corpus_and_byte_tokenizer():
     text = corpus(5)
     assert CharTokenizer.from_text(text).decode(CharTokenizer.from_text(text).encode(text)) == text
     assert ByteTokenizer().encode_documents(["a", "b"]).tolist() == [97, 98]
+
+
+def test_identity_names_the_stream_and_how_it_is_cut():
+    a = TokenBatches(np.arange(200) % 50, batch_size=2, seq_len=8, seed=0)
+    assert a.identity() == TokenBatches(np.arange(200) % 50, 2, 8, seed=0).identity()
+    for other in (TokenBatches(np.arange(200) % 49, 2, 8, seed=0),  # same length, other tokens
+                  TokenBatches(np.arange(200) % 50, 2, 8, seed=1),
+                  TokenBatches(np.arange(200) % 50, 4, 8, seed=0)):
+        assert other.identity() != a.identity()

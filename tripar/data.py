@@ -27,6 +27,7 @@ downloaded and nothing is stored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Iterable
@@ -380,10 +381,13 @@ class TokenBatches:
         windows = torch.stack(rows)
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
-    def identity(self) -> dict[str, int]:
-        """What a saved data position is valid for: the same stream, cut the same way."""
-        return {"tokens": len(self.tokens), "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "seed": self.seed}
+    def identity(self) -> dict[str, int | str]:
+        """What a saved data position is valid for: the same stream (its length and a digest
+        of its first and last 64K tokens), cut the same way."""
+        ends = [np.array(part, dtype=np.int64).tobytes()
+                for part in (self.tokens[:65536], self.tokens[-65536:])]
+        return {"tokens": len(self.tokens), "digest": hashlib.sha1(b"".join(ends)).hexdigest(),
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed}
 
 
 

@@ -143,3 +143,25 @@ def test_data_the_model_cannot_read_fails_before_starting(tmp_path, capsys):
                  "--data", str(tmp_path / "a.txt"), "--eval-data",
                  str(tmp_path / "short.txt")]) == 2
     assert "--eval-data" in (err := capsys.readouterr().err) and "fewer than one batch" in err
+
+
+def test_a_checkpoint_resumes_its_data_position_only_for_the_same_data(tmp_path):
+    import numpy as np
+
+    from tripar.commands.train import _data_position
+    from tripar.data import TokenBatches
+
+    windows = TokenBatches(np.arange(400) % 50, batch_size=2, seq_len=8)
+    manifest = {"format": "tripar-checkpoint", "version": 1,
+                "model": {"spec": "gpt", "fingerprint": "f"}, "steps": 7, "files": {},
+                "shapes": {}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    opts = {"load": str(tmp_path)}
+    assert _data_position(opts, windows, 7) == (7, "")  # a checkpoint from before positions
+    manifest["extra"] = {"data": {"position": 5, "identity": windows.identity()}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert _data_position(opts, windows, 7) == (5, "")
+    other = TokenBatches(np.arange(400) % 49, batch_size=2, seq_len=8)
+    position, note = _data_position(opts, other, 7)
+    assert position == 0 and "for other data" in note
+    assert _data_position({"load": None}, windows, 0) == (0, "")

@@ -332,8 +332,10 @@ def train_rank(opts: dict[str, Any]) -> dict[str, Any]:
     if opts["load"]:
         model.load(opts["load"])
     position, note = _data_position(opts, windows, model.steps)
-    if note and rank == 0:
-        report({"event": "note", "text": note})
+    if rank == 0:
+        report({"event": "start", "step": model.steps})
+        if note:
+            report({"event": "note", "text": note})
     seq = int(captured.graph.seq_len) if windows is not None else 1
     tokens = opts["global_batch"] * seq
     flops = model_flops_per_sample(captured.graph) * opts["global_batch"]
@@ -392,6 +394,7 @@ class _Progress:
     def __init__(self, total: int, every: int, enabled: bool) -> None:
         self.total, self.every, self.enabled = total, every, enabled
         self.first: float | None = None
+        self.start = 0
         self.progress = None
         if enabled:
             from rich.console import Console
@@ -423,13 +426,16 @@ class _Progress:
         if message["event"] == "note":
             self.console.print(f"note: {message['text']}")
             return
+        if message["event"] == "start":  # steps count on from a loaded checkpoint's
+            self.start = message["step"]
+            return
         step, loss = message["step"], message["loss"]
         if self.first is None:
             self.first = loss
-        self.progress.update(self.task, completed=step, loss=f"{loss:.3f}",
+        self.progress.update(self.task, completed=step - self.start, loss=f"{loss:.3f}",
                              step_ms=f"{message['time_s'] * 1e3:.0f}",
                              tps=f"{message['tokens_per_s']:,.0f}")
-        if step % self.every == 0 or step == 1:
+        if step % self.every == 0 or step == self.start + 1:
             self.console.print(f"step {step:>5}  loss {loss:7.4f}  "
                                f"{message['time_s'] * 1e3:6.0f} ms  "
                                f"{message['tokens_per_s']:>9,.0f} tokens/s")
