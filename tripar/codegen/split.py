@@ -40,6 +40,7 @@ from torch.utils import _pytree as pytree
 from tripar.codegen.stage import StageProgram, StageSplit, TensorSpec, TiedGroup
 from tripar.codegen.tp_rng import ForkedRNG
 from tripar.errors import PlanError
+from tripar.graph import canonical_names, param_groups, read_params
 
 # ---- helpers --------------------------------------------------------------------------
 
@@ -149,12 +150,7 @@ def _is_guard(node: torch.fx.Node) -> bool:
 
 
 def _reads_params(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    if node.op == "get_attr":
-        value = _get_attr(gm, str(node.target))
-        return isinstance(value, nn.Parameter) and value.requires_grad
-    if node.op == "call_module":
-        return any(p.requires_grad for p in gm.get_submodule(str(node.target)).parameters())
-    return False
+    return any(p.requires_grad for _, p in read_params(gm, node))
 
 
 _RANDOM = ("rand", "randn", "randint", "randperm", "bernoulli", "dropout", "normal", "uniform",
@@ -316,14 +312,15 @@ def split_stages(
         for s in range(stage_of[name], last_need[name]):
             live[s].append(name)
 
-    tied, holders = _tied_groups(gm, computes, by_name)
+    canon = canonical_names(gm)
+    tied, holders = _tied_groups(gm, canon, computes, by_name)
     stages = []
     for s in range(num):
         received = live[s - 1] if s else []
         module, params = _build_stage(gm, values, s, num, received, placeholders, reads[s],
                                       computes[s], live[s], output_node, position, by_name)
         replicas = tuple(local for local, _ in params
-                         if len(holders.get(id(_get_attr(module, local)), ())) > 1)
+                         if len(holders.get(canon.get(local, local), ())) > 1)
         gi = [p for p in placeholders if p.name in reads[s]]
         stages.append(StageProgram(
             index=s, num_stages=num, module=module,
@@ -399,27 +396,18 @@ def _drop_dead(graph: torch.fx.Graph) -> None:
             changed = True
 
 
-def _tied_groups(gm: torch.fx.GraphModule, computes: list[set[str]],
-                 by_name: dict[str, torch.fx.Node]
-                 ) -> tuple[tuple[TiedGroup, ...], dict[int, set[int]]]:
-    names: dict[int, list[str]] = defaultdict(list)
-    for fqn, param in gm.named_parameters(remove_duplicate=False):
-        names[id(param)].append(fqn)
-    holders: dict[int, set[int]] = defaultdict(set)
+def _tied_groups(gm: torch.fx.GraphModule, canon: Mapping[str, str],
+                 computes: list[set[str]], by_name: dict[str, torch.fx.Node]
+                 ) -> tuple[tuple[TiedGroup, ...], dict[str, set[int]]]:
+    """The stages holding each parameter (by canonical name), and the parameters that
+    have several names (``tripar.graph.param_groups``) or are held by several stages."""
+    holders: dict[str, set[int]] = defaultdict(set)
     for s, nodes in enumerate(computes):
         for name in nodes:
-            node = by_name[name]
-            if node.op == "get_attr":
-                value = _get_attr(gm, str(node.target))
-                found = [value] if isinstance(value, nn.Parameter) else []
-            elif node.op == "call_module":
-                found = list(gm.get_submodule(str(node.target)).parameters())
-            else:
-                continue
-            for param in found:
-                holders[id(param)].add(s)
-    groups = [TiedGroup(tuple(fqns), tuple(sorted(holders.get(key, ()))))
-              for key, fqns in names.items() if len(fqns) > 1 or len(holders.get(key, ())) > 1]
+            for fqn, _ in read_params(gm, by_name[name], canon):
+                holders[fqn].add(s)
+    groups = [TiedGroup(fqns, tuple(sorted(holders.get(fqns[0], ()))))
+              for fqns in param_groups(gm) if len(fqns) > 1 or len(holders.get(fqns[0], ())) > 1]
     return tuple(groups), holders
 
 

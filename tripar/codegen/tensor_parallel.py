@@ -49,6 +49,7 @@ from tripar.codegen.collectives import (
 from tripar.codegen.tp_rng import ForkedRNG, RNGTracker, method_caller, tp_rng_tracker
 from tripar.codegen.tp_shard import check_divisible, region_shards, take_shard
 from tripar.codegen.tp_verify import RewriteError, check_shapes, propagate
+from tripar.graph import canonical_names
 from tripar.graph.proxy import TPRegion
 from tripar.graph.tp_ops import (
     CE,
@@ -58,7 +59,6 @@ from tripar.graph.tp_ops import (
     flat_args,
     linear_info,
     op_name,
-    param_names,
     param_ref,
     set_flat_arg,
 )
@@ -491,7 +491,7 @@ class _Rewriter:
 def _canonical(gm: torch.fx.GraphModule, preferred: set[str]) -> dict[str, str]:
     """Attribute path -> one name per distinct parameter: the name the regions use when
     one of a tied parameter's names is theirs, else the first."""
-    canon = param_names(gm)
+    canon = canonical_names(gm)
     groups: dict[str, list[str]] = {}
     for path, first in canon.items():
         groups.setdefault(first, []).append(path)

@@ -4,7 +4,8 @@ capture (FX, torch.export fallback) -> annotate (shapes, FLOPs, saved bytes on
 fake tensors) -> build_proxy_graph (blocks, signatures, cuts, TP regions).
 ``capture_model`` runs all three for an example batch and records how batches feed the
 graph (``Captured``: what the planner, codegen and the runtime read); ``analyze``
-returns the proxy graph alone.
+returns the proxy graph alone. Which names a parameter goes by is defined once
+(``param_groups``, ``tied_groups``, ``canonical_names``, ``read_params``).
 """
 
 from tripar.graph.annotate import NodeInfo, annotate
@@ -19,6 +20,7 @@ from tripar.graph.captured import (
     example_sizes,
     for_micro_batch,
 )
+from tripar.graph.params import canonical_names, param_groups, read_params, tied_groups
 from tripar.graph.proxy import Block, Cut, ProxyGraph, TensorInfo, TPRegion, Unproven
 from tripar.graph.tp_regions import find_tp_regions
 
@@ -35,11 +37,15 @@ __all__ = [
     "annotate",
     "batch_size",
     "build_proxy_graph",
+    "canonical_names",
     "capture",
     "capture_model",
     "example_sizes",
     "find_tp_regions",
     "flat_graph_inputs",
     "for_micro_batch",
+    "param_groups",
     "partition_blocks",
+    "read_params",
+    "tied_groups",
 ]

@@ -42,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from tripar.errors import CaptureError
 from tripar.graph.blocks import node_module
+from tripar.graph.params import canonical_names, read_params
 from tripar.graph.replay import ReplayingInterpreter, ReusePlan
 
 aten = torch.ops.aten
@@ -269,28 +270,19 @@ def _flat_inputs(gm: torch.fx.GraphModule, args: Sequence[Any], kwargs: dict[str
 
 def _first_readers(gm: torch.fx.GraphModule) -> tuple[dict[str, list[tuple[str, Any]]], set]:
     """For each node, the (canonical FQN, parameter) pairs it reads first; and every reader."""
-    canonical: dict[int, str] = {}
-    for fqn, param in gm.named_parameters(remove_duplicate=False):
-        canonical.setdefault(id(param), fqn)
-    seen: set[int] = set()
+    canon = canonical_names(gm)
+    seen: set[str] = set()
     first: dict[str, list[tuple[str, Any]]] = defaultdict(list)
     readers: set[str] = set()
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            if not node.users:
-                continue
-            value = _get_attr(gm, str(node.target))
-            params = [value] if isinstance(value, torch.nn.Parameter) else []
-        elif node.op == "call_module":
-            params = list(gm.get_submodule(str(node.target)).parameters())
-        else:
+        if node.op == "get_attr" and not node.users:
             continue
-        for param in params:
+        for fqn, param in read_params(gm, node, canon):
             readers.add(node.name)
-            if id(param) in seen:
+            if fqn in seen:
                 continue
-            seen.add(id(param))
-            first[node.name].append((canonical.get(id(param), str(node.target)), param))
+            seen.add(fqn)
+            first[node.name].append((fqn, param))
     return first, readers
 
 

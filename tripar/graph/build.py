@@ -15,12 +15,10 @@ import importlib.util
 import operator
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
 
 import networkx as nx
 import torch
 import torch.fx
-from torch import nn
 
 from tripar.errors import CaptureError
 from tripar.graph.annotate import NodeInfo
@@ -31,6 +29,7 @@ from tripar.graph.blocks import (
     structural_key,
     target_text,
 )
+from tripar.graph.params import canonical_names, param_groups, read_params
 from tripar.graph.proxy import Block, Cut, ProxyGraph, TensorInfo
 
 
@@ -243,33 +242,21 @@ def _derived_inputs_set(gm: torch.fx.GraphModule) -> set[str]:
 
 def _tied_weights(gm: torch.fx.GraphModule, index_of: dict[str, int]) -> list[tuple[str, ...]]:
     """Names sharing one parameter, and parameters read by more than one block."""
-    names: dict[int, list[str]] = defaultdict(list)
-    params: dict[int, nn.Parameter] = {}
-    for fqn, param in gm.named_parameters(remove_duplicate=False):
-        names[id(param)].append(fqn)
-        params[id(param)] = param
-    readers: dict[int, set[int]] = defaultdict(set)
+    canon = canonical_names(gm)
+    readers: dict[str, set[int]] = defaultdict(set)
     for node in gm.graph.nodes:
         if node.name not in index_of:
             continue
         if node.op == "get_attr":
-            value: Any = gm
-            for atom in str(node.target).split("."):
-                value = getattr(value, atom)
-            found = [value] if isinstance(value, nn.Parameter) else []
             blocks = {index_of[u.name] for u in node.users if u.name in index_of}
         elif node.op == "call_module":
-            found = list(gm.get_submodule(str(node.target)).parameters())
             blocks = {index_of[node.name]}
         else:
             continue
-        for param in found:
-            readers[id(param)] |= blocks
-    groups = []
-    for key, fqns in names.items():
-        if len(fqns) > 1 or len(readers.get(key, ())) > 1:
-            groups.append(tuple(fqns))
-    return groups
+        for fqn, _ in read_params(gm, node, canon):
+            readers[fqn] |= blocks
+    return [group for group in param_groups(gm)
+            if len(group) > 1 or len(readers.get(group[0], ())) > 1]
 
 
 def _dominant_dtype(gm: torch.fx.GraphModule) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from tripar.graph.params import canonical_names
 from tripar.graph.tp_ops import (
     CE,
     INT_OPS,
@@ -40,7 +41,6 @@ from tripar.graph.tp_ops import (
     is_int_like,
     leaf_index,
     op_name,
-    param_names,
 )
 
 Node = torch.fx.Node
@@ -152,7 +152,7 @@ class GrowerBase:
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.index = {n.name: i for i, n in enumerate(gm.graph.nodes)}
         self.names = {n.name: op_name(n, self.modules) for n in gm.graph.nodes}
-        self.params = param_names(gm)
+        self.params = canonical_names(gm)
         self.used: set[str] = set()
 
     # ----------------------------------------------------------------- driver

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from tripar.errors import CaptureError
+from tripar.graph.params import canonical_names
 
 UNARY = frozenset(
     "relu gelu silu sigmoid tanh exp log log1p neg abs sqrt rsqrt erf sin cos reciprocal "
@@ -177,23 +178,6 @@ def param_ref(node: Any, params: dict[str, str]) -> tuple[str, bool] | None:
     return None
 
 
-def param_names(gm: torch.fx.GraphModule) -> dict[str, str]:
-    """Attribute path -> canonical FQN (the first name of each distinct parameter)."""
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        out[name] = first.setdefault(id(p), name)
-    return out
-
-
-def tied_names(gm: torch.fx.GraphModule) -> dict[str, tuple[str, ...]]:
-    """Canonical FQN -> every FQN of that parameter, for shared parameters only."""
-    groups: dict[int, list[str]] = {}
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    return {g[0]: tuple(g) for g in groups.values() if len(g) > 1}
-
-
 def linear_info(node: torch.fx.Node, modules: dict[str, nn.Module], params: dict[str, str]) -> Linear | None:
     """The `Linear` view of ``node`` when it multiplies by a parameter matrix, else None."""
     name = op_name(node, modules)
@@ -232,7 +216,7 @@ def linear_info(node: torch.fx.Node, modules: dict[str, nn.Module], params: dict
 
 def find_linears(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dict[str, Linear]:
     """Every linear / embedding node of ``gm`` whose weight is a parameter, in graph order."""
-    params = param_names(gm)
+    params = canonical_names(gm)
     found = {}
     for node in gm.graph.nodes:
         lin = linear_info(node, modules, params)

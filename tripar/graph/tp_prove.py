@@ -22,8 +22,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from tripar.graph.params import canonical_names
 from tripar.graph.proxy import TPRegion
-from tripar.graph.tp_ops import fetch_attr, flat_args, linear_info, param_names, set_flat_arg
+from tripar.graph.tp_ops import fetch_attr, flat_args, linear_info, set_flat_arg
 
 
 class ShapeError(Exception):
@@ -118,7 +119,7 @@ def region_program(gm: torch.fx.GraphModule, region: TPRegion, *, t: int, rank: 
     """Rank ``rank``'s program for ``region`` at degree ``t`` (raises ShapeError when a
     rewritten size is not divisible by t)."""
     modules = dict(gm.named_modules())
-    canon = param_names(gm)
+    canon = canonical_names(gm)
     shard = dict(region.shards)
     parts = dict(region.parts)
     row_bias = _row_biases(gm, region, modules, canon)

@@ -36,9 +36,10 @@ from typing import Any
 import torch
 import torch.fx
 
+from tripar.graph.params import tied_groups
 from tripar.graph.proxy import TPRegion, Unproven
 from tripar.graph.tp_grow import EXIT, PARTIAL, Grown, Partner, Reject, Shard
-from tripar.graph.tp_ops import VIEWS, Linear, find_linears, op_name, tied_names
+from tripar.graph.tp_ops import VIEWS, Linear, find_linears, op_name
 from tripar.graph.tp_prove import prove
 from tripar.graph.tp_rules import Grower
 
@@ -90,7 +91,7 @@ def find_tp_regions(
     modules = dict(gm.named_modules())
     linears = find_linears(gm, modules)
     params = {name: torch.empty(p.shape, dtype=p.dtype, device="meta") for name, p in gm.named_parameters()}
-    tied = tied_names(gm)
+    tied = {group[0]: group for group in tied_groups(gm)}
     grower = Grower(gm, vals, linears)
     regions: list[TPRegion] = []
     candidates: list[TPRegion] = []  # every recorded region, proven or not (for numbering)

@@ -27,6 +27,7 @@ from torch import nn
 from tripar.codegen.build import split_for_rank, stage_programs
 from tripar.codegen.tp_rng import tp_rng_tracker
 from tripar.codegen.tp_shard import ParamShard
+from tripar.graph import param_groups
 from tripar.graph.captured import Captured
 from tripar.plan.plan import Plan
 from tripar.runtime.engine import BatchLayout, ParallelModel
@@ -78,11 +79,8 @@ def _assemble(captured: Captured, plan: Plan, mesh: Mesh, *, loss_fn: Callable |
     made = split_for_rank(captured, plan, mesh.coords.tp)
     micro, split, shards = made.captured, made.split, made.shards
     # every name of each original tensor; the first is canonical
-    names: dict[int, list[str]] = {}
-    for fqn, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(fqn)
-    canon = {fqn: group[0] for group in names.values() for fqn in group}
-    aliases = {group[0]: tuple(group) for group in names.values()}
+    aliases = {group[0]: group for group in param_groups(model)}
+    canon = {fqn: group[0] for group in aliases.values() for fqn in group}
     on_meta = any(p.device.type == "meta" for p in model.parameters())
 
     holders: dict[str, set[int]] = {}
