@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from tripar.errors import CaptureError
+from tripar.errors import CaptureError, PlanError
 from tripar.graph.blocks import node_module
-from tripar.graph.capture import capture
+from tripar.graph.capture import capture, flat_graph_inputs
 
 
 class ShapeBranch(nn.Module):
@@ -116,3 +116,18 @@ def test_bad_arguments() -> None:
         capture(nn.Linear(2, 2), (torch.randn(1, 2),), method="jit")
     with pytest.raises(CaptureError, match="leaf_modules entries"):
         capture(nn.Linear(2, 2), (torch.randn(1, 2),), leaf_modules=[3])
+
+
+def test_flat_graph_inputs_take_defaults_and_raise_the_callers_error() -> None:
+    class Masked(nn.Module):
+        def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                    scale: float = 2.0) -> torch.Tensor:
+            return x * scale if mask is None else x * mask * scale
+
+    gm = capture(Masked(), (torch.ones(2),), method="fx")
+    x = torch.ones(2)
+    assert flat_graph_inputs(gm, (x,))[1:] == [None, 2.0]  # FX specialises the defaults
+    with pytest.raises(PlanError, match="the inputs do not match the captured forward"):
+        flat_graph_inputs(gm, (x,), {"bias": 1})
+    with pytest.raises(CaptureError, match="the inputs do not match the captured forward"):
+        flat_graph_inputs(gm, (), {}, error=CaptureError)

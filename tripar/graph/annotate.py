@@ -26,7 +26,6 @@ nodes of FX-traced graphs also get their value as meta tensors in
 
 from __future__ import annotations
 
-import inspect
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -35,13 +34,13 @@ from typing import Any
 
 import torch
 import torch.fx
-import torch.fx._pytree as fx_pytree
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from tripar.errors import CaptureError
 from tripar.graph.blocks import node_module
+from tripar.graph.capture import flat_graph_inputs
 from tripar.graph.params import canonical_names, read_params
 from tripar.graph.replay import ReplayingInterpreter, ReusePlan
 
@@ -243,31 +242,6 @@ class _Annotator(ReplayingInterpreter):
         self.counter.current = current
 
 
-def _flat_inputs(gm: torch.fx.GraphModule, args: Sequence[Any], kwargs: dict[str, Any]) -> list:
-    """The values of the graph's placeholders, in order."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    codegen = gm.graph._codegen
-    pytree_info = getattr(codegen, "pytree_info", None)
-    if pytree_info is not None and pytree_info.in_spec is not None:
-        flat = fx_pytree.tree_flatten_spec((tuple(args), dict(kwargs)), pytree_info.in_spec)
-        return list(flat)
-    try:
-        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-    except TypeError as error:
-        raise CaptureError(f"example inputs do not match the captured forward: {error}") from None
-    bound.apply_defaults()
-    values = []
-    for node in placeholders:
-        name = str(node.target).lstrip("*")
-        if name in bound.arguments:
-            values.append(bound.arguments[name])
-        elif node.args:
-            values.append(node.args[0])
-        else:
-            raise CaptureError(f"no example value for graph input {name!r}")
-    return values
-
-
 def _first_readers(gm: torch.fx.GraphModule) -> tuple[dict[str, list[tuple[str, Any]]], set]:
     """For each node, the (canonical FQN, parameter) pairs it reads first; and every reader."""
     canon = canonical_names(gm)
@@ -350,9 +324,7 @@ def annotate(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    args = tuple(example_inputs)
-    kwargs = dict(example_kwargs or {})
-    flat = _flat_inputs(gm, args, kwargs)
+    flat = flat_graph_inputs(gm, tuple(example_inputs), example_kwargs, error=CaptureError)
     flat = [_fake_like(fake_mode, v) if isinstance(v, torch.Tensor) else v for v in flat]
     first_reads, readers = _first_readers(gm)
     # export graphs carry their own fake "val"s; FX graphs get meta tensors from this run

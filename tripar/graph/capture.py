@@ -32,7 +32,7 @@ import torch.fx
 import torch.fx._pytree as fx_pytree
 from torch import nn
 
-from tripar.errors import CaptureError, PlanError
+from tripar.errors import CaptureError, PlanError, TriparError
 
 _METHODS = ("auto", "fx", "export")
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -267,8 +267,11 @@ def capture(
 
 
 def flat_graph_inputs(gm: torch.fx.GraphModule, args: Sequence[Any] = (),
-                      kwargs: dict[str, Any] | None = None) -> list[Any]:
-    """The values of ``gm``'s placeholders, in order, for a call ``gm(*args, **kwargs)``.
+                      kwargs: dict[str, Any] | None = None, *,
+                      error: type[TriparError] = PlanError) -> list[Any]:
+    """The values of ``gm``'s placeholders, in order, for a call ``gm(*args, **kwargs)``;
+    a placeholder no argument gives takes its default. Raises ``error`` (``annotate``
+    raises CaptureError) when the arguments do not fit the captured forward.
 
     >>> import torch
     >>> gm = torch.fx.symbolic_trace(lambda x, y: x + y)
@@ -281,13 +284,16 @@ def flat_graph_inputs(gm: torch.fx.GraphModule, args: Sequence[Any] = (),
         return list(fx_pytree.tree_flatten_spec((tuple(args), kwargs), spec))
     try:
         bound = inspect.signature(gm.forward).bind(*args, **kwargs)
-    except TypeError as error:
-        raise PlanError(f"the inputs do not match the captured forward: {error}") from None
+    except TypeError as exc:
+        raise error(f"the inputs do not match the captured forward: {exc}") from None
     bound.apply_defaults()
     values = []
     for node in gm.graph.find_nodes(op="placeholder"):
         name = str(node.target).lstrip("*")
-        if name not in bound.arguments:
-            raise PlanError(f"no value for graph input {name!r}; pass it to the stages")
-        values.append(bound.arguments[name])
+        if name in bound.arguments:
+            values.append(bound.arguments[name])
+        elif node.args:  # the placeholder's default
+            values.append(node.args[0])
+        else:
+            raise error(f"no value for graph input {name!r}, which has no default; pass one")
     return values
