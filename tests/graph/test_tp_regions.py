@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tripar.graph.capture import capture
-from tripar.graph.tp_ops import find_linears, meta_values
+from tripar.graph.tp_ops import find_linears
 from tripar.graph.tp_prove import prove, region_program, take_shard, vocab_parallel_embedding
 from tripar.graph.tp_regions import find_tp_regions
+from tripar.graph.values import meta_values
 from tripar.models import load_model
 
 

@@ -34,13 +34,17 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch import nn
 from torch.utils import _pytree as pytree
 
 from tripar.codegen.stage import StageProgram, StageSplit, TensorSpec, TiedGroup
-from tripar.codegen.tp_rng import ForkedRNG
 from tripar.errors import PlanError
-from tripar.graph import canonical_names, param_groups, read_params
+from tripar.graph import (
+    baked_devices,
+    canonical_names,
+    node_values,
+    param_groups,
+    read_params,
+)
 
 # ---- helpers --------------------------------------------------------------------------
 
@@ -52,68 +56,17 @@ def _spec(name: str, value: Any) -> TensorSpec:
     return TensorSpec(tuple(value.shape), value.dtype, name=name)
 
 
-def _get_attr(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
-
-
 def propagate_values(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any]) -> dict[str, Any]:
     """Run ``gm`` on fake tensors (no memory, weights may be on meta) and return every
-    node's value: fake tensors for tensors, plain Python values otherwise."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.nn.utils.stateless import _reparametrize_module
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    node's value: fake tensors for tensors, plain Python values otherwise
+    (``tripar.graph.node_values``, with the error a split reports)."""
     # a graph exported from a meta-built model has device=meta baked in: stay on meta
     # (unless its device constants were retargeted: then they decide)
     baked = baked_devices(gm)
     on_meta = "meta" in baked if baked else any(t.device.type == "meta" for t in gm.parameters())
-    device = "meta" if on_meta else "cpu"
-
-    def fake(t: torch.Tensor) -> torch.Tensor:
-        with mode:
-            out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype,
-                                      device=device)
-        if t.requires_grad:
-            out.requires_grad_(True)
-        return out
-
-    twins: dict[int, torch.Tensor] = {}
-    state: dict[str, torch.Tensor] = {}
-    named = list(gm.named_parameters(remove_duplicate=False))
-    named += list(gm.named_buffers(remove_duplicate=False))
-    for fqn, tensor in named:
-        twins.setdefault(id(tensor), fake(tensor))
-        state[fqn] = twins[id(tensor)]
-    for node in gm.graph.find_nodes(op="get_attr"):
-        if str(node.target) not in state:
-            value = _get_attr(gm, str(node.target))
-            if isinstance(value, torch.Tensor):
-                state[str(node.target)] = fake(value)
-    inputs = [fake(v) if isinstance(v, torch.Tensor) else v for v in flat_inputs]
-    values: dict[str, Any] = {}
-
-    class _Recorder(torch.fx.Interpreter):
-        def run_node(self, n: torch.fx.Node) -> Any:
-            out = super().run_node(n)
-            values[n.name] = out
-            return out
-
-        def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-            # a tensor-parallel program: collectives give shapes without communicating,
-            # and a forked random op draws on the default stream (values do not matter)
-            module = self.fetch_attr(target)
-            if callable(getattr(module, "meta_forward", None)):
-                return module.meta_forward(*args, **kwargs)
-            if isinstance(module, ForkedRNG):
-                return module.fn(*args, **kwargs)
-            return super().call_module(target, args, kwargs)
-
     try:
-        with _reparametrize_module(gm, state), mode, torch.enable_grad():
-            _Recorder(gm).run(*inputs)
+        with torch.enable_grad():
+            return node_values(gm, flat_inputs, device="meta" if on_meta else "cpu")
     except Exception as error:  # noqa: BLE001 - reported with the fix
         shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in flat_inputs]
         first = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
@@ -121,27 +74,6 @@ def propagate_values(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any]) -> di
             f"the graph does not run on inputs of shapes {shapes}: {type(error).__name__}: "
             f"{first}; a graph from torch.export fixes the batch it was captured with, so "
             "capture the model with a microbatch-sized example") from error
-    return values
-
-
-def baked_devices(gm: torch.fx.GraphModule) -> set[str]:
-    """Device types written into the graph's arguments (``torch.export`` records the
-    capture's device in ``arange``, ``to`` and its tensor-metadata asserts).
-
-    >>> import torch
-    >>> baked_devices(torch.fx.symbolic_trace(lambda x: x.to(torch.device("meta"))))
-    {'meta'}
-    """
-    found: set[str] = set()
-
-    def visit(value: Any) -> Any:
-        if isinstance(value, torch.device):
-            found.add(value.type)
-        return value
-
-    for node in gm.graph.nodes:
-        pytree.tree_map(visit, (node.args, node.kwargs))
-    return found
 
 
 def _is_guard(node: torch.fx.Node) -> bool:

@@ -127,6 +127,11 @@ class ForkedRNG(nn.Module):
         with self.tracker.fork(self.stream):
             return self.fn(*args, **kwargs)
 
+    def meta_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The op on the default stream: on fake tensors only shapes matter, and no
+        stream is forked (``tripar.graph.values`` runs this instead of ``forward``)."""
+        return self.fn(*args, **kwargs)
+
     def extra_repr(self) -> str:
         fn = self.fn if isinstance(self.fn, nn.Module) else getattr(self.fn, "__name__", self.fn)
         return f"stream={self.stream!r}" + ("" if isinstance(self.fn, nn.Module) else f", fn={fn}")

@@ -1,11 +1,11 @@
 """Shape propagation of a rewritten graph on fake tensors, and the checks on its result.
 
-`propagate` runs a (rewritten) GraphModule under ``FakeTensorMode`` (no data, no
-communication): parameters and buffers enter with their current (sharded)
-shapes, collectives only compute shapes (`TPCollective.meta_forward`). `check_shapes` compares the result with the
-original graph's values: every node outside the sharded regions must keep its
-shape (and an int its value), and every region node must have its original shape
-with at most one dim divided by t.
+`propagate` runs a (rewritten) GraphModule on fake tensors (``tripar.graph``'s
+`FakeInterpreter`: no data, no communication): parameters and buffers enter with their
+current (sharded) shapes, collectives only compute shapes (`TPCollective.meta_forward`).
+`check_shapes` compares the result with the original graph's values: every node outside
+the sharded regions must keep its shape (and an int its value), and every region node
+must have its original shape with at most one dim divided by t.
 """
 
 from __future__ import annotations
@@ -15,12 +15,10 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
-from tripar.codegen.collectives import TPCollective
-from tripar.codegen.tp_rng import ForkedRNG
 from tripar.errors import PlanError
+from tripar.graph import FakeInterpreter
 
 __all__ = ["RewriteError", "check_shapes", "propagate"]
 
@@ -48,58 +46,16 @@ def _placeholders(gm: torch.fx.GraphModule, example_inputs: Sequence[Any] | None
     return out
 
 
-class _FakeRun(torch.fx.Interpreter):
-    """Runs a graph on fake tensors (shapes, dtypes and devices only; CPU for meta values so
-    that explicit moves to the CPU in exported graphs work)."""
-
-    def __init__(self, module: torch.fx.GraphModule, mode: Any) -> None:
-        super().__init__(module)
-        self.mode = mode
-        self.values: dict[str, Any] = {}
-        self.current = ""
-
-    def fake(self, value: Any) -> Any:
-        def conv(v: Any) -> Any:
-            if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor):
-                device = "cpu" if v.device.type == "meta" else v.device
-                out = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=device)
-                return out.requires_grad_(v.requires_grad)
-            return v
-
-        with self.mode:
-            return tree_map(conv, value)
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        self.current = n.name
-        with self.mode:
-            out = super().run_node(n)
-        self.values[n.name] = out
-        return out
-
-    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
-        return self.fake(super().get_attr(target, args, kwargs))
-
-    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        mod = self.fetch_attr(target)
-        if isinstance(mod, TPCollective):
-            return mod.meta_forward(*args, **kwargs)
-        if isinstance(mod, ForkedRNG):
-            return mod.fn(*args, **kwargs)
-        state = {k: self.fake(v) for k, v in mod.state_dict(keep_vars=True).items()}
-        return torch.func.functional_call(mod, state, tuple(args), kwargs)
-
-
 def propagate(gm: torch.fx.GraphModule, example_inputs: Sequence[Any] | None = None, *,
               what: str = "the tensor-parallel program") -> dict[str, Any]:
     """Every node's value (fake tensors) when ``gm`` runs on ``example_inputs`` (real, meta
     or, when None, the placeholder shapes the capture recorded); raises RewriteError naming
     the node where propagation fails."""
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    run = _FakeRun(gm, mode)
-    inputs = run.fake(_placeholders(gm, example_inputs))
+    run = FakeInterpreter(gm)
+    inputs = _placeholders(gm, example_inputs)
     try:
         with torch.no_grad():
-            run.run(*inputs)
+            run.propagate(*inputs)
     except Exception as e:  # noqa: BLE001 - any failure means the program is wrong
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RewriteError(f"shape propagation of {what} failed at node {run.current}: {first}") from e

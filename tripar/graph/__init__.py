@@ -4,8 +4,9 @@ capture (FX, torch.export fallback) -> annotate (shapes, FLOPs, saved bytes on
 fake tensors) -> build_proxy_graph (blocks, signatures, cuts, TP regions).
 ``capture_model`` runs all three for an example batch and records how batches feed the
 graph (``Captured``: what the planner, codegen and the runtime read); ``analyze``
-returns the proxy graph alone. Which names a parameter goes by is defined once
-(``param_groups``, ``tied_groups``, ``canonical_names``, ``read_params``).
+returns the proxy graph alone. Two definitions the later layers share: the fake-tensor
+run of a graph (``FakeInterpreter``, ``node_values``) and which names a parameter goes
+by (``param_groups``, ``tied_groups``, ``canonical_names``, ``read_params``).
 """
 
 from tripar.graph.annotate import NodeInfo, annotate
@@ -23,11 +24,13 @@ from tripar.graph.captured import (
 from tripar.graph.params import canonical_names, param_groups, read_params, tied_groups
 from tripar.graph.proxy import Block, Cut, ProxyGraph, TensorInfo, TPRegion, Unproven
 from tripar.graph.tp_regions import find_tp_regions
+from tripar.graph.values import FakeInterpreter, baked_devices, node_values
 
 __all__ = [
     "Block",
     "Captured",
     "Cut",
+    "FakeInterpreter",
     "NodeInfo",
     "ProxyGraph",
     "TPRegion",
@@ -35,6 +38,7 @@ __all__ = [
     "Unproven",
     "analyze",
     "annotate",
+    "baked_devices",
     "batch_size",
     "build_proxy_graph",
     "canonical_names",
@@ -44,6 +48,7 @@ __all__ = [
     "find_tp_regions",
     "flat_graph_inputs",
     "for_micro_batch",
+    "node_values",
     "param_groups",
     "partition_blocks",
     "read_params",

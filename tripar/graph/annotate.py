@@ -1,10 +1,10 @@
 """Measure every node of a captured graph: shapes, FLOPs, parameters, saved bytes.
 
 :func:`annotate` runs the graph once, forward then backward, on fake tensors
-(``FakeTensorMode`` with the CPU as the fake device: no memory is allocated,
-and operators choose the kernels they would choose on a real CPU, e.g. the
-flash form of scaled-dot-product attention that saves only its output and
-log-sum-exp). Nothing is estimated from shapes:
+(the fake-tensor run of :mod:`tripar.graph.values`, with the CPU as the fake device:
+no memory is allocated, and operators choose the kernels they would choose on a real
+CPU, e.g. the flash form of scaled-dot-product attention that saves only its output
+and log-sum-exp). Nothing is estimated from shapes:
 
 - FLOPs come from ``torch.utils.flop_counter`` (a ``FlopCounterMode`` whose
   per-operator count is credited to the node running at that moment). In the
@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
@@ -99,26 +98,9 @@ class NodeInfo:
     """Whether the node reads a parameter (first reader or not)."""
 
 
-def _fake_like(fake_mode: Any, tensor: torch.Tensor) -> torch.Tensor:
-    """A fake CPU tensor with ``tensor``'s shape, strides, dtype and requires_grad."""
-    with fake_mode:
-        fake = torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()),
-                                   dtype=tensor.dtype, device="cpu")
-    if tensor.requires_grad and (tensor.is_floating_point() or tensor.is_complex()):
-        fake.requires_grad_(True)
-    return fake
-
-
 def _as_meta(tensor: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(tuple(tensor.shape), tuple(tensor.stride()), dtype=tensor.dtype,
                                device="meta")
-
-
-def _meta_to_cpu(value: Any) -> Any:
-    """Replace ``device='meta'`` arguments (baked into exported graphs) by the fake CPU."""
-    if isinstance(value, torch.device) and value.type == "meta":
-        return torch.device("cpu")
-    return value
 
 
 class _NodeFlopCounter(FlopCounterMode):
@@ -168,13 +150,13 @@ class _NodeFlopCounter(FlopCounterMode):
 class _Annotator(ReplayingInterpreter):
     """Runs the graph node by node, tracking which node creates each autograd node."""
 
-    def __init__(self, gm: torch.fx.GraphModule, counter: _NodeFlopCounter,
-                 weight_storages: set[int]) -> None:
-        super().__init__(gm, weight_storages)
+    def __init__(self, gm: torch.fx.GraphModule, counter: _NodeFlopCounter) -> None:
+        super().__init__(gm)
         self.counter = counter
         self.saved_by_node: dict[str, int] = defaultdict(int)
         self.grad_fn_owner: dict[Any, str] = {}
-        self.values: dict[str, tuple[tuple[tuple[int, ...], ...], tuple[str, ...], int]] = {}
+        self.layouts: dict[str, tuple[tuple[tuple[int, ...], ...], tuple[str, ...], int]] = {}
+        """Each node's output shapes, dtypes and bytes (its fake value is not kept)."""
         self.meta_values: dict[str, Any] = {}
         """Each node's value as meta tensors (what ``node.meta["val"]`` gets)."""
 
@@ -195,7 +177,11 @@ class _Annotator(ReplayingInterpreter):
     # -- node execution --------------------------------------------------------
     def run_node(self, n: torch.fx.Node) -> Any:
         self.counter.current = n.name
-        result = super().run_node(n)
+        return super().run_node(n)
+
+    def record(self, n: torch.fx.Node, result: Any) -> None:
+        """The node's output layouts and bytes, its value as meta tensors, and which
+        autograd nodes it created (the backward FLOPs they run are credited to it)."""
         shapes, dtypes, nbytes = [], [], 0
         for leaf in pytree.tree_leaves(result):
             if isinstance(leaf, torch.Tensor):
@@ -204,9 +190,8 @@ class _Annotator(ReplayingInterpreter):
                 nbytes += leaf.numel() * leaf.element_size()
                 if leaf.grad_fn is not None:
                     self._tag_autograd(leaf.grad_fn, n.name)
-        self.values[n.name] = (tuple(shapes), tuple(dtypes), nbytes)
+        self.layouts[n.name] = (tuple(shapes), tuple(dtypes), nbytes)
         self.meta_values[n.name] = pytree.tree_map_only(torch.Tensor, _as_meta, result)
-        return result
 
     def _tag_autograd(self, root: Any, name: str) -> None:
         stack = [root]
@@ -225,14 +210,6 @@ class _Annotator(ReplayingInterpreter):
             counter.current = name
 
         return prehook
-
-    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        args, kwargs = pytree.tree_map(_meta_to_cpu, (args, kwargs))
-        return super().call_function(target, args, kwargs)
-
-    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
-        args, kwargs = pytree.tree_map(_meta_to_cpu, (args, kwargs))
-        return super().call_method(target, args, kwargs)
 
     @contextmanager
     def _uncredited(self) -> Iterator[None]:
@@ -258,34 +235,6 @@ def _first_readers(gm: torch.fx.GraphModule) -> tuple[dict[str, list[tuple[str, 
             seen.add(fqn)
             first[node.name].append((fqn, param))
     return first, readers
-
-
-def _get_attr(gm: torch.fx.GraphModule, target: str) -> Any:
-    value: Any = gm
-    for atom in target.split("."):
-        value = getattr(value, atom)
-    return value
-
-
-@contextmanager
-def _fake_weights(gm: torch.fx.GraphModule, fake_mode: Any) -> Iterator[set[int]]:
-    """Swap every parameter, buffer and tensor constant of ``gm`` for a fake CPU twin."""
-    twins: dict[int, torch.Tensor] = {}
-    state: dict[str, torch.Tensor] = {}
-    named = list(gm.named_parameters(remove_duplicate=False))
-    named += list(gm.named_buffers(remove_duplicate=False))
-    for fqn, tensor in named:
-        if id(tensor) not in twins:
-            twins[id(tensor)] = _fake_like(fake_mode, tensor)
-        state[fqn] = twins[id(tensor)]
-    for node in gm.graph.nodes:  # lifted constants: plain tensor attributes
-        if node.op == "get_attr" and str(node.target) not in state:
-            value = _get_attr(gm, str(node.target))
-            if isinstance(value, torch.Tensor):
-                state[str(node.target)] = _fake_like(fake_mode, value)
-    storages = {t.untyped_storage()._cdata for t in state.values()}
-    with _reparametrize_module(gm, state):
-        yield storages
 
 
 def _backward_roots(output: Any) -> list[torch.Tensor]:
@@ -321,18 +270,15 @@ def annotate(
     >>> info.shapes, info.forward_flops, info.backward_flops, info.params, info.matmuls
     (((2, 8),), 128, 128, 40, ((2, 4, 8),))
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     flat = flat_graph_inputs(gm, tuple(example_inputs), example_kwargs, error=CaptureError)
-    flat = [_fake_like(fake_mode, v) if isinstance(v, torch.Tensor) else v for v in flat]
     first_reads, readers = _first_readers(gm)
     # export graphs carry their own fake "val"s; FX graphs get meta tensors from this run
     keep_val = gm.meta.get("tripar_tracer") != "export"
     counter = _NodeFlopCounter()
-    with _fake_weights(gm, fake_mode) as weight_storages:
-        runner = _Annotator(gm, counter, weight_storages)
-        with fake_mode, counter, torch.enable_grad():
+    runner = _Annotator(gm, counter)
+    flat = runner.fake(flat)
+    with runner.fake_weights():
+        with runner.mode, counter, torch.enable_grad():
             with torch.autograd.graph.saved_tensors_hooks(runner.pack, runner.unpack):
                 output = runner.execute(flat, ReusePlan.of(gm) if reuse else None)
             roots = _backward_roots(output)
@@ -344,7 +290,7 @@ def annotate(
             del output, roots
     for node in gm.graph.nodes:
         source = runner.copied.get(node.name, node.name)
-        shapes, dtypes, nbytes = runner.values.get(source, ((), (), 0))
+        shapes, dtypes, nbytes = runner.layouts.get(source, ((), (), 0))
         reads = first_reads.get(node.name, [])
         node.meta["tripar"] = NodeInfo(
             shapes=shapes,

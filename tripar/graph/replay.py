@@ -21,19 +21,20 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from tripar.graph.blocks import partition_blocks, structural_key
+from tripar.graph.values import FakeInterpreter
 
 
-class ReplayingInterpreter(torch.fx.Interpreter):
-    """An interpreter whose :meth:`execute` replays blocks identical to one already run.
+class ReplayingInterpreter(FakeInterpreter):
+    """A fake-tensor run (:class:`~tripar.graph.values.FakeInterpreter`) whose
+    :meth:`execute` replays blocks identical to one already run.
 
-    ``weight_storages`` are the storages of the module's weights and buffers;
-    ``saved_storages`` are the storages saved for backward so far (a subclass's pack hook
-    adds to it).
+    ``weight_storages`` are the storages of the module's weights and buffers (its fake
+    weights must be in place: :meth:`fake_weights`); ``saved_storages`` are the storages
+    saved for backward so far (a subclass's pack hook adds to it).
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, weight_storages: set[int]) -> None:
-        super().__init__(gm, garbage_collect_values=True)
-        self.weight_storages = weight_storages
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        super().__init__(gm)
         self.saved_storages: set[int] = set()
         self.copied: dict[str, str] = {}
         """Replayed node -> the measured node whose numbers it takes."""

@@ -3,22 +3,20 @@
 Both kinds of captured graph are read through the same few questions: what op a
 node is (``op_name``: ``view`` for ``x.view(...)``, ``aten.view.default`` and
 ``torch.reshape`` alike), which parameter a linear or embedding multiplies by
-(``find_linears``), and every node's value on the meta device (``meta_values``).
+(``find_linears``). Every node's value on the meta device is ``values.meta_values``.
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from tripar.errors import CaptureError
 from tripar.graph.params import canonical_names
 
 UNARY = frozenset(
@@ -225,80 +223,11 @@ def find_linears(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dic
     return found
 
 
-def _to_meta(value: Any) -> Any:
-    def conv(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return torch.empty(v.shape, dtype=v.dtype, device="meta")
-        if isinstance(v, torch.SymInt | torch.SymFloat | torch.SymBool):
-            return v.node.hint if hasattr(v.node, "hint") and v.node.hint is not None else int(v)
-        return v
-
-    return tree_map(conv, value)
-
-
 def fetch_attr(gm: torch.nn.Module, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def meta_values(gm: torch.fx.GraphModule, example_inputs: Sequence[Any] | None = None) -> dict[str, Any]:
-    """Every node's value as meta tensors (ints and tuples as they are).
-
-    Uses ``node.meta["val"]`` where the capture left it; otherwise runs the graph on
-    the meta device from ``example_inputs`` (positional, one per placeholder) or the
-    placeholders' recorded ``val``/``tensor_meta``. A node that cannot run gets
-    ``None``; regions that touch it are reported unproven.
-    """
-    modules = dict(gm.named_modules())
-    vals: dict[str, Any] = {}
-    failed: set[str] = set()
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    given = list(example_inputs) if example_inputs is not None else None
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            continue
-        if "val" in node.meta:
-            vals[node.name] = _to_meta(node.meta["val"])
-            continue
-        if node.op == "placeholder":
-            i = placeholders.index(node)
-            if given is not None and i < len(given):
-                vals[node.name] = _to_meta(given[i])
-            elif "tensor_meta" in node.meta:
-                tm = node.meta["tensor_meta"]
-                vals[node.name] = torch.empty(tm.shape, dtype=tm.dtype, device="meta")
-            elif node.args:  # a default value
-                vals[node.name] = node.args[0]
-            else:
-                raise CaptureError(
-                    f"placeholder {node.name!r} has no recorded shape: pass example_inputs to "
-                    "find_tp_regions or annotate the graph first"
-                )
-            continue
-        if node.op == "get_attr":
-            vals[node.name] = _to_meta(fetch_attr(gm, node.target))
-            continue
-        try:
-            if any(n.name in failed for n in node.all_input_nodes):
-                failed.add(node.name)
-                vals[node.name] = None
-                continue
-            args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: vals[n.name])
-            if node.op == "call_function":
-                out = node.target(*args, **kwargs)
-            elif node.op == "call_method":
-                out = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                mod = modules[node.target]
-                state = {k: _to_meta(v) for k, v in mod.state_dict(keep_vars=True).items()}
-                out = torch.func.functional_call(mod, state, tuple(args), kwargs)
-            vals[node.name] = _to_meta(out)
-        except Exception:  # noqa: BLE001 - any op failure means "shape unknown"
-            failed.add(node.name)
-            vals[node.name] = None
-    return vals
 
 
 def is_int_like(value: Any) -> bool:

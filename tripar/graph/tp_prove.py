@@ -4,8 +4,8 @@
 the region's nodes, with exactly the changes the record lists: sharded
 parameters enter as this rank's slices, the shape constants in ``rewrites`` are
 divided by t, the operands in ``narrows`` are sliced, and a vocab-parallel
-embedding masks the ids it does not own. `prove` runs that program on meta
-tensors and checks every node's shape, and that each row-parallel output (a
+embedding masks the ids it does not own. `prove` runs that program on fake
+tensors (`tripar.graph.values`) and checks every node's shape, and that each row-parallel output (a
 partial sum) has the unsharded shape the all-reduce restores. Codegen applies
 the same record; tests run the program on real weights, one rank at a time,
 and sum the partial outputs.
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tripar.graph.params import canonical_names
 from tripar.graph.proxy import TPRegion
 from tripar.graph.tp_ops import fetch_attr, flat_args, linear_info, set_flat_arg
+from tripar.graph.values import FakeInterpreter
 
 
 class ShapeError(Exception):
@@ -195,24 +196,17 @@ def region_program(gm: torch.fx.GraphModule, region: TPRegion, *, t: int, rank: 
                          t, rank)
 
 
-class _MetaRun(torch.fx.Interpreter):
-    """Runs a program on meta tensors and records each node's output shape."""
+class _ShardedRun(FakeInterpreter):
+    """Runs a region's program on fake tensors and records each node's output shape
+    (what the proof checks), not its value."""
 
     def __init__(self, module: torch.fx.GraphModule) -> None:
         super().__init__(module)
         self.shapes: dict[str, tuple[int, ...]] = {}
 
-    def run_node(self, n: torch.fx.Node) -> Any:
-        out = super().run_node(n)
-        if isinstance(out, torch.Tensor):
-            self.shapes[n.name] = tuple(out.shape)
-        return out
-
-    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        mod = self.fetch_attr(target)
-        state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
-                 for k, v in mod.state_dict(keep_vars=True).items()}
-        return torch.func.functional_call(mod, state, tuple(args), kwargs)
+    def record(self, node: torch.fx.Node, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            self.shapes[node.name] = tuple(value.shape)
 
 
 def prove(
@@ -241,9 +235,10 @@ def prove(
         prog = region_program(gm, region, t=t, rank=0)
     except ShapeError as e:
         return f"t={t}: {e}"
-    run = _MetaRun(prog.module)
+    run = _ShardedRun(prog.module)
     try:
-        run.run(*prog.make_inputs(values, params))
+        with torch.no_grad():
+            run.propagate(*prog.make_inputs(values, params))
     except Exception as e:  # noqa: BLE001 - any failure disproves the region
         where = next((n for n in prog.node_map if prog.node_map[n] not in run.shapes), "?")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -42,6 +42,7 @@ from tripar.graph.tp_grow import EXIT, PARTIAL, Grown, Partner, Reject, Shard
 from tripar.graph.tp_ops import VIEWS, Linear, find_linears, op_name
 from tripar.graph.tp_prove import prove
 from tripar.graph.tp_rules import Grower
+from tripar.graph.values import meta_values
 
 _ID_OPS = VIEWS | frozenset("to alias contiguous clone detach long int unsqueeze expand".split())
 
@@ -85,8 +86,6 @@ def find_tp_regions(
     >>> unproven[0].reason
     't=3: 0.weight has 32 along dim 0, not divisible by 3'
     """
-    from tripar.graph.tp_ops import meta_values
-
     vals = meta_values(gm, example_inputs)
     modules = dict(gm.named_modules())
     linears = find_linears(gm, modules)
