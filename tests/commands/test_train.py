@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
@@ -127,6 +128,10 @@ def test_resuming_from_a_checkpoint_continues_the_data_and_equals_training_strai
     assert [m["lr"] for m in lines][:2] == [1.5e-3, 3e-3]  # warmup over 2 steps of lr 3e-3
     assert [m["eval_loss"] is not None for m in lines] == [False, True, True]
     assert [s for s, _ in first["eval"]] == [2, 3]
+    if importlib.util.find_spec("matplotlib"):
+        assert main(["report", str(metrics), "--out", str(tmp_path / "run.png")]) == 0
+        assert "steps 1..3 (3 logged)" in capsys.readouterr().out
+        assert (tmp_path / "run.png").stat().st_size > 0
 
 
 def test_data_the_model_cannot_read_fails_before_starting(tmp_path, capsys):

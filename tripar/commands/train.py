@@ -189,16 +189,17 @@ def _open_tokens(data: dict[str, Any]) -> Any:
     return np.memmap(data["file"], dtype=data["dtype"], mode="r")
 
 
-def _text_batch(example: Any) -> Any:
+def _text_batch(loaded: Any) -> Any:
     """How a window batch ``(ids, targets)`` becomes the model's batch, or None when the
-    model does not read tokens: the zoo's ``(input_ids, targets)``, or a causal LM's
-    ``input_ids``/``labels`` dict (labels = input_ids: the model shifts them)."""
-    if isinstance(example, tuple) and len(example) == 2 and all(
-            getattr(t, "dtype", None) is not None and not t.is_floating_point()
-            and t.dim() == 2 for t in example):
+    model is not a causal language model: the zoo's ``(input_ids, targets)``, or an ``hf:``
+    causal LM's ``input_ids``/``labels`` dict (labels = input_ids: the model shifts them)."""
+    example = loaded.example_kwargs or loaded.example_inputs
+    if loaded.family in TEXT_FAMILIES and isinstance(example, tuple) and len(example) == 2:
         return lambda ids, targets: (ids, targets)
-    if isinstance(example, dict) and "input_ids" in example and "labels" in example and \
-            tuple(example["labels"].shape) == tuple(example["input_ids"].shape):
+    class_name = loaded.spec.split(":")[1] if loaded.spec.startswith("hf:") else ""
+    if ("CausalLM" in class_name or "LMHead" in class_name) and isinstance(example, dict) \
+            and {"input_ids", "labels"} <= set(example) \
+            and tuple(example["labels"].shape) == tuple(example["input_ids"].shape):
         keys = set(example)
 
         def as_dict(ids: Any, targets: Any) -> dict[str, Any]:
@@ -224,7 +225,7 @@ def _data(opts: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any]:
     spec = _spec(opts["model"], data["vocab"] if data else None)
     loaded = load_model(spec, batch_size=batch, seq_len=opts["seq"], seed=opts["seed"])
     example = loaded.example_kwargs or loaded.example_inputs
-    form = _text_batch(example)
+    form = _text_batch(loaded)
     if form is not None and (data or loaded.family in TEXT_FAMILIES):
         first = example[0] if isinstance(example, tuple) else example["input_ids"]
         seq = int(first.shape[1])
@@ -458,9 +459,9 @@ def _check_before_launch(opts: dict[str, Any], nproc: int) -> None:
     check_pins(pins, nproc, opts["global_batch"], heads=loaded.config.get("heads"),
                hidden=loaded.config.get("hidden"), spelling=Spelling.CLI)
     if data:
-        if _text_batch(loaded.example_kwargs or loaded.example_inputs) is None:
+        if _text_batch(loaded) is None:
             raise ConfigError(f"--data feeds token windows to a causal language model (gpt, "
-                              f"llama, or an hf: model taking input_ids and labels); "
+                              f"llama, or an hf: ...CausalLM/...LMHeadModel); "
                               f"{opts['model']} takes another batch")
         vocab = loaded.config.get("vocab", loaded.config.get("vocab_size"))
         if isinstance(vocab, int) and vocab < data["vocab"]:
