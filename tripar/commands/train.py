@@ -55,7 +55,8 @@ def add_parser(subparsers: Any) -> None:
                         help="after --warmup: constant, or cosine decay to --lr-min at "
                              "--decay-steps (default constant)")
     parser.add_argument("--warmup", type=int, default=0, metavar="K",
-                        help="linear warmup from 0 over the first K steps (default 0)")
+                        help="linear warmup: step k of the first K runs at lr (k+1)/K "
+                             "(default 0)")
     parser.add_argument("--lr-min", type=float, default=None,
                         help="the cosine schedule's final learning rate (default lr/10)")
     parser.add_argument("--decay-steps", type=int, default=None, metavar="T",
@@ -103,7 +104,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--timeout", type=float, default=120.0, metavar="SEC",
                         help="seconds a rank waits for another before giving up (default 120)")
     parser.add_argument("--log-every", type=int, default=0, metavar="N",
-                        help="print a line every N steps (default: about 10 lines)")
+                        help="print a line, and write a --metrics line, every N steps "
+                             "(default: about 10 lines)")
     parser.add_argument("--format", choices=("text", "json"), default="text",
                         help="json: one JSON summary on stdout, no progress bar")
     parser.set_defaults(func=run)
