@@ -22,7 +22,7 @@ from torch import nn
 
 from tripar.errors import ConfigError, ModelSpecError
 from tripar.models.custom import load_file_model
-from tripar.models.hf import load_hf_model
+from tripar.models.hf import load_hf_model, split_items
 from tripar.models.loaded import LoadedModel, seeded
 
 # family -> (module, config class, model class)
@@ -52,6 +52,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     ('gpt', {'layers': '2', 'hidden': '64'})
     >>> parse_spec("hf:GPT2LMHeadModel:n_layer=2")
     ('hf', {'class': 'GPT2LMHeadModel', 'n_layer': '2'})
+    >>> parse_spec("hf:SwinModel:depths=[2,2],embed_dim=32")
+    ('hf', {'class': 'SwinModel', 'depths': '[2,2]', 'embed_dim': '32'})
     >>> parse_spec("models/mine.py:build")
     ('file', {'path': 'models/mine.py', 'function': 'build'})
     """
@@ -89,7 +91,10 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 def _parse_pairs(spec: str, text: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
-    for item in text.split(","):
+    if text.count("[") != text.count("]"):
+        raise ModelSpecError(f"MODEL spec {spec!r}: unbalanced brackets; write list values "
+                             "as key=[a,b,...]")
+    for item in split_items(text):
         if not item.strip():
             continue
         key, eq, value = item.partition("=")
