@@ -114,8 +114,7 @@ def does_not_fit(estimate, config: ParallelConfig) -> str:
 
 def to_report(model: str, graph, cluster, config: ParallelConfig, estimate) -> dict:
     """The JSON object ``--format json`` prints."""
-    flops = sum(b.forward_flops + b.backward_flops for b in graph.blocks) / graph.batch_size
-    model_flops_per_s = flops * config.global_batch_size / estimate.step_time_s
+    model_flops_per_s = graph.flops_per_sample * config.global_batch_size / estimate.step_time_s
     bounds = (*estimate.boundaries, len(graph.blocks))
     stages = []
     for s, cost in enumerate(estimate.stage_costs):

@@ -268,12 +268,6 @@ def learning_rate(step: int, opts: dict[str, Any]) -> float:
     return opts["lr_min"] + 0.5 * (lr - opts["lr_min"]) * (1 + math.cos(math.pi * t))
 
 
-def model_flops_per_sample(graph: Any) -> float:
-    """Forward and backward FLOPs of one sample, no recomputation: the proxy graph's, as
-    ``tripar simulate`` counts model FLOP/s."""
-    return sum(b.forward_flops + b.backward_flops for b in graph.blocks) / graph.batch_size
-
-
 def _peak_memory() -> tuple[int, str]:
     """This process's peak memory: CUDA's allocator peak, or the resident set's (bytes)."""
     import torch
@@ -341,7 +335,7 @@ def train_rank(opts: dict[str, Any]) -> dict[str, Any]:
             report({"event": "note", "text": note})
     seq = int(captured.graph.seq_len) if windows is not None else 1
     tokens = opts["global_batch"] * seq
-    flops = model_flops_per_sample(captured.graph) * opts["global_batch"]
+    flops = captured.graph.flops_per_sample * opts["global_batch"]
     peak = model.plan.cluster.peak_flops * world
     start, every = model.steps, opts["log_every"]
     last = start + opts["steps"]

@@ -166,3 +166,9 @@ class ProxyGraph:
     recomputes it from the inputs, so it is not a cut tensor."""
     model_config: dict = field(default_factory=dict)
     """Sizes the planner may need (``layers``, ``hidden``, ``heads``, ``vocab``...), when known."""
+
+    @property
+    def flops_per_sample(self) -> float:
+        """Forward and backward FLOPs of one sample with no recomputation: the model FLOPs
+        that model FLOP/s and MFU count (``tripar simulate`` and ``tripar train``)."""
+        return sum(b.forward_flops + b.backward_flops for b in self.blocks) / self.batch_size
