@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import io
 import json
 import os
@@ -67,8 +68,12 @@ def configs(name: str, world: int) -> tuple[tuple[int, int], ...]:
     return CONFIGS[world] + MORE_CONFIGS.get(name, {}).get(world, ())
 
 
-MATRIX = [(name, pp, tp) for world in CONFIGS for name in SPECS
-          for pp, tp in configs(name, world)]
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+RUNNABLE = tuple(name for name in SPECS if HAS_TRANSFORMERS or not SPECS[name].startswith("hf:"))
+"""The models the ranks build: without transformers, the native ones (the hf: cases skip)."""
+_NEEDS_TRANSFORMERS = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
+MATRIX = [pytest.param(name, pp, tp, marks=() if name in RUNNABLE else _NEEDS_TRANSFORMERS)
+          for world in CONFIGS for name in SPECS for pp, tp in configs(name, world)]
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("TRIPAR_UPDATE_GOLDEN") == "1"
 
@@ -183,12 +188,12 @@ def _rank_programs(name: str, pp: int, tp: int, rank: int, loaded: Any,
     return loss, grads, dict(programs[0].shards)
 
 
-def _rank_main(world: int) -> bytes:
+def _rank_main(world: int, names: Sequence[str]) -> bytes:
     import torch.distributed as dist
 
     rank = dist.get_rank()
     out = {}
-    for name in SPECS:
+    for name in names:
         loaded = _load(SPECS[name])
         gm, flat = _capture(loaded)  # captured here: graphs do not pickle, capture is deterministic
         values = propagate_values(gm, flat)  # shared by the builds, as auto_parallel's are
@@ -202,8 +207,8 @@ def _rank_main(world: int) -> bytes:
 @functools.cache
 def _ranks(world: int) -> list[dict]:
     """One spawn of ``world`` gloo ranks running every model and configuration."""
-    pytest.importorskip("transformers")
-    results = run_ranks(_rank_main, world, world, timeout_s=240.0, pg_timeout_s=120.0)
+    results = run_ranks(_rank_main, world, world, RUNNABLE, timeout_s=240.0,
+                        pg_timeout_s=120.0)
     return [torch.load(io.BytesIO(r), weights_only=False) for r in results]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import importlib.util
 import io
 from typing import Any
 
@@ -36,6 +37,14 @@ SPECS = {
     "hf_bert": "hf:BertForMaskedLM:num_hidden_layers=2,hidden_size=32,num_attention_heads=4,"
                "intermediate_size=64,vocab_size=64",
 }
+
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+FAMILIES = {
+    "native": tuple(name for name in SPECS if not SPECS[name].startswith("hf:")),
+    "hf": tuple(name for name in SPECS if SPECS[name].startswith("hf:")),
+}
+"""The models of each family, rewritten on one spawn of ranks; hf needs transformers."""
 
 
 def _pack(value: Any) -> bytes:
@@ -190,9 +199,13 @@ def _compare(case: dict, results: list[dict], t: int) -> int:
     return sharded
 
 
-def _run_zoo(t: int) -> None:
-    pytest.importorskip("transformers")
-    cases = [_case(name) for name in SPECS]
+@pytest.mark.parametrize("t", [2, 4])
+@pytest.mark.parametrize("family", [
+    "native",
+    pytest.param("hf", marks=pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")),
+])
+def test_whole_models_match_unsharded(family, t):
+    cases = [_case(name) for name in FAMILIES[family]]
     for case in cases:
         assert all(t in r.degrees for r in case["regions"]), case["name"]
     packed = _pack([{k: v for k, v in c.items() if k != "gm"} for c in cases])
@@ -202,14 +215,6 @@ def _run_zoo(t: int) -> None:
         assert {"attention", "mlp", "lm_head"} <= kinds, (case["name"], kinds)
         sharded = _compare(case, [results[rank][i] for rank in range(t)], t)
         assert sharded >= 6, (case["name"], sharded)
-
-
-def test_whole_models_t2_match_unsharded():
-    _run_zoo(2)
-
-
-def test_whole_models_t4_match_unsharded():
-    _run_zoo(4)
 
 
 # ------------------------------------------------------------------------ dropout
