@@ -156,10 +156,11 @@ def measure_matmul(device: str, dtype: str, sizes: tuple[int, ...], repeats: int
     for size in sizes:
         for m, k, n in ((size, size, size), (4 * size, size, size // 4 or 1)):
             copies = max(1, COLD_BYTES // ((m * k + n * k + m * n) * width))
-            sets = [(torch.randn(m, k, device=device, dtype=torch_dtype),
+            first = (torch.randn(m, k, device=device, dtype=torch_dtype),
                      torch.randn(n, k, device=device, dtype=torch_dtype),
                      torch.randn(m, n, device=device, dtype=torch_dtype))
-                    for _ in range(copies)]
+            # copies of one random draw: as cold as fresh draws, at a copy's cost
+            sets = [first] + [tuple(t.clone() for t in first) for _ in range(copies - 1)]
 
             def timed(product, sets=sets) -> float:
                 cycle = itertools.cycle(sets)
@@ -240,15 +241,20 @@ def measure_optimizer(sizes: tuple[tuple[int, int], ...], repeats: int) -> list[
     return samples
 
 
+def _block_module(tokens: int, hidden: int):
+    """A GPT block (heads of 64) for sequences of ``tokens``."""
+    from tripar.models.gpt import Block, GPTConfig
+
+    return Block(GPTConfig(layers=1, hidden=hidden, heads=max(1, hidden // 64), seq=tokens))
+
+
 def _block(tokens: int, hidden: int):
     """A GPT block (heads of 64) and its proxy graph, captured and annotated like a model."""
     import torch
 
     from tripar.graph import analyze
-    from tripar.models.gpt import Block, GPTConfig
 
-    heads = max(1, hidden // 64)
-    module = Block(GPTConfig(layers=1, hidden=hidden, heads=heads, seq=tokens))
+    module = _block_module(tokens, hidden)
     return module, analyze(module, (torch.randn(1, tokens, hidden),))
 
 
@@ -266,7 +272,7 @@ def time_blocks(sizes: tuple[tuple[int, int], ...], repeats: int) -> list[tuple[
 
     times = []
     for tokens, hidden in sizes:
-        module, _ = _block(tokens, hidden)
+        module = _block_module(tokens, hidden)  # timed only: no graph analysis
         weights = sum(p.numel() * p.element_size() for p in module.parameters())
         copies = max(1, min(32, COLD_BYTES // max(1, weights)))
         pairs = [(copy.deepcopy(module), torch.randn(1, tokens, hidden, requires_grad=True))
