@@ -43,7 +43,7 @@ from tripar.partitioner.hardware import Cluster, Efficiency, fit_matmul_times
 #   0.48.
 # - held-out blocks (10 runs): largest error per run 7-42% (mean 23%; the 16x64 backward,
 #   whose per-operator cost comes from the quick profile's 3-repeat operator timings); a
-#   profile fitted without the per-operator term is 66-79% off there (3 runs).
+#   profile fitted without the per-operator term is 66-79% off there (4 runs).
 # - in sample, 24 quick profiles (3 repeats): products up to 47% off their fitted curve,
 #   operator sets 32%, optimizer steps 30%, blocks 29% off their fitted scales; without
 #   the per-operator term the smallest operator set is 99% off.
