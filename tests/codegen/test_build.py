@@ -72,7 +72,11 @@ HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 RUNNABLE = tuple(name for name in SPECS if HAS_TRANSFORMERS or not SPECS[name].startswith("hf:"))
 """The models the ranks build: without transformers, the native ones (the hf: cases skip)."""
 _NEEDS_TRANSFORMERS = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="needs transformers")
-MATRIX = [pytest.param(name, pp, tp, marks=() if name in RUNNABLE else _NEEDS_TRANSFORMERS)
+MATRIX = [pytest.param(name, pp, tp, marks=(
+              # one launch of `world` ranks serves every case of that world: keep its cases
+              # on one xdist worker (--dist loadgroup), or each worker launches it again
+              pytest.mark.xdist_group(f"codegen-world{world}"),
+              *(() if name in RUNNABLE else (_NEEDS_TRANSFORMERS,))))
           for world in CONFIGS for name in SPECS for pp, tp in configs(name, world)]
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("TRIPAR_UPDATE_GOLDEN") == "1"

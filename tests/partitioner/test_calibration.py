@@ -38,6 +38,8 @@ NEUTRAL_START = (0.6, 100.0)
 """Where the refits start (matmul_max, matmul_half): not the shipped values, so that
 what they find does not depend on the file they check."""
 ROW_IDS = [f"{r[0]}B" for r in MEGATRON_TABLE]
+# the rows share the graphs built once per process: keep them on one xdist worker
+pytestmark = pytest.mark.xdist_group("megatron-graphs")
 
 
 @functools.cache
