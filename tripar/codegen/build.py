@@ -49,7 +49,6 @@ from tripar.codegen.collectives import TPCollective
 from tripar.codegen.emit import stage_source
 from tripar.codegen.recompute import apply_recompute
 from tripar.codegen.split import (
-    baked_devices,
     block_nodes,
     propagate_values,
     rank_stages,
@@ -61,8 +60,7 @@ from tripar.codegen.tp_rng import ForkedRNG
 from tripar.codegen.tp_shard import ParamShard, shard_map
 from tripar.codegen.weights import default_init, materialize_stage, param_map, retarget_device
 from tripar.errors import PlanError
-from tripar.graph.captured import Captured, for_micro_batch
-from tripar.graph.proxy import TPRegion
+from tripar.graph import Captured, TPRegion, baked_devices, for_micro_batch
 from tripar.plan.schedule import ActionKind
 
 __all__ = ["RankProgram", "SplitForRank", "SplitKey", "build", "build_pipeline", "check_plan",

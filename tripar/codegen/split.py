@@ -43,6 +43,7 @@ from tripar.graph import (
     canonical_names,
     node_values,
     param_groups,
+    partition_blocks,
     read_params,
 )
 
@@ -347,9 +348,7 @@ def _tied_groups(gm: torch.fx.GraphModule, canon: Mapping[str, str],
 
 
 def block_nodes(gm: torch.fx.GraphModule) -> dict[str, tuple[str, ...]]:
-    """Block name -> its FX node names, grouped as ``tripar.graph.build`` groups them."""
-    from tripar.graph import partition_blocks
-
+    """Block name -> its FX node names, grouped as ``tripar.graph.blocks`` groups them."""
     part = partition_blocks(gm)
     return dict(zip(part.names, part.nodes))
 
