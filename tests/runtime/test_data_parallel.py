@@ -76,6 +76,7 @@ def test_pipeline_only_skips_the_reduction_and_still_clips():
 def test_local_batch_slices_dim0():
     class FakeMesh:
         dp = 2
+        device = torch.device("cpu")
 
         class coords:  # noqa: N801 - mimics MeshCoords
             dp = 1
@@ -84,3 +85,5 @@ def test_local_batch_slices_dim0():
     got = local_batch((x, y), FakeMesh)
     assert got[0].tolist() == [[4, 5], [6, 7]] and got[1].tolist() == [2, 3]
     assert local_batch({"y": y}, FakeMesh)["y"].tolist() == [2, 3]
+    FakeMesh.device = torch.device("meta")  # a rank on another device (CUDA under NCCL)
+    assert local_batch((x, y), FakeMesh)[0].device.type == "meta"

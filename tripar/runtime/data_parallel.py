@@ -56,13 +56,14 @@ OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 def local_batch(batch: tuple[torch.Tensor, ...] | Mapping[str, torch.Tensor], mesh: Mesh
                 ) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
-    """This dp rank's share of a global batch: slice ``mesh.coords.dp`` of ``mesh.dp`` along dim 0."""
+    """This dp rank's share of a global batch, on the rank's device: slice ``mesh.coords.dp``
+    of ``mesh.dp`` along dim 0 (a batch built on CPU reaches a CUDA rank's stages)."""
     def piece(key: object, t: torch.Tensor) -> torch.Tensor:
         if t.shape[0] % mesh.dp:
             raise ConfigError(f"batch field {key!r} has batch size {t.shape[0]}, not divisible "
                               f"by dp={mesh.dp}; use a global batch that is a multiple of dp")
         n = t.shape[0] // mesh.dp
-        return t[mesh.coords.dp * n:(mesh.coords.dp + 1) * n]
+        return t[mesh.coords.dp * n:(mesh.coords.dp + 1) * n].to(mesh.device, non_blocking=True)
     if isinstance(batch, Mapping):
         return {k: piece(k, t) for k, t in batch.items()}
     return tuple(piece(i, t) for i, t in enumerate(batch))
