@@ -19,14 +19,18 @@ CPU it also times what is not a product, which there runs on the critical path:
   ``tensors x optimizer_tensor_s + parameters x optimizer_bytes / bandwidth``.
 - the same blocks in 2 processes at once (as a node's pipeline stages run), over their
   time alone: ``node_sharing``, what sharing the caches and memory bandwidth costs;
-- whole GPT blocks (``tripar.models.gpt.Block``: layer norms, causal attention, GELU
-  MLP), forward and backward at several sizes, against what the components fitted above
-  predict for them (``block_costs`` of the block's own proxy graph); the ratio, fitted
-  over the sizes, is ``block_forward`` / ``block_backward``: what a real layer costs
-  beyond its parts (attention's kernel, the linear layers' bias gradients, ...), the
-  way Alpa and Merak profile whole layers rather than trusting their parts.
 
-On a GPU those stay at the GPU defaults (launches overlap the kernels there).
+On a GPU the operator and optimizer overheads stay at the GPU defaults (launches overlap
+the kernels there). On either device it times
+
+- whole GPT blocks (``tripar.models.gpt.Block``: layer norms, causal attention, GELU
+  MLP), forward and backward at several sizes (on a GPU under autocast in the profile's
+  dtype), against what the components fitted above predict for them (``block_costs`` of
+  the block's own proxy graph); the ratio, fitted over the sizes, is ``block_forward`` /
+  ``block_backward``: what a real layer costs beyond its parts (attention's kernel, the
+  norms, the linear layers' bias gradients, ...), the way Alpa and Merak profile whole
+  layers rather than trusting their parts. Without it, a GPU profile from matrix products
+  alone predicted GPT steps on an H200 30-38% too fast.
 
 One machine cannot measure the network between nodes: the inter-node link
 is taken from ``--inter-bandwidth`` / ``--inter-latency`` and recorded as
@@ -36,6 +40,7 @@ assumed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -69,6 +74,9 @@ QUICK_OPTIMIZER_SIZES = ((32, 64), (32, 2**12), (2, 2**18))
 FULL_BLOCK_SIZES = ((64, 128), (192, 384), (512, 768))
 QUICK_BLOCK_SIZES = ((64, 128), (192, 384))
 """(tokens, hidden) of the whole transformer blocks timed (heads of 64, MLP of 4 x hidden)."""
+GPU_BLOCK_SIZES = ((1024, 1024), (2048, 2048), (4096, 2048), (2048, 4096))
+GPU_QUICK_BLOCK_SIZES = ((1024, 1024), (2048, 2048), (2048, 4096))
+"""The same on a GPU, at the sizes where its kernels run near their rate."""
 TIME_BUDGET_S = 1.0
 """Seconds one measurement may take beyond its first 3 samples (big products)."""
 COLD_BYTES = 64 * 2**20
@@ -258,40 +266,55 @@ def _block(tokens: int, hidden: int):
     return module, analyze(module, (torch.randn(1, tokens, hidden),))
 
 
-def time_blocks(sizes: tuple[tuple[int, int], ...], repeats: int) -> list[tuple[float, float]]:
-    """(forward, backward) seconds of a GPT block at each (tokens, hidden), batch 1, on the
-    CPU: the least disturbed of the samples of each pass.
+def time_blocks(sizes: tuple[tuple[int, int], ...], repeats: int, device: str = "cpu",
+                dtype: str = "fp32") -> list[tuple[float, float]]:
+    """(forward, backward) seconds of a GPT block at each (tokens, hidden), batch 1, on
+    ``device``: the least disturbed of the samples of each pass. On a GPU the block runs
+    under autocast in ``dtype`` (as ``precision="bf16"`` runs it) and each pass is timed
+    between synchronisations.
 
     As in a training step, each call takes the next of enough copies of the block (and
     its input) to fill ``COLD_BYTES``, so its weights come from memory, and its gradients
     accumulate into ``.grad``."""
+    import contextlib
     import copy
     import itertools
 
     import torch
 
+    low = canonical_dtype(dtype) in ("bf16", "fp16") and device == "cuda"
+    autocast = (functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16
+                                  if canonical_dtype(dtype) == "bf16" else torch.float16)
+                if low else contextlib.nullcontext)
     times = []
     for tokens, hidden in sizes:
-        module = _block_module(tokens, hidden)  # timed only: no graph analysis
+        module = _block_module(tokens, hidden).to(device)  # timed only: no graph analysis
         weights = sum(p.numel() * p.element_size() for p in module.parameters())
         copies = max(1, min(32, COLD_BYTES // max(1, weights)))
-        pairs = [(copy.deepcopy(module), torch.randn(1, tokens, hidden, requires_grad=True))
+        pairs = [(copy.deepcopy(module),
+                  torch.randn(1, tokens, hidden, device=device, requires_grad=True))
                  for _ in range(copies)]
-        grad = torch.ones(1, tokens, hidden)
+        grad = torch.ones(1, tokens, hidden, device=device)
         for block, x in pairs:  # warm-up: every copy once, its .grad allocated
-            block(x).backward(grad)
+            with autocast():
+                y = block(x)
+            y.backward(grad)
+        _sync(device)
         cycle = itertools.cycle(pairs)
         forward: list[float] = []
         backward: list[float] = []
-        clock = compute_clock("cpu")
+        clock = compute_clock(device)
         for _ in range(max(3, repeats)):
             if len(forward) >= 3 and sum(forward) + sum(backward) > TIME_BUDGET_S:
                 break
             block, x = next(cycle)
             start = clock()
-            y = block(x)
+            with autocast():
+                y = block(x)
+            _sync(device)
             middle = clock()
             y.backward(grad)
+            _sync(device)
             end = clock()
             forward.append(middle - start)
             backward.append(end - middle)
@@ -301,7 +324,7 @@ def time_blocks(sizes: tuple[tuple[int, int], ...], repeats: int) -> list[tuple[
 
 
 def measure_blocks(sizes: tuple[tuple[int, int], ...], repeats: int,
-                   cluster: Cluster) -> list[dict]:
+                   cluster: Cluster, device: str = "cpu", dtype: str = "fp32") -> list[dict]:
     """``time_blocks`` beside what ``cluster``'s component model predicts for each block
     (``model_forward_seconds``, ``model_backward_seconds``: ``block_costs`` of the block's
     own proxy graph)."""
@@ -310,8 +333,9 @@ def measure_blocks(sizes: tuple[tuple[int, int], ...], repeats: int,
 
     one = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=1, num_microbatches=1)
     samples = []
-    for (tokens, hidden), (forward, backward) in zip(sizes, time_blocks(sizes, repeats)):
-        costs = block_costs(_block(tokens, hidden)[1], cluster, one)
+    timed = time_blocks(sizes, repeats, device, dtype)
+    for (tokens, hidden), (forward, backward) in zip(sizes, timed):
+        costs = block_costs(_block(tokens, hidden)[1], cluster, one, dtype=dtype)
         samples.append({"tokens": tokens, "hidden": hidden,
                         "forward_seconds": forward, "backward_seconds": backward,
                         "model_forward_seconds": sum(c.forward_s for c in costs),
@@ -544,25 +568,25 @@ def calibrate(*, quick: bool, device: str, dtype: str | None, devices_per_node: 
         tensor_s, optimizer_bytes = fit_optimizer_times(steps, bandwidth)
         overheads = {"op_s": op_s, "memory_traffic": traffic, "optimizer_tensor_s": tensor_s,
                      "optimizer_bytes": optimizer_bytes}
-        # Whole blocks against the components just fitted (1-device cluster, scales 1).
-        parts = Cluster(
-            device=DeviceSpec(name="cpu", peak_flops=((dtype, peak),), memory_bytes=2**40,
-                              memory_bandwidth=bandwidth, default_dtype=dtype,
-                              efficiency=Efficiency(matmul_max=1.0, matmul_half=x_half,
-                                                    memory=1.0, launch_s=launch,
-                                                    **overheads)),
-            nodes=1, devices_per_node=1, intra_bandwidth=1e9, intra_latency=0.0,
-            inter_bandwidth=1e9, inter_latency=0.0)
-        blocks = measure_blocks(QUICK_BLOCK_SIZES if quick else FULL_BLOCK_SIZES, repeats,
-                                parts)
-        block_forward, block_backward = fit_block_scales(blocks)
-        overheads.update(block_forward=block_forward, block_backward=block_backward)
-        host = {"operators": operators, "optimizer": steps, "blocks": blocks}
-    else:  # launches overlap the kernels: the GPU defaults
+        host = {"operators": operators, "optimizer": steps}
+        block_sizes = QUICK_BLOCK_SIZES if quick else FULL_BLOCK_SIZES
+    else:  # launches overlap the kernels: the GPU defaults for the parts
         overheads = {"memory_traffic": shipped["memory_traffic"]}
-    block_sizes = (QUICK_BLOCK_SIZES if quick else FULL_BLOCK_SIZES) if device == "cpu" else ()
+        block_sizes = GPU_QUICK_BLOCK_SIZES if quick else GPU_BLOCK_SIZES
+    # Whole blocks against the components just fitted (1-device cluster, scales 1): what a
+    # real layer costs beyond its parts (attention's kernel, norms, bias gradients, ...).
+    parts = Cluster(
+        device=DeviceSpec(name=device, peak_flops=((dtype, peak),), memory_bytes=2**40,
+                          memory_bandwidth=bandwidth, default_dtype=dtype,
+                          efficiency=Efficiency(matmul_max=1.0, matmul_half=x_half,
+                                                memory=1.0, launch_s=launch, **overheads)),
+        nodes=1, devices_per_node=1, intra_bandwidth=1e9, intra_latency=0.0,
+        inter_bandwidth=1e9, inter_latency=0.0)
+    host["blocks"] = measure_blocks(block_sizes, repeats, parts, device, dtype)
+    block_forward, block_backward = fit_block_scales(host["blocks"])
+    overheads.update(block_forward=block_forward, block_backward=block_backward)
     links = measure_links(QUICK_PAYLOADS if quick else FULL_PAYLOADS, repeats, timeout_s,
-                          block_sizes)
+                          block_sizes if device == "cpu" else ())
     if device == "cpu":
         shared = [tuple(pair) for pair in links["shared_blocks"]]
         overheads["node_sharing"] = fit_node_sharing(
