@@ -1,8 +1,9 @@
 """transformers models as objects, with no ``loss_fn``: their own ``ModelOutput.loss`` trains
 under pipeline, tensor and data parallelism exactly like one process, gradient by gradient.
 
-Each family is built from its config class (small sizes, fp32, dropout 0, ``use_cache=False``)
-and passed to ``auto_parallel`` as is (not wrapped): the last stage returns the exported
+Each family is built from its config class (small sizes, fp32, dropout 0, ``use_cache`` left at
+its default: capture turns the cache off and restores it) and passed to ``auto_parallel`` as is
+(not wrapped): the last stage returns the exported
 graph's output, a dict with ``loss`` and ``logits``, and :func:`tripar.runtime.loss.model_loss`
 takes its ``loss``. The families cover decoder-only attention of several kinds (learned
 positions, GQA with rotary, parallel attention + MLP with rotary, ALiBi), encoder-only,
@@ -71,7 +72,8 @@ only (BART fails the same way)."""
 
 
 def build(name: str) -> torch.nn.Module:
-    """The family's model, random-initialised under seed 0, dropout off, no KV cache."""
+    """The family's model, random-initialised under seed 0, dropout off, the KV cache as the
+    config has it (on, for the decoders)."""
     import transformers
 
     model_cls, config_cls, sizes, _ = FAMILIES[name]
@@ -80,7 +82,6 @@ def build(name: str) -> torch.nn.Module:
         if key.endswith(("pdrop", "dropout", "dropout_prob", "dropout_rate")) and \
                 isinstance(value, float):
             setattr(config, key, 0.0)
-    config.use_cache = False
     torch.manual_seed(0)
     return getattr(transformers, model_cls)(config).train()
 
@@ -141,7 +142,9 @@ def _every_layout(data: bytes) -> list[str]:
         model = build(name)
         model.load_state_dict(start)
         full = batch(name)
+        cache = getattr(model.config, "use_cache", None)
         captured = api.capture_model(model, (), {k: t[:MICRO] for k, t in full.items()})
+        assert getattr(model.config, "use_cache", None) == cache, f"{name}: use_cache changed"
         for layout, pins in LAYOUTS.items():
             t0 = time.perf_counter()
             what = f"{name} {layout}"
@@ -174,6 +177,7 @@ def _every_layout(data: bytes) -> list[str]:
 
 @pytest.mark.timeout(300)
 def test_transformers_models_train_on_their_own_loss_like_one_process():
+    assert build("llama").config.use_cache is True  # transformers' default, left as it is
     data = io.BytesIO()
     references = {}
     for name in FAMILIES:

@@ -9,6 +9,11 @@ Two tracers are tried, in this order when ``method="auto"``:
   for models FX cannot trace (data-dependent control flow, caches: Hugging Face
   models). Its nodes are ATen ops that carry ``nn_module_stack`` too.
 
+Both trace with the model's key/value cache off: a transformers model left at its
+default ``use_cache=True`` returns a cache object (``DynamicCache``) that no tracer can
+carry and training never reads. Every ``config`` in the model with ``use_cache`` set
+reads ``False`` while tracing, and the user's setting is restored afterwards.
+
 Neither tracer runs the model's arithmetic on real data, so a model built
 under ``torch.device("meta")`` is captured without allocating a weight. The
 returned module records the tracer in ``gm.meta["tripar_tracer"]`` and why it
@@ -52,6 +57,31 @@ class _LeafTracer(torch.fx.Tracer):
         if module_qualified_name in self._leaf_names:
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+@contextlib.contextmanager
+def caches_off(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``use_cache`` is False on every module's ``config`` that has it
+    set (transformers models); each config's own value is restored afterwards.
+
+    >>> import types, torch
+    >>> model = torch.nn.Linear(2, 2)
+    >>> model.config = types.SimpleNamespace(use_cache=True)
+    >>> with caches_off(model):
+    ...     model.config.use_cache
+    False
+    >>> model.config.use_cache
+    True
+    """
+    configs = {id(c): c for m in model.modules()
+               if getattr(c := getattr(m, "config", None), "use_cache", False) is True}
+    for config in configs.values():
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.use_cache = True
 
 
 def _split_leaves(leaf_modules: Iterable[type | str]) -> tuple[tuple[type, ...], frozenset[str]]:
@@ -229,6 +259,12 @@ def capture(
     args = tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     leaf_types, leaf_names = _split_leaves(leaf_modules)
+    with caches_off(model):
+        return _capture(model, args, kwargs, leaf_types, leaf_names, method)
+
+
+def _capture(model: nn.Module, args: tuple, kwargs: dict, leaf_types: tuple[type, ...],
+             leaf_names: frozenset[str], method: str) -> torch.fx.GraphModule:
     failures: list[str] = []
     details: list[str] = []
     if method in ("auto", "fx"):
