@@ -84,7 +84,7 @@ def test_loading_does_not_touch_the_global_rng():
 
 def test_bare_family_gives_small_default():
     loaded = load_model("gpt")
-    assert loaded.spec == "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32,ffn=256,dropout=0.0"
+    assert loaded.spec == "gpt:layers=2,hidden=64,heads=4,vocab=128,seq=32,ffn=256,dropout=0.0,attention=sdpa"
     assert sum(p.numel() for p in loaded.model.parameters()) < 1_000_000
     assert isinstance(loaded, LoadedModel) and loaded.example_kwargs == {}
 

@@ -42,6 +42,9 @@ MODELS = {
     "bert": "bert:layers=2,hidden=32,heads=4,vocab=64,seq=8",
     "vit": "vit:image=16,patch=8,layers=2,hidden=32,heads=4,classes=10",
     "hf_gpt2": "hf:GPT2LMHeadModel:n_layer=2,n_embd=32,n_head=4,vocab_size=64,n_positions=16",
+    # attention written out (no fused kernel): selective recomputation finds its core
+    "gpt_eager": "gpt:layers=2,hidden=32,heads=8,vocab=64,seq=8,attention=eager",
+    "llama_eager": "llama:layers=2,hidden=32,heads=8,kv_heads=4,vocab=64,seq=8,attention=eager",
 }
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 """Without transformers the ``hf:`` models leave the matrix; the native models still run."""
@@ -49,10 +52,13 @@ GLOBAL_BATCH, STEPS = 4, 3
 
 ALL = ("gpt", "llama", "bert", "vit", "hf_gpt2")
 LM = ("gpt", "llama")
+SELECTIVE = ("gpt_eager", "llama_eager", "hf_gpt2")
+"""Models with selective segments: the written-out attention cores, GPT-2's tanh GELU."""
 SGD, ADAMW, BOTH = ("sgd",), ("adamw",), ("sgd", "adamw")
 I1F1B = "interleaved-1f1b"
 
-# Each row: (dp, tp, pp, schedule, vpp, zero, mbs, precision, models, optimizers).
+# Each row: (dp, tp, pp, schedule, vpp, zero, mbs, precision, models, optimizers[,
+# recompute]); recompute defaults to the planner's choice.
 # mbs is the microbatch size: each replica runs GLOBAL_BATCH / (dp * mbs) microbatches (bert's
 # loss, a mean over the masked tokens of a microbatch, also tells which samples shared one).
 # A schedule's optimizer alternates between groups, so that each schedule meets both.
@@ -107,6 +113,7 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 2, 2, I1F1B,    2, 0, 1, "bf16", LM, SGD),
         (1, 2, 2, "zb-h1",  1, 0, 1, "bf16", LM, SGD),
         (1, 2, 2, "scp",    1, 0, 1, "bf16", LM, SGD),
+        (1, 2, 2, "1f1b",   1, 0, 1, "fp32", SELECTIVE, SGD, "selective"),
     ],
     "world8": [
         (2, 2, 2, "gpipe",  1, 0, 1, "fp32", ("gpt", "bert", "hf_gpt2"), ADAMW),
@@ -144,6 +151,7 @@ class Run:
     zero: int
     mbs: int
     precision: str
+    recompute: str | None = None
 
     @property
     def reference_key(self) -> tuple[str, str, int, str]:
@@ -153,12 +161,12 @@ class Run:
     def __str__(self) -> str:
         return (f"{self.model} {self.optimizer} dp={self.dp} tp={self.tp} pp={self.pp} "
                 f"{self.schedule} vpp={self.vpp} zero={self.zero} mbs={self.mbs} "
-                f"{self.precision}")
+                f"{self.precision}" + (f" recompute={self.recompute}" if self.recompute else ""))
 
 
 def runs(group: str) -> list[Run]:
     """The runs of ``group``: its rows expanded over their models and optimizers."""
-    return [Run(model, opt, *row[:8]) for row in MATRIX[group] for model in row[8]
+    return [Run(model, opt, *row[:8], *row[10:]) for row in MATRIX[group] for model in row[8]
             if HAS_TRANSFORMERS or not MODELS[model].startswith("hf:") for opt in row[9]]
 
 
@@ -264,7 +272,7 @@ def train(run: Run, steps: tuple):
                            vpp=run.vpp,
                            num_microbatches=GLOBAL_BATCH // (run.dp * run.mbs),
                            schedule=run.schedule, zero=run.zero, precision=run.precision,
-                           timeout_s=30)
+                           recompute=run.recompute, timeout_s=30)
     losses = [pm.train_step(b) for b in steps]
     return pm, losses
 
@@ -346,6 +354,10 @@ def _compare_all(group: str, data: bytes) -> list[str]:
         assert pm.plan.parallel.schedule == run.schedule or run.pp == 1, what
         assert pm.plan.parallel.micro_batch_size == run.mbs, what
         assert pm.plan.inputs.dtype == run.precision, what  # costed for the compute dtype
+        if run.recompute == "selective":  # every stage checkpoints its selected nodes
+            assert all(st.selective for st in pm.plan.stages), what
+            assert any(type(m).__name__ == "Recomputed" for p in pm.programs
+                       for m in p.module.modules()), what
         assert {p.dtype for p in pm.parameters()} == {torch.float32}, what  # master weights
         if run.tp > 1:  # regions sharded, and this rank holds slices of their weights
             assert pm.plan.tp_regions, what

@@ -447,8 +447,9 @@ def stage_programs(split: StageSplit, plan: Any, pp_rank: int, *,
     """The virtual stages of pipeline rank ``pp_rank`` as they run: each given its own
     weights (``materialize_stage``; skipped with ``materialize=False``), its
     tensor-parallel collectives pointed at ``tp_group`` and ``rng`` (when given), and the
-    blocks its ``StagePlan.recompute`` names run under activation checkpointing
-    (``apply_recompute``), unless its schedule recomputes the stage whole."""
+    blocks its ``StagePlan.recompute`` names and the nodes its ``StagePlan.selective``
+    names run under activation checkpointing (``apply_recompute``), unless its schedule
+    recomputes the stage whole."""
     whole = recomputed_by_schedule(plan)
     out = []
     for stage in rank_stages(split, plan.parallel.pp, pp_rank):
@@ -459,8 +460,10 @@ def stage_programs(split: StageSplit, plan: Any, pp_rank: int, *,
         if tp_group is not None or rng is not None:
             connect_tp(module, tp_group, rng)
         recompute = plan.stages[stage.index].recompute
-        if recompute and stage.index not in whole:
-            module = apply_recompute(stage, recompute, blocks=blocks, module=module)
+        selective = getattr(plan.stages[stage.index], "selective", ())
+        if (recompute or selective) and stage.index not in whole:
+            module = apply_recompute(stage, recompute, blocks=blocks, module=module,
+                                     selective=selective)
         out.append(dataclasses.replace(stage, module=module))
     return tuple(out)
 

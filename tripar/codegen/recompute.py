@@ -54,6 +54,7 @@ from torch.utils.checkpoint import checkpoint
 from tripar.codegen.split import StageProgram
 from tripar.codegen.tp_rng import ForkedRNG
 from tripar.errors import PlanError
+from tripar.graph import connected_groups
 
 __all__ = ["Recomputed", "apply_recompute", "node_blocks", "segments"]
 
@@ -178,6 +179,7 @@ def apply_recompute(
     module: torch.fx.GraphModule | None = None,
     held: Sequence[str] | None = None,
     merge_runs: bool = False,
+    selective: Sequence[str] = (),
 ) -> torch.fx.GraphModule:
     """``module`` (default: the stage's) with the nodes of the blocks named in
     ``recompute`` run under activation checkpointing; the same function, the same
@@ -186,8 +188,10 @@ def apply_recompute(
     ``stage`` is a ``StageProgram`` (its ``blocks`` are what it holds; pass the module
     with its own weights, from ``materialize_stage``, as ``module`` when the program
     does not carry it) or a stage GraphModule with ``held`` (its blocks, in order).
-    ``blocks`` is the captured graph's block table (block -> node names). Recomputing
-    nothing returns ``module`` itself; a block the stage does not hold is a PlanError.
+    ``blocks`` is the captured graph's block table (block -> node names). ``selective``
+    names nodes recomputed on their own (selective recomputation, below the block): each
+    connected group of them present in the stage, outside the blocks recomputed whole,
+    becomes one more segment. Recomputing nothing returns ``module`` itself; a block the stage does not hold is a PlanError.
     The input module is not changed.
 
     >>> import torch
@@ -216,7 +220,7 @@ def apply_recompute(
         held = tuple(held)
         where = "the stage"
     recompute = tuple(recompute)
-    if not recompute:
+    if not recompute and not selective:
         return gm
     missing = [b for b in recompute if b not in held]
     if missing:
@@ -234,6 +238,12 @@ def apply_recompute(
         members = [n for n in nodes if n.op in _COMPUTE and block_of.get(n.name) in seg_blocks]
         if members:
             groups.append((seg_blocks, members))
+    whole = set(recompute)
+    wanted = set(selective)
+    picked = [n for n in nodes if n.name in wanted and n.op in _COMPUTE
+              and block_of.get(n.name) not in whole]
+    for members in connected_groups(picked):
+        groups.append(((block_of.get(members[0].name, "?"),), members))
     if not groups:
         return gm
     return _rewrite(gm, groups, where)

@@ -24,12 +24,19 @@ def bindings(plan: Plan) -> list[tuple[Binding, str]]:
     out: list[tuple[float, Binding, str]] = []
     share = est.peak_memory_bytes / cl.device_memory_bytes
     recomputing = [st for st in plan.stages if st.recompute]
+    selective = [st for st in plan.stages if st.selective]
     memory = (f"peak memory {fmt_bytes(est.peak_memory_bytes)} is {share:.0%} of the "
               f"{fmt_bytes(cl.device_memory_bytes)} device")
     if recomputing:
         memory += (f"; {len(recomputing)} of {len(plan.stages)} stages recompute to fit "
                    f"(stage {recomputing[0].index}: {len(recomputing[0].recompute)} of "
                    f"{len(recomputing[0].blocks)} blocks)")
+    if selective:
+        memory += (f"; {len(selective)} of {len(plan.stages)} stages recompute selectively "
+                   f"(stage {selective[0].index}: {len(selective[0].selective)} nodes of its "
+                   "blocks, the parts cheap to recompute and costly to keep, such as the "
+                   "attention scores and softmax)")
+        recomputing = recomputing or selective
     out.append((share + (0.5 if recomputing else 0.0), Binding.MEMORY, memory))
     if par.pp > 1:
         out.append((est.bubble_fraction * 2, Binding.BUBBLE,

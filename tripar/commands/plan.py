@@ -33,7 +33,7 @@ def add_parser(subparsers: Any) -> None:
     group.add_argument("--micro-batch", type=int, default=None, metavar="b",
                        help="pin the samples per microbatch")
     group.add_argument("--schedule", choices=("auto", *SCHEDULES), default="auto")
-    group.add_argument("--recompute", choices=("auto", "none", "full", "stage-aware"),
+    group.add_argument("--recompute", choices=("auto", "none", "selective", "full", "stage-aware"),
                        default="auto",
                        help="auto recomputes per stage only what does not fit (stage-aware)")
     group.add_argument("--zero", choices=("auto", "0", "1"), default="auto",

@@ -74,7 +74,7 @@ def add_parser(subparsers: Any) -> None:
     group.add_argument("--microbatches", type=int, default=None, metavar="M",
                        help="pin the microbatches per step and replica")
     group.add_argument("--schedule", choices=("auto", *SCHEDULES), default="auto")
-    group.add_argument("--recompute", choices=("auto", "none", "full", "stage-aware"),
+    group.add_argument("--recompute", choices=("auto", "none", "selective", "full", "stage-aware"),
                        default="auto")
     group.add_argument("--zero", choices=("auto", "0", "1"), default="auto")
     data = parser.add_argument_group("data (default: a generated text corpus)")

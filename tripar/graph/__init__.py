@@ -23,6 +23,7 @@ from tripar.graph.captured import (
 )
 from tripar.graph.params import canonical_names, param_groups, read_params, tied_groups
 from tripar.graph.proxy import Block, Cut, ProxyGraph, TensorInfo, TPRegion, Unproven
+from tripar.graph.selective import Selection, connected_groups, select_segments
 from tripar.graph.tp_regions import find_tp_regions
 from tripar.graph.values import FakeInterpreter, baked_devices, node_values
 
@@ -35,6 +36,7 @@ __all__ = [
     "ProxyGraph",
     "TPRegion",
     "TensorInfo",
+    "Selection",
     "Unproven",
     "analyze",
     "annotate",
@@ -44,6 +46,7 @@ __all__ = [
     "canonical_names",
     "capture",
     "capture_model",
+    "connected_groups",
     "example_sizes",
     "find_tp_regions",
     "flat_graph_inputs",
@@ -52,5 +55,6 @@ __all__ = [
     "param_groups",
     "partition_blocks",
     "read_params",
+    "select_segments",
     "tied_groups",
 ]

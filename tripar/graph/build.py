@@ -31,6 +31,7 @@ from tripar.graph.blocks import (
 )
 from tripar.graph.params import canonical_names, param_groups, read_params
 from tripar.graph.proxy import Block, Cut, ProxyGraph, TensorInfo
+from tripar.graph.selective import select_segments
 
 
 def _info(node: torch.fx.Node) -> NodeInfo:
@@ -171,6 +172,7 @@ def build_proxy_graph(
     blocks = []
     for b, name in enumerate(part.names):
         infos = [_info(nodes[n]) for n in part.nodes[b]]
+        selected = select_segments(gm, part.nodes[b], input_bytes[b])
         blocks.append(Block(
             name=name,
             index=b,
@@ -187,6 +189,10 @@ def build_proxy_graph(
             matmuls=tuple(m for i in infos for m in i.matmuls),
             param_names=tuple(p for i in infos for p in i.param_names),
             ops=sum(1 for n in part.nodes[b] if is_operator(nodes[n])),
+            selective_nodes=selected.nodes,
+            selective_bytes=selected.freed_bytes,
+            selective_flops=selected.forward_flops,
+            selective_ops=selected.ops,
         ))
     cuts = [Cut(after=part.names[b], tensors=tuple(crossings[b]),
                 bytes=sum(t.bytes for t in crossings[b])) for b in range(len(part.names) - 1)]

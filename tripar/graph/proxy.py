@@ -56,6 +56,15 @@ class Block:
     ops: int = 0
     """Tensor operators its forward calls (FX call nodes producing a tensor, ``getitem``
     excluded); each pays a fixed dispatch/autograd cost per pass (``Efficiency.op_s``)."""
+    selective_nodes: tuple[str, ...] = ()
+    """Nodes selective recomputation re-runs: the parts cheap to recompute and costly to
+    keep (``tripar.graph.selective``; the attention core without a fused kernel)."""
+    selective_bytes: int = 0
+    """Saved bytes that recomputing ``selective_nodes`` frees."""
+    selective_flops: int = 0
+    """Forward FLOPs of ``selective_nodes`` (re-run in the backward)."""
+    selective_ops: int = 0
+    """Tensor operators among ``selective_nodes``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,27 @@ def require_probability(family: str, key: str, value: float) -> None:
         raise ModelSpecError(f"{family}: {key}={value} must be in [0, 1)")
 
 
+ATTENTION = ("sdpa", "eager")
+"""How a zoo model computes attention: PyTorch's fused kernel or the written-out path."""
+
+
+def require_attention(family: str, value: str) -> None:
+    """Raise ModelSpecError unless ``value`` is one of ATTENTION."""
+    if value not in ATTENTION:
+        raise ModelSpecError(f"{family}: attention={value!r} is not one of "
+                             f"{', '.join(ATTENTION)}")
+
+
+def causal_softmax(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Causal attention probabilities ``softmax(q k^T / sqrt(d))`` with future positions
+    masked, written out (the unfused path: the scores and probabilities are tensors of
+    ``heads x s x s`` per sample). ``q``, ``k``: (B, nh, T, hd)."""
+    T = q.size(-2)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, T)
+    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
 def init_linear(linear: nn.Linear, std: float = 0.02) -> None:
     """Normal(0, std) weight, zero bias (GPT-2 / BERT style)."""
     nn.init.normal_(linear.weight, mean=0.0, std=std)

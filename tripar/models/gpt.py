@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tripar.models._common import (
+    causal_softmax,
     check_seq_len,
     default_generator,
     init_linear,
     init_norm,
     model_device,
     random_ids,
+    require_attention,
     require_divisible,
     require_positive,
     require_probability,
@@ -48,6 +50,9 @@ class GPTConfig:
     """MLP width; ``None`` means ``4 * hidden``."""
     dropout: float = 0.0
     """Dropout probability after embeddings, attention and MLP (0 disables)."""
+    attention: str = "sdpa"
+    """``sdpa`` (PyTorch's fused kernel) or ``eager`` (scores, mask, softmax, dropout and the
+    product with v written out, as Megatron-LM without a fused kernel runs them)."""
 
     def __post_init__(self) -> None:
         require_positive("gpt", layers=self.layers, hidden=self.hidden, heads=self.heads,
@@ -57,6 +62,7 @@ class GPTConfig:
             object.__setattr__(self, "ffn", 4 * self.hidden)
         require_positive("gpt", ffn=self.ffn)
         require_probability("gpt", "dropout", self.dropout)
+        require_attention("gpt", self.attention)
 
     @property
     def head_dim(self) -> int:
@@ -78,8 +84,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.heads
         self.head_dim = config.head_dim
         self.dropout = config.dropout
+        self.eager = config.attention == "eager"
         self.c_attn = nn.Linear(config.hidden, 3 * config.hidden)
         self.c_proj = nn.Linear(config.hidden, config.hidden)
+        self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,9 +97,12 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        if self.eager:
+            y = self.attn_dropout(causal_softmax(q, k)) @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

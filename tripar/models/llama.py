@@ -17,12 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tripar.models._common import (
+    causal_softmax,
     check_seq_len,
     default_generator,
     init_linear,
     llama_ffn,
     model_device,
     random_ids,
+    require_attention,
     require_divisible,
     require_positive,
 )
@@ -50,6 +52,8 @@ class LlamaConfig:
     """Rotary base."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
+    attention: str = "sdpa"
+    """``sdpa`` (PyTorch's fused kernel) or ``eager`` (the scores and softmax written out)."""
 
     def __post_init__(self) -> None:
         if self.kv_heads is None:
@@ -61,6 +65,7 @@ class LlamaConfig:
         require_divisible("llama", "hidden", self.hidden, "heads", self.heads)
         require_divisible("llama", "heads", self.heads, "kv_heads", self.kv_heads)
         require_divisible("llama", "head_dim", self.head_dim, "2 (rotary pairs)", 2)
+        require_attention("llama", self.attention)
 
     @property
     def head_dim(self) -> int:
@@ -141,6 +146,7 @@ class LlamaAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden, config.kv_heads * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden, config.kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.heads * config.head_dim, config.hidden, bias=False)
+        self.eager = config.attention == "eager"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, C = x.size()
@@ -150,7 +156,10 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, nh|nkv, T, hd)
         k = k.repeat_interleave(self.n_rep, dim=1)  # (B, nh, T, hd)
         v = v.repeat_interleave(self.n_rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if self.eager:
+            y = causal_softmax(q, k) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 

@@ -169,7 +169,7 @@ def normalise(family: str, config: Any) -> str:
 
     >>> from tripar.models.gpt import GPTConfig
     >>> normalise("gpt", GPTConfig(layers=1))
-    'gpt:layers=1,hidden=64,heads=4,vocab=128,seq=32,ffn=256,dropout=0.0'
+    'gpt:layers=1,hidden=64,heads=4,vocab=128,seq=32,ffn=256,dropout=0.0,attention=sdpa'
     """
     parts = []
     for f in dataclasses.fields(config):

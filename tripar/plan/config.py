@@ -9,8 +9,11 @@ from tripar.errors import ConfigError
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "scp")
 """Pipeline schedules tripar can generate, simulate and run."""
 
-RECOMPUTE = ("none", "full", "stage-aware")
-"""Activation recomputation policies."""
+RECOMPUTE = ("none", "selective", "full", "stage-aware")
+"""Activation recomputation policies: ``none``; ``selective`` (every stage recomputes only
+the parts of its blocks that are cheap to recompute and costly to keep, such as the
+attention core); ``full`` (every block); ``stage-aware`` (per stage, the cheapest of none,
+selective, and selective or not with some blocks recomputed whole, that fits)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,8 +151,13 @@ class StagePlan:
     """Peak bytes this stage needs on its device."""
     in_flight: int = 1
     """Microbatches it holds at its peak under the schedule."""
+    selective: tuple[str, ...] = ()
+    """FX names of the nodes recomputed selectively: the parts of its blocks cheap to
+    recompute and costly to keep (the attention core), run under checkpointing in the
+    backward; empty when the stage keeps them."""
 
     def __post_init__(self) -> None:
+        strs("StagePlan", "selective", self.selective)
         nonneg_int("StagePlan", index=self.index, rank=self.rank,
                    virtual_index=self.virtual_index, memory_bytes=self.memory_bytes)
         pos_int("StagePlan", in_flight=self.in_flight)
@@ -176,6 +181,22 @@ class StagePlan:
         if not self.recompute:
             return "none"
         return "full" if len(self.recompute) == len(self.blocks) else "partial"
+
+    @property
+    def granularity(self) -> str:
+        """What the stage recomputes: ``none``, ``selective``, ``full``, or ``N/M`` blocks
+        whole (``selective+N/M``: the others selectively).
+
+        >>> StagePlan(0, 0, 0, ("a", "b"), ("a",), 1.0, 10, selective=("mm",)).granularity
+        'selective+1/2'
+        """
+        whole = self.recompute_policy
+        if whole == "full":
+            return "full"
+        part = f"{len(self.recompute)}/{len(self.blocks)}" if self.recompute else ""
+        if self.selective:
+            return "selective" + (f"+{part}" if part else "")
+        return part or "none"
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,12 +127,13 @@ def render_plan(plan: PlanParts, *, width: int = 100) -> str:
         "",
     ]
     block_w = max(20, width - 52)
-    out.append(f"{'stage':>5} {'rank':>4}  {'blocks':<{block_w}} {'recompute':>11} "
+    rec_w = max(11, *(len(st.granularity) for st in plan.stages))
+    out.append(f"{'stage':>5} {'rank':>4}  {'blocks':<{block_w}} {'recompute':>{rec_w}} "
                f"{'time/mb':>9} {'memory':>9}")
     for st in plan.stages:
-        rec = "-" if not st.recompute else f"{len(st.recompute)}/{len(st.blocks)}"
+        rec = "-" if st.granularity == "none" else st.granularity
         out.append(f"{st.index:>5} {st.rank:>4}  {_blocks(st.blocks, block_w):<{block_w}} "
-                   f"{rec:>11} {fmt_time(st.time_s):>9} {fmt_bytes(st.memory_bytes):>9}")
+                   f"{rec:>{rec_w}} {fmt_time(st.time_s):>9} {fmt_bytes(st.memory_bytes):>9}")
     if plan.tp_regions:
         kinds = Counter(r.kind for r in plan.tp_regions)
         out.append("")

@@ -41,6 +41,11 @@ class BlockCost:
     output gradients."""
     param_tensors: int = 0
     """Parameter tensors the block owns (what a per-tensor optimizer loops over)."""
+    selective_bytes: int = 0
+    """Bytes of ``saved_bytes`` that selective recomputation frees (``Block.selective_nodes``
+    re-run in the backward; the attention core's ``5 a s^2 b`` when it is not fused)."""
+    selective_s: float = 0.0
+    """Time to re-run ``Block.selective_nodes`` (added to B when the block recomputes them)."""
 
 
 def _regions_by_block(graph: ProxyGraph, tp: int) -> dict[str, list[TPRegion]]:
@@ -212,6 +217,13 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
     forward_memory = eff.memory_traffic * saved / memory_rate
     overhead = eff.op_s * block.ops  # per pass; the backward's autograd nodes go to B
 
+    selective_bytes, selective_s = _selective(
+        block, regions, sharded, t, getattr(config, "sp", False), byte_scale, scale)
+    selective_bytes = min(saved, selective_bytes)
+    selective_s *= seconds_per_flop
+    selective_s += (eff.memory_traffic * selective_bytes / memory_rate
+                    + eff.op_s * block.selective_ops)
+
     params = block.params * divided(g)
     weight_flops = 0.0
     if block.matmuls:
@@ -248,7 +260,27 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
         tp_comm_s=fwd_comm + bwd_comm,
         weight_grad_bytes=int(weight_share * operands * dtype_bytes(dtype)),
         param_tensors=len(block.param_names),
+        selective_bytes=int(selective_bytes),
+        selective_s=fwd_scale * selective_s,
     )
+
+
+def _selective(block: Block, regions: Sequence[TPRegion], sharded: Sequence[bool], t: int,
+               sp: bool, byte_scale: float, scale: float) -> tuple[float, float]:
+    """(bytes freed, FLOPs re-run) by selective recomputation of ``block``, on one device.
+    Both divide by t when the selected nodes lie (most of them) inside a sharded region
+    (the attention core: heads split), or, with sequence parallelism, when they run on a
+    sequence shard between the regions; else they are replicated."""
+    nodes = set(block.selective_nodes)
+    if not nodes:
+        return 0.0, 0.0
+    inside = set()
+    for region, on in zip(regions, sharded):
+        if on:
+            inside.update(region.nodes)
+    split = t if t > 1 and (sp or 2 * len(nodes & inside) > len(nodes)) else 1
+    return (block.selective_bytes * byte_scale / split,
+            block.selective_flops * scale / split)
 
 
 def _region_key(region: TPRegion) -> str:

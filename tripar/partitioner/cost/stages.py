@@ -92,6 +92,7 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
                 boundaries: Sequence[int] | None = None, *,
                 recompute: str | float | Sequence[float] | None = None,
                 explicit_recompute: bool = False,
+                selective: bool | Sequence[bool] = False,
                 dtype: str | None = None,
                 tp_regions: Collection[str] | None = None) -> list[StageCost]:
     """One StageCost per (virtual) stage, in model order.
@@ -102,7 +103,10 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
     needs explicit fractions here, :func:`step_estimate` derives them).
     ``explicit_recompute`` says the schedule has its own ``f``/``R`` actions.
     ``tp_regions``: the regions sharded at ``config.tp`` (default: all proven ones; see
-    :func:`block_costs`).
+    :func:`block_costs`). ``selective`` (one flag, or one per stage): the stage's blocks
+    recompute their selective segments (``BlockCost.selective_bytes`` less held, their
+    ``selective_s`` added to B); a block a fraction recomputes whole re-runs its forward
+    instead. Stages an ``f``/``R`` schedule recomputes whole ignore it.
 
     >>> from tripar.partitioner.hardware import Cluster
     >>> from tripar.plan.config import ParallelConfig
@@ -122,8 +126,14 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
             f"the cluster has {cluster.devices}; change the degrees or the cluster")
     bounds = _check_boundaries(boundaries if boundaries is not None
                                else uniform_boundaries(graph, stages), len(graph.blocks), stages)
-    fractions = recompute_fractions(recompute if recompute is not None else config.recompute,
-                                     stages)
+    policy = recompute if recompute is not None else config.recompute
+    if isinstance(selective, bool):
+        selective = [selective or policy == "selective"] * stages
+    if policy == "selective":
+        policy = "none"
+    fractions = recompute_fractions(policy, stages)
+    if len(selective) != stages:
+        raise ConfigError(f"selective has {len(selective)} flags for {stages} stages")
     costs = block_costs(graph, cluster, config, dtype=dtype, tp_regions=tp_regions)
     model_bytes, optimizer_bytes = bytes_per_param(dtype, config.zero, config.dp)
     eff = cluster.device.efficiency
@@ -142,6 +152,10 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
         backward_input = sum(c.backward_input_s for c in mine)
         backward_weight = sum(c.backward_weight_s for c in mine)
         saved = sum(c.saved_bytes for c in mine)
+        chosen = 0.0  # selective recomputation's time
+        if selective[stage] and not explicit_recompute:
+            saved -= sum(c.selective_bytes for c in mine)
+            chosen = sum(c.selective_s for c in mine)
         inputs = sum(c.input_bytes for c in mine)
         weight_grad = sum(c.weight_grad_bytes for c in mine)
         params = sum(c.params for c in mine)
@@ -179,7 +193,8 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
             activation, held, extra, recompute_s = saved, inputs, 0.0, forward
         else:
             activation = r * inputs + (1 - r) * saved
-            held, extra, recompute_s = stage_input, r * forward, 0.0
+            held, recompute_s = stage_input, 0.0
+            extra = r * forward + (1 - r) * chosen
         buffers = min(grad_bytes, BUCKET_BYTES) * (config.dp > 1) + 2 * (stage_input + output) \
             + tp_buffer * (config.tp > 1)
         static = params * (model_bytes + optimizer_bytes) + buffers

@@ -52,7 +52,8 @@ def step_estimate(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
                   tp_regions: Collection[str] | None = None) -> StepEstimate:
     """Cost the stages, build ``config.schedule`` and simulate one step.
 
-    ``recompute`` (default ``config.recompute``): ``"none"``; ``"full"``
+    ``recompute`` (default ``config.recompute``): ``"none"``; ``"selective"`` (every
+    stage recomputes its blocks' selective segments); ``"full"``
     (the schedule gets ``f``/``R`` actions); ``"stage-aware"`` (scp: Merak's
     rule in the schedule; other schedules: each stage recomputes the smallest
     share of its layers that fits the device memory with the microbatches the
@@ -95,9 +96,10 @@ def step_estimate(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
             fractions = _fitting_fractions(keep, drop, probe.stage_peak_inflight, config.pp,
                                            limit)
         else:
-            fractions = recompute_fractions(policy, stages)
+            fractions = recompute_fractions("none" if policy == "selective" else policy,
+                                            stages)
         costs = stage_costs(graph, cluster, config, bounds, recompute=fractions, dtype=dtype,
-                            tp_regions=tp_regions)
+                            tp_regions=tp_regions, selective=policy == "selective")
     result = simulate(schedule, costs, record_timeline=record_timeline)
     samples = config.global_batch_size
     return StepEstimate(

@@ -23,6 +23,7 @@ from tripar.partitioner.hardware import Cluster, dtype_bytes
 from tripar.partitioner.partition.dp import solve_partition_dp
 from tripar.partitioner.partition.fixed import solve_fixed_partition
 from tripar.partitioner.partition.problem import PartitionProblem, PartitionSolution
+from tripar.partitioner.partition.stage_table import StageTable
 from tripar.partitioner.plan_search.cache import (
     BlockCostCache,
     PartitionKey,
@@ -74,6 +75,8 @@ class Evaluated:
     split_note: str = ""
     """How the split was chosen: the simulated step of the DP's split against the uniform
     one's."""
+    selective: tuple[bool, ...] = ()
+    """Per stage: whether its blocks recompute their selective segments (empty: none)."""
 
     def estimate(self, tokens: int) -> Estimate:
         return Estimate(self.step_time_s, tokens / self.step_time_s, self.peak_memory_bytes,
@@ -109,9 +112,11 @@ class Evaluator:
         return self._schedules[key]
 
     def partition_problem(self, cfg: ParallelConfig, margin: Sequence[int],
-                          shard: frozenset[str]) -> PartitionProblem:
+                          shard: frozenset[str], selective: bool = False) -> PartitionProblem:
         """The stage-partition problem of ``cfg`` with ``shard`` sharded, each pipeline
-        rank's budget less its ``margin``."""
+        rank's budget less its ``margin``. With ``selective`` every block keeps its saved
+        bytes less its selective segments' and its backward re-runs them; a block
+        recomputed whole re-runs the rest of its forward instead."""
         costs = self.costs.get(cfg.tp, cfg.micro_batch_size, shard)
         k = cfg.pp * cfg.vpp
         crosses = cfg.dp * cfg.tp >= self.cluster.devices_per_node
@@ -122,13 +127,16 @@ class Evaluator:
                    + 4 * max(c.output_bytes for c in costs))
         budget = [max(0, (self.limit - margin[s % cfg.pp]) // cfg.vpp - buffers)
                   for s in range(k)]
-        policy = "stage-aware" if cfg.recompute == "stage-aware" else cfg.recompute
+        policy = "none" if cfg.recompute == "selective" else cfg.recompute
+        chosen = [c.selective_s if selective else 0.0 for c in costs]
         return PartitionProblem(
             blocks=tuple(b.name for b in self.graph.blocks),
             forward_s=[c.forward_s for c in costs],
-            backward_s=[c.backward_input_s + c.backward_weight_s for c in costs],
-            recompute_s=[c.forward_s for c in costs],
-            activation_bytes=[c.saved_bytes for c in costs],
+            backward_s=[c.backward_input_s + c.backward_weight_s + x
+                        for c, x in zip(costs, chosen)],
+            recompute_s=[max(0.0, c.forward_s - x) for c, x in zip(costs, chosen)],
+            activation_bytes=[c.saved_bytes - (c.selective_bytes if selective else 0)
+                              for c in costs],
             input_bytes=[c.input_bytes for c in costs],
             static_bytes=self.static_bytes(cfg, shard),
             in_flight=warmup_in_flight(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.vpp),
@@ -173,6 +181,28 @@ class Evaluator:
         return min(results, key=lambda e: (e.step_time_s, len(e.tp_regions)))
 
     def best_split(self, cfg: ParallelConfig, shard: frozenset[str], note: str) -> Evaluated:
+        """:meth:`split_for` without and with selective recomputation, as ``cfg.recompute``
+        allows (``selective``: with; ``stage-aware``: both, when the graph has selective
+        segments and the schedule does not recompute stages whole), the faster that fits."""
+        modes = [False]
+        if cfg.recompute == "selective":
+            modes = [True]
+        elif (cfg.recompute == "stage-aware" and cfg.schedule != "scp"
+              and any(b.selective_nodes for b in self.graph.blocks)):
+            modes = [False, True]
+        results, error = [], None
+        for selective in modes:
+            try:
+                results.append(self.split_for(cfg, shard, note, selective))
+            except InfeasibleError as failed:
+                error = error or failed
+        if not results:
+            assert error is not None
+            raise error
+        return min(results, key=lambda e: e.step_time_s)
+
+    def split_for(self, cfg: ParallelConfig, shard: frozenset[str], note: str,
+                  selective: bool = False) -> Evaluated:
         """The partition DP's stage split and the uniform split by layers, each with the
         recomputation the DP's per-stage choice gives it under the same memory budget, both
         simulated: the faster that fits (the DP's on a tie). The DP minimises a proxy of the
@@ -184,7 +214,7 @@ class Evaluator:
         uniform = self.uniform(cfg.pp * cfg.vpp)
         dp_error: InfeasibleError | None = None
         try:
-            dp: Evaluated | None = self.simulate_split(cfg, shard, note)
+            dp: Evaluated | None = self.simulate_split(cfg, shard, note, selective=selective)
         except InfeasibleError as error:
             if uniform is None:
                 raise
@@ -195,8 +225,8 @@ class Evaluator:
                 else " (too few layers for a uniform split)"))
         try:  # one try without margins where the DP's split does not fit (rarely does this)
             even = self.simulate_split(cfg, shard, note, uniform,
-                                  cutoff=math.inf if dp is None else dp.step_time_s,
-                                  attempts=1 if dp is None else 3)
+                                       cutoff=math.inf if dp is None else dp.step_time_s,
+                                       attempts=1 if dp is None else 3, selective=selective)
         except InfeasibleError:
             if dp is None:
                 raise dp_error from None
@@ -225,17 +255,19 @@ class Evaluator:
 
     def simulate_split(self, cfg: ParallelConfig, shard: frozenset[str], note: str,
                        split: tuple[int, ...] | None = None, *, cutoff: float = math.inf,
-                       attempts: int = 3) -> Evaluated | None:
+                       attempts: int = 3, selective: bool = False) -> Evaluated | None:
         """Cost and simulate ``cfg`` on the partition DP's split, or on ``split`` (the first
         block of each stage) with the DP's per-stage recomputation for it; a stage over
         the device in the simulation shrinks its budget by the overshoot and the split is
-        solved again (``attempts`` tries in all). None, without simulating, when a rank's forward and
+        solved again (``attempts`` tries in all). With ``selective`` the blocks recompute
+        their selective segments (:meth:`partition_problem`); under ``stage-aware`` a stage
+        that fits as cheaply without them does not (:func:`_plain_stages`). None, without simulating, when a rank's forward and
         backward passes and tail alone take ``cutoff`` or more (the step cannot be
         shorter: every rank runs them all, one action at a time, then its tail)."""
         margin = [0] * cfg.pp
         regions = None if cfg.tp == 1 else shard
         for _attempt in range(attempts):
-            problem = self.partition_problem(cfg, margin, shard)
+            problem = self.partition_problem(cfg, margin, shard, selective)
             key = PartitionKey(problem, split)
             if key not in self._partitions:  # 1f1b, zb-h1 and scp share problems
                 self._partitions[key] = (solve_partition_dp(problem) if split is None
@@ -245,14 +277,21 @@ class Evaluator:
                 self.partition_work += self._partitions[key].work
             sol = self._partitions[key]
             bounds = sol.boundaries
-            rec = tuple(st.recompute for st in sol.stages)
-            fractions = []
-            for st in sol.stages:
-                total = sum(problem.saving_bytes(b) for b in range(st.first, st.stop)
-                            if problem.recomputable(b))
-                saved = sum(problem.saving_bytes(b) for b in st.recompute)
-                fractions.append(saved / total if total else 0.0)
             explicit = cfg.recompute == "full" or cfg.schedule == "scp"
+            flags = [selective and not explicit] * len(sol.stages)
+            stage_problems = [problem] * len(sol.stages)
+            rec = [st.recompute for st in sol.stages]
+            if selective and cfg.recompute == "stage-aware":
+                plain = self.partition_problem(cfg, margin, shard)
+                for s, blocks in _plain_stages(plain, sol).items():
+                    flags[s], stage_problems[s], rec[s] = False, plain, blocks
+            rec = tuple(rec)
+            fractions = []
+            for st, prob, mine in zip(sol.stages, stage_problems, rec):
+                total = sum(prob.saving_bytes(b) for b in range(st.first, st.stop)
+                            if prob.recomputable(b))
+                saved = sum(prob.saving_bytes(b) for b in mine)
+                fractions.append(saved / total if total else 0.0)
             if explicit:
                 sched_policy = "full" if cfg.recompute == "full" else "stage-aware"
                 if cfg.schedule == "scp" and cfg.recompute == "none":
@@ -264,7 +303,7 @@ class Evaluator:
             else:
                 schedule, encoded = self.schedule(cfg, "none")
                 costs = stage_costs(self.graph, self.cluster, cfg, bounds, recompute=fractions,
-                                    dtype=self.dtype, tp_regions=regions)
+                                    dtype=self.dtype, tp_regions=regions, selective=flags)
             if math.isfinite(cutoff) and _busy_bound(costs, cfg) >= cutoff:
                 return None
             result = simulate(schedule, costs, record_timeline=False, encoded=encoded)
@@ -288,7 +327,7 @@ class Evaluator:
             rec = tuple(tuple(range(sol.stages[s].first, sol.stages[s].stop))
                         if s in recomputed else () for s in range(len(sol.stages)))
         label = cfg.recompute
-        if cfg.recompute == "stage-aware" and not any(rec):
+        if cfg.recompute == "stage-aware" and not any(rec) and not any(flags):
             label = "none"
         lines = tuple(" ".join(a.short() if schedule.vpp == 1 else str(a) for a in acts)
                       for acts in schedule.actions)
@@ -306,7 +345,28 @@ class Evaluator:
             partition_time_s=sol.solve_time_s, partition_objective=sol.objective_s,
             tp_regions=tuple(sorted(shard)), tp_note=note,
             split="dp" if split is None else (
-                "uniform" if split == self.uniform(cfg.pp * cfg.vpp) else "given"))
+                "uniform" if split == self.uniform(cfg.pp * cfg.vpp) else "given"),
+            selective=tuple(flags) if any(flags) else ())
+
+
+def _plain_stages(plain: PartitionProblem, sol: PartitionSolution
+                  ) -> dict[int, tuple[int, ...]]:
+    """The stages of ``sol`` (solved with selective recomputation) that fit under the
+    ``plain`` problem (without it) in no more time: stage -> the blocks it then recomputes
+    whole."""
+    table = StageTable(plain, tables=False)
+    out = {}
+    for st in sol.stages:
+        got = table.choice(st.index, st.first, st.stop)
+        if got is None:
+            continue
+        time_s = math.fsum([*plain.forward_s[st.first:st.stop],
+                            *plain.backward_s[st.first:st.stop], got[0],
+                            plain.cut_s[st.stop - 1] if st.index + 1 < plain.num_stages
+                            else 0.0])
+        if time_s <= st.time_s:
+            out[st.index] = table.recompute_blocks(st.index, st.first, st.stop)
+    return out
 
 
 def _busy_bound(costs: Sequence[StageCost], cfg: ParallelConfig) -> float:

@@ -59,8 +59,10 @@ class Pins:
     schedule: str | None = None
     """One of SCHEDULES (``gpipe``, ``1f1b``, ``interleaved-1f1b``, ``zb-h1``, ``scp``)."""
     recompute: str | None = None
-    """``none``, ``full``, ``stage-aware``, or None (auto: stage-aware, which recomputes
-    only what does not fit)."""
+    """``none``, ``selective`` (every stage recomputes only its blocks' selective segments,
+    such as the attention core), ``full``, ``stage-aware``, or None (auto: stage-aware,
+    which recomputes per stage only what does not fit, selectively where that is
+    cheaper)."""
     zero: int | None = None
     """1: optimizer state sharded over data-parallel ranks (ZeRO-1); 0: replicated."""
 
@@ -156,6 +158,16 @@ def check_pins(pins: Pins, devices: int, global_batch: int, *,
         raise ConfigError(f"schedule scp is 1f1b with stage-aware recomputation; with "
                           f"{s.of('recompute', 'none')} use {s.of('schedule', '1f1b')}, or "
                           f"allow recomputation")
+    if pins.schedule == "scp" and pins.recompute == "selective":
+        raise ConfigError(f"schedule scp recomputes whole stages; with "
+                          f"{s.of('recompute', 'selective')} use another schedule, e.g. "
+                          f"{s.of('schedule', '1f1b')}")
+    if (pins.recompute == "selective" and graph is not None
+            and not any(b.selective_nodes for b in graph.blocks)):
+        raise ConfigError(f"{s.of('recompute', 'selective')}: no block of this model has a "
+                          "part cheap to recompute and costly to keep (a fused attention "
+                          "kernel already keeps no score matrix); use "
+                          f"{s.of('recompute', 'stage-aware')} or {s.of('recompute', 'full')}")
     _check_tp(pins, graph, heads, hidden, devices, s)
     _check_degrees(pins, devices, s)
     if graph is not None and pins.pp is not None:

@@ -83,6 +83,17 @@ def _loss_reason(alt: Evaluated, best: Evaluated) -> tuple[str, Binding]:
     return grew[binding][1], binding
 
 
+def _selective_nodes(graph: ProxyGraph, best: Evaluated, bounds: Sequence[int],
+                     s: int) -> tuple[str, ...]:
+    """The nodes stage ``s`` recomputes selectively: its blocks' selective segments when the
+    stage is selective, less the blocks it recomputes whole."""
+    if not best.selective or not best.selective[s]:
+        return ()
+    whole = set(best.recompute[s])
+    return tuple(n for b in range(bounds[s], bounds[s + 1]) if b not in whole
+                 for n in graph.blocks[b].selective_nodes)
+
+
 def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluated,
                   evaluated: list[Evaluated], failures: list[tuple[int, ParallelConfig, str]],
                   stats: SearchStats, *, seq_len: int, spec: str, alternatives: int,
@@ -99,7 +110,8 @@ def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluat
                   blocks=tuple(names[bounds[s]:bounds[s + 1]]),
                   recompute=tuple(names[b] for b in best.recompute[s]),
                   time_s=best.stage_time_s[s], memory_bytes=best.stage_memory_bytes[s],
-                  in_flight=max(1, best.in_flight[s]))
+                  in_flight=max(1, best.in_flight[s]),
+                  selective=_selective_nodes(graph, best, bounds, s))
         for s in range(k))
     chosen = set(best.tp_regions)
     regions = tuple(TPShard(r.block, r.kind, r.nodes, r.shards, index=r.index)

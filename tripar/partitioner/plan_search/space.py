@@ -190,6 +190,8 @@ class SearchSpace:
                              for c in costs]),
                 "weight": cum([c.backward_weight_s for c in costs]),
                 "act": cum([c.saved_bytes for c in costs]),
+                "sel": cum([c.selective_bytes for c in costs]),
+                "sel_s": cum([c.selective_s for c in costs]),
                 "inp": cum([c.input_bytes for c in costs]),
                 "params": cum([c.params for c in costs]),
             }
@@ -212,6 +214,8 @@ class SearchSpace:
 
         model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
         fwd, work, act = span("fwd"), span("work"), span("act")
+        if cfg.recompute == "selective":  # every stage keeps less, and re-runs the segments
+            act, work = act - span("sel"), work + span("sel_s")
         save = act - span("inp")
         inflight = np.asarray(warmup_in_flight(cfg.schedule, cfg.pp, cfg.num_microbatches,
                                                cfg.vpp), dtype=np.float64)
@@ -219,7 +223,8 @@ class SearchSpace:
         share = np.zeros(k)
         short = need > 0
         if short.any():
-            if cfg.recompute == "none" or np.any(need[short] > inflight[short] * save[short]):
+            if cfg.recompute in ("none", "selective") \
+                    or np.any(need[short] > inflight[short] * save[short]):
                 return math.inf
             share[short] = need[short] / (inflight[short] * save[short])
         if cfg.recompute == "full":
