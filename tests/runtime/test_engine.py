@@ -394,27 +394,31 @@ def test_every_layout_matches_single_process(group):
 
 
 def _dropout_schedules() -> list[float]:
-    """With dropout, tp=2 x pp=2: scp (forward without activations, then recompute) draws
-    the very masks 1F1B draws, in the replicated and in the tensor-parallel streams."""
+    """With dropout, tp=2 x pp=2: scp (forward without activations, then recompute) and
+    selective recomputation (the attention core re-run in the backward) draw the very masks
+    1F1B draws, in the replicated and in the tensor-parallel streams."""
     import torch.distributed as dist
 
-    spec = "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8,dropout=0.2"
+    spec = "gpt:layers=2,hidden=32,heads=8,vocab=64,seq=8,dropout=0.2,attention=eager"
     loaded = load_model(spec, batch_size=GLOBAL_BATCH)
     captured = api.capture_model(loaded.model, loaded.example_inputs)
     states = {}
-    for schedule in ("1f1b", "scp"):
+    for schedule, recompute in (("1f1b", "none"), ("scp", None), ("1f1b", "selective")):
         torch.manual_seed(1234 + dist.get_rank() % 2)  # each tp rank its own default stream
         pm = api.auto_parallel(loaded.model, captured=captured, optimizer=OPTIMIZERS["sgd"][0],
                                tp=2, pp=2, num_microbatches=GLOBAL_BATCH, schedule=schedule,
-                               seed=7, timeout_s=30)
+                               recompute=recompute, seed=7, timeout_s=30)
+        assert all(st.selective for st in pm.plan.stages) == (recompute == "selective")
         for _ in range(2):
             pm.train_step(loaded.example_inputs)
-        states[schedule] = pm.full_state_dict()
+        states[(schedule, recompute)] = pm.full_state_dict()
         pm.close()
     without = {}
-    for key, value in states["1f1b"].items():
-        assert_close(states["scp"][key], value, rtol=1e-6, atol=1e-6,
-                     msg=lambda m, key=key: f"{key}: {m}")
+    base = states[("1f1b", "none")]
+    for key, value in base.items():
+        for other in (("scp", None), ("1f1b", "selective")):
+            assert_close(states[other][key], value, rtol=1e-6, atol=1e-6,
+                         msg=lambda m, key=key, other=other: f"{other} {key}: {m}")
         without[key] = float((value - loaded.model.state_dict()[key]).abs().max())
     return sorted(without.values())[-3:]
 
