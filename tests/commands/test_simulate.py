@@ -76,3 +76,18 @@ def test_user_errors_exit_2_with_numbers(capsys, extra, message):
     import re
 
     assert re.search(message, err), err
+
+
+def test_selective_recompute_keeps_less_and_shows_per_stage(capsys):
+    eager = "gpt:layers=4,hidden=32,heads=8,vocab=64,seq=32,attention=eager"
+    args = ["simulate", eager, "--gpu", "cpu", "--gpus-per-node", "2", "--global-batch", "4",
+            "--pp", "2", "--dp", "1", "--format", "json"]
+    reports = {}
+    for recompute in ("none", "selective"):
+        assert main([*args, "--recompute", recompute]) == 0
+        reports[recompute] = json.loads(capsys.readouterr().out)
+    none, sel = reports["none"], reports["selective"]
+    assert all(st["selective"] for st in sel["stages"])
+    assert not any(st["selective"] for st in none["stages"])
+    assert sel["estimate"]["peak_memory_bytes"] < none["estimate"]["peak_memory_bytes"]
+    assert sel["estimate"]["step_time_s"] > none["estimate"]["step_time_s"]

@@ -65,6 +65,21 @@ def test_validate_checks_contiguity_ranks_and_schedule():
     assert any("recompute is 'none' but stages [0]" in p for p in none.problems())
 
 
+def test_a_stage_records_its_selective_recomputation():
+    plan = make_plan()
+    mixed = make_plan(stages=(plan.stages[0],
+                              dataclasses.replace(plan.stages[1], selective=("h_2_softmax",))))
+    assert mixed.validate() is mixed and Plan.from_json(mixed.to_json()) == mixed
+    assert [st.granularity for st in mixed.stages] == ["1/3", "selective"]
+    assert "selective" in mixed.render()
+    pinned = dataclasses.replace(plan.parallel, recompute="selective")
+    assert any("recompute is 'selective' but stages [0] recompute whole blocks" in p
+               for p in make_plan(parallel=pinned).problems())
+    none = make_plan(parallel=dataclasses.replace(plan.parallel, recompute="none"),
+                     stages=mixed.stages)
+    assert any("stages [1] recompute nodes selectively" in p for p in none.problems())
+
+
 def test_regions_are_named_block_kind_index():
     plan = make_plan()
     assert [r.name for r in plan.tp_regions] == ["h.0:mlp:0", "h.0:attention:0"]

@@ -131,6 +131,7 @@ def to_report(model: str, graph, cluster, config: ParallelConfig, estimate) -> d
             "activation_bytes": cost.activation_bytes, "static_bytes": cost.static_bytes,
             "memory_bytes": estimate.stage_memory_bytes[s],
             "recompute": estimate.recompute[s],
+            "selective": bool(estimate.selective and estimate.selective[s]),
         })
     return {
         "model": model,
@@ -182,7 +183,9 @@ def _print(report: dict, timeline: str | None) -> None:
                       str(st["layers"]), *(_ms(st[k]) for k in (
                           "forward_s", "backward_input_s", "backward_weight_s", "recompute_s",
                           "send_s", "tail_s")),
-                      f"{st['recompute']:.0%}", f"{st['memory_bytes'] / 2**30:.2f}")
+                      ("sel" if st["selective"] and not st["recompute"] else
+                       f"{st['recompute']:.0%}" + (" +sel" if st["selective"] else "")),
+                      f"{st['memory_bytes'] / 2**30:.2f}")
     console.print(table)
     if timeline:
         console.print(f"timeline written to {timeline}")

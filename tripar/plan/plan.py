@@ -138,6 +138,14 @@ class Plan:
             bad = [st.index for st in self.stages if st.recompute]
             if bad:
                 out.append(f"recompute is 'none' but stages {bad} recompute blocks")
+            bad = [st.index for st in self.stages if st.selective]
+            if bad:
+                out.append(f"recompute is 'none' but stages {bad} recompute nodes selectively")
+        if par.recompute == "selective":
+            bad = [st.index for st in self.stages if st.recompute]
+            if bad:
+                out.append(f"recompute is 'selective' but stages {bad} recompute whole blocks; "
+                           "use 'stage-aware' to let stages do both")
         est = self.estimate
         for rank, used in enumerate(self.device_memory()):
             if used > cl.device_memory_bytes:

@@ -39,6 +39,8 @@ class StepEstimate:
     stage_costs: tuple[StageCost, ...]
     sim: object
     """The simulator's ``SimResult`` (timeline, per-rank detail)."""
+    selective: tuple[bool, ...] = ()
+    """Per stage: whether it recomputes its blocks' selective segments (empty: none)."""
 
     @property
     def fits(self) -> bool:
@@ -118,6 +120,7 @@ def step_estimate(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
         boundaries=bounds,
         stage_costs=tuple(costs),
         sim=result,
+        selective=(True,) * stages if policy == "selective" else (),
     )
 
 
