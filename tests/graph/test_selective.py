@@ -27,21 +27,20 @@ def _layer(spec: str):
     return next(b for b in _graph(spec).blocks if b.kind == "layer")
 
 
+EAGER = f"gpt:layers=1,hidden={H},heads={A},vocab=64,seq={S},attention=eager,dropout=0.1"
+
+
 def test_the_unfused_attention_core_is_selected_and_nothing_else():
-    layer = _layer(f"gpt:layers=1,hidden={H},heads={A},vocab=64,seq={S},attention=eager")
+    layer = _layer(EAGER)
     picked = set(layer.selective_nodes)
-    assert {"matmul", "softmax", "matmul_1", "masked_fill"} <= picked
-    # the weighted products, norms, GELU and residual path stay kept
+    assert {"matmul", "softmax", "matmul_1", "masked_fill", "dropout_1"} <= picked
+    # the weighted products, norms, GELU, residual dropouts and adds stay kept
     assert not picked & {"linear", "linear_1", "linear_2", "linear_3", "layer_norm", "gelu",
-                         "add_1", "add_2"}
-    # the probabilities (a s^2 fp32 values) and the causal mask (s^2 bools)
-    assert layer.selective_bytes == A * S * S * 4 + S * S
+                         "dropout_2", "dropout_3", "add_1", "add_2"}
+    # fp32: the probabilities, the dropout's mask and output (a s^2 values each), and the
+    # causal mask (s^2 bools)
+    assert layer.selective_bytes == 3 * A * S * S * 4 + S * S
     assert layer.selective_flops == 2 * 2 * S * S * H  # q k^T and p v
-
-
-def test_a_fused_kernel_leaves_nothing_worth_recomputing():
-    layer = _layer(f"gpt:layers=1,hidden={H},heads={A},vocab=64,seq={S}")
-    assert layer.selective_nodes == () and layer.selective_bytes == 0
 
 
 def test_swiglu_and_rotary_parts_are_found_in_llama():
@@ -59,8 +58,7 @@ def test_korthikanti_activation_memory(tp):
     (Megatron's GPU kernel keeps one byte), so each mask counts twice: 36 s b h (two
     dropouts outside the core) and 6 a s^2 b; layer norms add their per-token statistics
     and the causal mask its s^2 bools."""
-    spec = f"gpt:layers=1,hidden={H},heads={A},vocab=64,seq={S},attention=eager,dropout=0.1"
-    graph = _graph(spec)
+    graph = _graph(EAGER)
     index = next(i for i, b in enumerate(graph.blocks) if b.kind == "layer")
     cost = block_costs(graph, Cluster.builtin("a100-80g"), ParallelConfig(1, tp, 1, 1, 1))[index]
     sbh = S * H

@@ -66,9 +66,10 @@ def test_where_memory_does_not_bind_nothing_is_recomputed():
     assert all(st.granularity == "none" for st in plan.stages)
 
 
-def test_pinned_selective_on_a_fused_kernel_says_why():
+def test_a_fused_kernel_has_nothing_to_recompute_selectively_and_a_pin_says_why():
     loaded = load_model("gpt:layers=2,hidden=32,heads=8,vocab=64,seq=32", batch_size=1)
     graph = capture_model(loaded.model, loaded.example_inputs).graph
+    assert not any(b.selective_nodes for b in graph.blocks)  # no score matrix is kept
     with pytest.raises(ConfigError, match="no block of this model has a part cheap to "
                                           "recompute and costly to keep"):
         search(graph, _cluster(2**34), 4, pins=Pins(**PINS, recompute="selective"))
