@@ -124,17 +124,46 @@ def find_tp_regions(
             used.update(region.column + region.row)
         else:
             attempted.update(cols)
+    # token embeddings (ids from a graph input), and every other lookup of a weight that a
+    # region or a token embedding shards (t5's and bart's decoder embedding reads the shared
+    # weight with ids shifted from the labels): a sharded weight has no replicated reader
+    shared = {fqn for r in regions for fqn, _ in r.shards}
+    shared |= {lin.weight for name, lin in linears.items()
+               if lin.embedding and _from_input(grower.nodes[lin.input], modules)}
     for name, lin in linears.items():
-        if lin.embedding and name not in used and _from_input(grower.nodes[lin.input], modules):
+        if lin.embedding and name not in used and (
+                lin.weight in shared or _from_input(grower.nodes[lin.input], modules)):
             region = _embedding(lin, vals, node_block.get(name, ""), tied)
             candidates.append(region)
             ok = _prove_all(gm, region, degrees, vals, params, None, unproven, cache, grower)
             if ok:
                 regions.append(replace(region, degrees=ok))
+    regions = _whole_readers(regions, linears, unproven)
     number = _numbers(candidates, grower.index)
     regions = [replace(r, index=number[(r.block, r.kind, r.nodes)]) for r in regions]
     regions.sort(key=lambda r: grower.index[r.nodes[0]])
     return regions, unproven
+
+
+def _whole_readers(regions: list[TPRegion], linears: dict[str, Linear],
+                   unproven: list[Unproven]) -> list[TPRegion]:
+    """``regions`` without those sharding a weight that a node outside every region also
+    reads (bart's LM head adds a bias no region shards, so its tied embeddings stay
+    replicated too): each weight is sharded by all of its readers or by none."""
+    while True:
+        covered = {n for r in regions for n in r.nodes}
+        outside = {}
+        for name, lin in linears.items():
+            if name not in covered:
+                outside.setdefault(lin.weight, name)
+        dropped = [(r, fqn) for r in regions for fqn, _ in r.shards if fqn in outside]
+        if not dropped:
+            return regions
+        for r, fqn in dropped:
+            unproven.append(Unproven(r.block, r.nodes, f"its weight {fqn} is also read by node "
+                                     f"{outside[fqn]}, which no region shards", kind=r.kind))
+        gone = {id(r) for r, _ in dropped}
+        regions = [r for r in regions if id(r) not in gone]
 
 
 def _numbers(candidates: Sequence[TPRegion], position: dict[str, int]
