@@ -24,6 +24,7 @@ owns it, none changing its input:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -43,6 +44,7 @@ from tripar.runtime import (
     check_precision,
     ensure_process_group,
     job_cluster,
+    match_pretrained,
     short_cause,
 )
 
@@ -87,7 +89,8 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
                   zero: int | bool | None = None, plan: Plan | None = None,
                   max_grad_norm: float | None = None, precision: str = "fp32", seed: int = 0,
                   timeout_s: float = 300.0, model_spec: str = "",
-                  captured: Captured | None = None) -> ParallelModel:
+                  captured: Captured | None = None,
+                  init_from: str | os.PathLike | None = None) -> ParallelModel:
     """Plan and build ``model`` for data, tensor and pipeline parallelism on this job.
 
     ``devices``: None inside a started job (torchrun, ``tripar train``, an initialised
@@ -103,13 +106,17 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     meta device is initialised stage by stage under ``seed``. ``precision="bf16"`` runs the
     stages under bf16 autocast with fp32 master weights (:mod:`tripar.runtime.precision`);
     ``max_grad_norm`` clips by the global norm. ``captured`` reuses a
-    :func:`capture_model` result of the same model and example. Every rank calls it with the
-    same arguments. Returns a :class:`~tripar.runtime.engine.ParallelModel`.
+    :func:`capture_model` result of the same model and example. ``init_from`` (a directory
+    ``save_pretrained`` wrote: config.json and safetensors, sharded or not) starts from
+    those weights, matched by the model's parameter names; each rank reads only the
+    slices it holds, so the model may be built on the meta device (see
+    :mod:`tripar.runtime.pretrained`). Every rank calls it with the same arguments. Returns a :class:`~tripar.runtime.engine.ParallelModel`.
     """
     pins = _merge(pins, {"dp": dp, "tp": tp, "pp": pp, "vpp": vpp,
                          "num_microbatches": num_microbatches, "schedule": schedule,
                          "recompute": recompute, "zero": zero})
     check_precision(precision)
+    pretrained = None if init_from is None else match_pretrained(model, init_from)
     world = ensure_process_group(None if isinstance(devices, Cluster) else devices,
                                  timeout_s=timeout_s)
     if isinstance(devices, Cluster) and devices.devices != world:
@@ -134,7 +141,7 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     mesh = build_mesh(par.pp, par.dp, par.tp, timeout_s=timeout_s, vpp=par.vpp)
     return assemble(captured, plan, mesh, loss_fn=loss_fn,
                     make_optimizer=optimizer or default_optimizer, max_grad_norm=max_grad_norm,
-                    precision=precision, seed=seed)
+                    precision=precision, seed=seed, pretrained=pretrained)
 
 
 def _check_same_plan(plan: Plan) -> None:

@@ -170,3 +170,32 @@ def test_a_checkpoint_resumes_its_data_position_only_for_the_same_data(tmp_path)
     position, note = _data_position(opts, other, 7)
     assert position == 0 and "for other data" in note
     assert _data_position({"load": None}, windows, 0) == (0, "")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+def test_init_from_a_transformers_checkpoint_starts_from_its_weights(tmp_path, capsys):
+    """``--init-from DIR`` without MODEL: the model its config.json names, built on meta,
+    each pipeline rank reading its stage's weights; the first loss is from_pretrained's on
+    the same batch."""
+    import transformers
+
+    from tripar.data import TokenBatches, corpus, load_tokenizer, read_tokens
+
+    checkpoint = tmp_path / "llama"
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64,
+                                      vocab_size=256, max_position_embeddings=32)
+    transformers.LlamaForCausalLM(config).save_pretrained(checkpoint, max_shard_size="40KB")
+    (tmp_path / "train.txt").write_text(corpus(50, seed=1))
+    assert main(["train", "--init-from", str(tmp_path / "absent")]) == 2
+    assert "--init-from " in capsys.readouterr().err
+    assert main(["train", "--init-from", str(checkpoint), "--nproc", "2", "--pp", "2",
+                 "--steps", "1", "--global-batch", "4", "--seq", "16",
+                 "--data", str(tmp_path / "train.txt"), "--format", "json"]) == 0
+    loss = json.loads(capsys.readouterr().out)["losses"][0]
+
+    tokens = read_tokens(str(tmp_path / "train.txt"), load_tokenizer(None)).tokens
+    ids, _ = TokenBatches(tokens, 4, 16, seed=0).batch(0)
+    reference = transformers.LlamaForCausalLM.from_pretrained(checkpoint)
+    assert abs(loss - reference(input_ids=ids, labels=ids).loss.item()) < 1e-5

@@ -61,10 +61,12 @@ def propagate_values(gm: torch.fx.GraphModule, flat_inputs: Sequence[Any]) -> di
     """Run ``gm`` on fake tensors (no memory, weights may be on meta) and return every
     node's value: fake tensors for tensors, plain Python values otherwise
     (``tripar.graph.node_values``, with the error a split reports)."""
-    # a graph exported from a meta-built model has device=meta baked in: stay on meta
-    # (unless its device constants were retargeted: then they decide)
+    # a graph exported from a meta-built model with a meta example has device=meta baked
+    # in: stay on meta (unless its device constants were retargeted, or a real example
+    # baked its own device in too: then they decide, and meta is retargeted)
     baked = baked_devices(gm)
-    on_meta = "meta" in baked if baked else any(t.device.type == "meta" for t in gm.parameters())
+    on_meta = baked == {"meta"} if baked else any(t.device.type == "meta"
+                                                  for t in gm.parameters())
     try:
         with torch.enable_grad():
             return node_values(gm, flat_inputs, device="meta" if on_meta else "cpu")

@@ -11,6 +11,9 @@ fixed pool of their own example batches. Batches come in seeded epochs
 (:class:`tripar.data.TokenBatches`); every rank draws the same global batch and each
 data-parallel rank trains on its rows. ``--save`` keeps the data position in the
 checkpoint's manifest (``extra.data``), so ``--load`` continues the same stream.
+``--init-from DIR`` starts from a transformers checkpoint's weights (MODEL defaults to
+``hf:DIR``): the model is built on the meta device and each rank reads only the slices
+it holds (:mod:`tripar.runtime.pretrained`).
 
 Rank 0 reports each step's loss, time and tokens per second to the launcher, which draws
 them and, with ``--metrics``, writes one JSON line per logged step: step, loss, learning
@@ -43,7 +46,9 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "train", help="train a model on N local CPU processes with the plan tripar chooses",
         description=__doc__.splitlines()[0])
-    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
+                        help=f"{MODEL_HELP} (default with --init-from DIR: hf:DIR, the model "
+                             "its config.json names)")
     parser.add_argument("--nproc", type=int, default=2, help="local processes (default 2)")
     parser.add_argument("--global-batch", type=int, default=16, metavar="B",
                         help="samples per step, all replicas together (default 16)")
@@ -101,6 +106,10 @@ def add_parser(subparsers: Any) -> None:
                         help="write a JSON line per logged step (see `tripar report`)")
     parser.add_argument("--save", default=None, metavar="DIR", help="save a checkpoint at the end")
     parser.add_argument("--load", default=None, metavar="DIR", help="start from a checkpoint")
+    parser.add_argument("--init-from", default=None, metavar="DIR",
+                        help="start from pretrained weights: a transformers checkpoint "
+                             "directory (config.json and safetensors, sharded or not); each "
+                             "rank reads only the slices it holds")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="SEC",
                         help="seconds a rank waits for another before giving up (default 120)")
     parser.add_argument("--log-every", type=int, default=0, metavar="N",
@@ -131,11 +140,22 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got "
                               f"{getattr(args, name)}")
+    if args.model is None and args.init_from is None:
+        raise ConfigError("give MODEL, or --init-from DIR to train the model a transformers "
+                          "checkpoint directory holds")
+    if args.init_from is not None:
+        from tripar.runtime.pretrained import weight_map
+
+        weight_map(args.init_from, flag="--init-from ")  # a checkpoint directory, or the error
+    if args.init_from is not None and args.load is not None:
+        raise ConfigError("--init-from starts from pretrained weights and --load resumes a "
+                          "tripar checkpoint; give one of them")
     if (args.tokenizer or args.data_dtype or args.eval_data) and not args.data:
         raise ConfigError("--tokenizer, --data-dtype and --eval-data read files given with "
                           "--data PATH; give --data")
     return {
-        "model": args.model, "global_batch": args.global_batch, "seq": args.seq,
+        "model": args.model or f"hf:{args.init_from}", "init_from": args.init_from,
+        "global_batch": args.global_batch, "seq": args.seq,
         "steps": args.steps, "lr": args.lr, "clip": args.clip, "seed": args.seed,
         "lr_schedule": args.lr_schedule, "warmup": args.warmup, "lr_min": lr_min,
         "decay_steps": args.decay_steps, "eval_every": args.eval_every,
@@ -198,7 +218,8 @@ def _text_batch(loaded: Any) -> Any:
     example = loaded.example_kwargs or loaded.example_inputs
     if loaded.family in TEXT_FAMILIES and isinstance(example, tuple) and len(example) == 2:
         return lambda ids, targets: (ids, targets)
-    class_name = loaded.spec.split(":")[1] if loaded.spec.startswith("hf:") else ""
+    class_name = type(getattr(loaded.model, "model", loaded.model)).__name__ \
+        if loaded.family == "hf" else ""
     if ("CausalLM" in class_name or "LMHead" in class_name) and isinstance(example, dict) \
             and {"input_ids", "labels"} <= set(example) \
             and tuple(example["labels"].shape) == tuple(example["input_ids"].shape):
@@ -225,7 +246,9 @@ def _data(opts: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any]:
 
     data, batch = opts["data"], opts["global_batch"]
     spec = _spec(opts["model"], data["vocab"] if data else None)
-    loaded = load_model(spec, batch_size=batch, seq_len=opts["seq"], seed=opts["seed"])
+    # pretrained weights are read slice by slice into the stages: no rank builds them all
+    loaded = load_model(spec, batch_size=batch, seq_len=opts["seq"], seed=opts["seed"],
+                        device="meta" if opts.get("init_from") else "cpu")
     example = loaded.example_kwargs or loaded.example_inputs
     form = _text_batch(loaded)
     if form is not None and (data or loaded.family in TEXT_FAMILIES):
@@ -317,7 +340,7 @@ def train_rank(opts: dict[str, Any]) -> dict[str, Any]:
         recompute=opts["recompute"], zero=opts["zero"],
         max_grad_norm=opts["clip"] or math.inf,  # inf: the norm is measured, nothing clipped
         precision=opts.get("precision", "fp32"), seed=opts["seed"], timeout_s=opts["timeout"],
-        model_spec=loaded.spec, captured=captured)
+        model_spec=loaded.spec, captured=captured, init_from=opts.get("init_from"))
     build_s = time.perf_counter() - t0
     rank, world = dist.get_rank(), dist.get_world_size()
     par = model.plan.parallel
@@ -442,8 +465,8 @@ class _Progress:
 
 def _check_before_launch(opts: dict[str, Any], nproc: int) -> None:
     """Fail before any process starts, naming the flags, on a bad MODEL, pins no plan can
-    meet, data the model cannot read, or a checkpoint to load that is missing, corrupt or
-    of another version."""
+    meet, data the model cannot read, a checkpoint to load that is missing, corrupt or
+    of another version, or pretrained weights (--init-from) that are not this model's."""
     from tripar.models import load_model
     from tripar.partitioner import Pins, Spelling, check_pins
 
@@ -478,6 +501,10 @@ def _check_before_launch(opts: dict[str, Any], nproc: int) -> None:
         from tripar.runtime.checkpoint import read_manifest
 
         read_manifest(opts["load"])
+    if opts["init_from"]:
+        from tripar.runtime import match_pretrained
+
+        match_pretrained(loaded.model, opts["init_from"], flag="--init-from ")
 
 
 class _Metrics:

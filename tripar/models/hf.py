@@ -9,7 +9,10 @@ with ``torch.export``; sdpa is faster to trace and run). Keys are the config's
 fields, its attribute aliases, ``num_labels`` and the special token ids
 (``decoder_start_token_id`` included, which some configs no longer hold); an
 encoder-decoder config without a decoder start token starts decoding from its
-pad token. No weights are downloaded.
+pad token. No weights are downloaded. ``hf:DIR:key=value,...`` builds the class and config
+that a checkpoint directory's ``config.json`` names (``save_pretrained``'s output), with
+the spec's keys set on it and its dropouts as they are; its weights are read by
+``auto_parallel(init_from=DIR)`` / ``tripar train --init-from DIR``.
 
 The example batch is read from the model's ``forward`` signature and its
 config, not from a table of models: the main input is the first of
@@ -35,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
 from typing import Any
 
 import torch
@@ -147,8 +151,11 @@ def _transformers() -> Any:
 
 
 def build_hf_config(class_name: str, options: dict[str, str]) -> tuple[type, Any]:
-    """The transformers class and its config built from the spec's key/values."""
+    """The transformers class and its config built from the spec's key/values;
+    ``class_name`` may be a checkpoint directory, whose config.json names both."""
     transformers = _transformers()
+    if os.path.isdir(class_name):
+        return _directory_config(transformers, class_name, options)
     cls = getattr(transformers, class_name, None)
     config_class = getattr(cls, "config_class", None)
     if cls is None or config_class is None:
@@ -170,12 +177,44 @@ def build_hf_config(class_name: str, options: dict[str, str]) -> tuple[type, Any
         config = config_class(**values)
     except (TypeError, ValueError) as error:
         raise ModelSpecError(f"hf: {config_class.__name__}({values}) failed: {error}") from None
+    return cls, _for_training(cls, config)
+
+
+def _directory_config(transformers: Any, directory: str, options: dict[str, str]
+                      ) -> tuple[type, Any]:
+    """The class and config of a checkpoint directory's config.json, the spec's key/values
+    set on it (its dropouts stay as they are), without the KV cache."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as error:
+        raise ModelSpecError(f"hf:{directory}: not a transformers checkpoint directory "
+                             f"({str(error).splitlines()[0][:160]}); give the directory "
+                             "save_pretrained wrote (config.json and model.safetensors)") from None
+    names = list(getattr(config, "architectures", None) or [])
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    if cls is None:
+        raise ModelSpecError(f"hf:{directory}: its config.json names no model class this "
+                             f"transformers {transformers.__version__} has (architectures: "
+                             f"{names}); give the class: hf:ClassName:key=value,...")
+    known = accepted_keys(type(config), config)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ModelSpecError(f"hf:{directory}: {type(config).__name__} has no key "
+                             f"{unknown[0]!r}; it accepts: {', '.join(sorted(known))}")
+    for key, text in options.items():
+        setattr(config, key, parse_value(text))
+    return cls, _for_training(cls, config)
+
+
+def _for_training(cls: type, config: Any) -> Any:
+    """``config`` without the KV cache, with a decoder start token where an encoder-decoder
+    needs one, and the attention implementation ``cls`` traces best with."""
     if hasattr(config, "use_cache"):
         config.use_cache = False
     if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
         config.decoder_start_token_id = _start_token(config)
     config._attn_implementation = attention_for(cls)
-    return cls, config
+    return config
 
 
 def accepted_keys(config_class: type, default: Any) -> set[str]:

@@ -8,13 +8,15 @@ Three forms are understood:
 - ``path/to/file.py:function``: a user function returning a module (see
   :mod:`tripar.models.custom`).
 - ``hf:ClassName:key=value,...``: a Hugging Face transformers class built from
-  its config (see :mod:`tripar.models.hf`).
+  its config (see :mod:`tripar.models.hf`); ``hf:DIR:key=value,...`` builds the class
+  and config a checkpoint directory's ``config.json`` names.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from typing import Any
 
 import torch
@@ -78,10 +80,11 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     if family == "hf":
         class_name, _, rest = rest.partition(":")
         class_name = class_name.strip()
-        if not class_name.isidentifier():
+        if not class_name.isidentifier() and not os.path.isdir(class_name):
             raise ModelSpecError(
                 f"MODEL spec {spec!r}: give a transformers class after 'hf:', "
-                "e.g. hf:GPT2LMHeadModel:n_layer=2,n_embd=64,n_head=4"
+                "e.g. hf:GPT2LMHeadModel:n_layer=2,n_embd=64,n_head=4, or a directory "
+                "with a config.json (hf:path/to/checkpoint)"
             )
         return "hf", {"class": class_name, **_parse_pairs(spec, rest)}
     if family not in ZOO:

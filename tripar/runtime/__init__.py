@@ -2,7 +2,7 @@
 
 What the layers above use: :func:`assemble` (a rank's ``ParallelModel`` from a capture
 and a plan), the mesh (:func:`build_mesh`), starting a job (:func:`ensure_process_group`,
-:func:`launch_local`), the precisions, and the errors a running job raises.
+:func:`launch_local`), the precisions, pretrained weights (:func:`match_pretrained`), and the errors a running job raises.
 """
 
 from tripar.runtime.assemble import assemble
@@ -18,6 +18,7 @@ from tripar.runtime.launch import (
 from tripar.runtime.mesh import CommError, Mesh, RankFailedError, build_mesh, short_cause
 from tripar.runtime.params import LocalParam
 from tripar.runtime.precision import PRECISIONS, check_precision
+from tripar.runtime.pretrained import Pretrained, load_pretrained, match_pretrained
 
 __all__ = [
     "PRECISIONS",
@@ -28,6 +29,7 @@ __all__ = [
     "LocalParam",
     "Mesh",
     "ParallelModel",
+    "Pretrained",
     "RankFailedError",
     "assemble",
     "build_mesh",
@@ -35,6 +37,8 @@ __all__ = [
     "ensure_process_group",
     "job_cluster",
     "launch_local",
+    "load_pretrained",
+    "match_pretrained",
     "read_manifest",
     "report",
     "short_cause",

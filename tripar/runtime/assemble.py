@@ -34,6 +34,7 @@ from tripar.runtime.engine import BatchLayout, ParallelModel
 from tripar.runtime.mesh import Mesh
 from tripar.runtime.params import LocalParam
 from tripar.runtime.precision import Autocast
+from tripar.runtime.pretrained import Pretrained, load_pretrained
 from tripar.runtime.tied import TiedWeight
 
 __all__ = ["assemble"]
@@ -57,14 +58,17 @@ class _Bound(nn.Module):
 
 def assemble(captured: Captured, plan: Plan, mesh: Mesh, *, loss_fn: Callable | None,
              make_optimizer: Callable, max_grad_norm: float | None = None,
-             precision: str = "fp32", seed: int = 0) -> ParallelModel:
+             precision: str = "fp32", seed: int = 0,
+             pretrained: Pretrained | None = None) -> ParallelModel:
     """This rank's ParallelModel for ``plan`` on ``mesh``: its stages with their own
     weights (copied from ``captured.model``, or initialised under ``seed`` when it was
-    built on the meta device), wired to the job. Reports a failure to the other ranks
-    before raising it."""
+    built on the meta device; then, with ``pretrained``, the part of each tensor the rank
+    holds read from that checkpoint), wired to the job. Reports a failure to the other
+    ranks before raising it."""
     try:
         return _assemble(captured, plan, mesh, loss_fn=loss_fn, make_optimizer=make_optimizer,
-                         max_grad_norm=max_grad_norm, precision=precision, seed=seed)
+                         max_grad_norm=max_grad_norm, precision=precision, seed=seed,
+                         pretrained=pretrained)
     except BaseException as exc:
         mesh.report_failure(f"{mesh.describe()} failed building its stages "
                             f"{[s.index for s in plan.stages if s.rank == mesh.coords.pp]}: "
@@ -74,7 +78,7 @@ def assemble(captured: Captured, plan: Plan, mesh: Mesh, *, loss_fn: Callable | 
 
 def _assemble(captured: Captured, plan: Plan, mesh: Mesh, *, loss_fn: Callable | None,
               make_optimizer: Callable, max_grad_norm: float | None, precision: str,
-              seed: int) -> ParallelModel:
+              seed: int, pretrained: Pretrained | None) -> ParallelModel:
     model, par = captured.model, plan.parallel
     made = split_for_rank(captured, plan, mesh.coords.tp)
     micro, split, shards = made.captured, made.split, made.shards
@@ -130,6 +134,8 @@ def _assemble(captured: Captured, plan: Plan, mesh: Mesh, *, loss_fn: Callable |
     held_buffers = {name for st in split.stages for name, _ in st.module.named_buffers()}
     extra = {} if on_meta else {k: v for k, v in model.state_dict().items()
                                 if k not in held_buffers and canon.get(k, k) not in holders}
+    if pretrained is not None:
+        load_pretrained(pretrained, local, {**buffers, **extra})
     return ParallelModel(plan=plan, mesh=mesh, programs=programs, params=local, buffers=buffers,
                          aliases=aliases, tied=tied, layout=_layout(captured, par),
                          make_optimizer=make_optimizer, loss_fn=loss_fn,

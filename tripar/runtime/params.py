@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,8 +55,10 @@ class LocalParam:
         sizes = [hi - lo for lo, hi in (box[self.dim] for box in self.boxes)]
         return list(zip(self.boxes, local.split(sizes, dim=self.dim)))
 
-    def cut(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of ``full`` (shaped like the original tensor)."""
+    def cut(self, full: Any) -> torch.Tensor:
+        """This rank's part of ``full``: the original tensor, or anything that gives a box
+        of it when indexed by a tuple of slices (a safetensors slice, which then reads only
+        this rank's boxes)."""
         parts = [full[tuple(slice(lo, hi) for lo, hi in box)] for box in self.boxes]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
 
