@@ -110,7 +110,8 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     ``save_pretrained`` wrote: config.json and safetensors, sharded or not) starts from
     those weights, matched by the model's parameter names; each rank reads only the
     slices it holds, so the model may be built on the meta device (see
-    :mod:`tripar.runtime.pretrained`). Every rank calls it with the same arguments. Returns a :class:`~tripar.runtime.engine.ParallelModel`.
+    :mod:`tripar.runtime.pretrained`). Every rank calls it with the same arguments.
+    Returns a :class:`~tripar.runtime.engine.ParallelModel`.
     """
     pins = _merge(pins, {"dp": dp, "tp": tp, "pp": pp, "vpp": vpp,
                          "num_microbatches": num_microbatches, "schedule": schedule,
