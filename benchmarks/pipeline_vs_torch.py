@@ -347,17 +347,14 @@ def _rank_main(cfg: MeasureConfig) -> dict:
 
 def measure(cfg: MeasureConfig, *, timeout_s: float = 900.0) -> Measurement:
     """Run every system of ``cfg`` on 2 local gloo processes; rank 0's timings."""
-    root = str(Path(__file__).resolve().parents[1])  # the rank harness: tests/_ranks.py
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from tests._ranks import run_ranks
+    from tripar.runtime.launch import launch_local
 
     if not Path(cfg.profile).exists():
         raise FileNotFoundError(f"no CPU profile at {cfg.profile}; run `tripar calibrate "
                                 f"--out {cfg.profile}` first")
     load_before = os.getloadavg()
     start = time.perf_counter()
-    out = run_ranks(_rank_main, 2, cfg, timeout_s=timeout_s, pg_timeout_s=timeout_s)[0]
+    out = launch_local(_rank_main, 2, cfg, timeout_s=timeout_s)[0]
     wall = time.perf_counter() - start
     systems = tuple(SystemResult(s["name"], tuple(s["step_s"]), tuple(s["losses"]),
                                  s["tokens"], s["predicted_s"], s["plan"], tuple(s["cpu_s"]))

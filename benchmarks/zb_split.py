@@ -130,12 +130,7 @@ def _rank_main(cfg: MeasureConfig) -> dict:
 
 def measure(cfg: MeasureConfig) -> dict:
     """Run both systems on 2 local gloo processes; rank 0's results."""
-    import sys
-
-    root = str(Path(__file__).resolve().parents[1])  # the rank harness: tests/_ranks.py
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from tests._ranks import run_ranks
+    from tripar.runtime.launch import launch_local
 
     if not Path(cfg.profile).exists():
         raise SystemExit(f"no CPU profile at {cfg.profile}; run `tripar calibrate --out "
@@ -143,7 +138,7 @@ def measure(cfg: MeasureConfig) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     load = os.getloadavg()
     start = time.perf_counter()
-    out = run_ranks(_rank_main, 2, cfg, timeout_s=600, pg_timeout_s=600)[0]
+    out = launch_local(_rank_main, 2, cfg, timeout_s=600)[0]
     return {**out, "seconds": time.perf_counter() - start, "load_before": load,
             "load_after": os.getloadavg()}
 
