@@ -7,6 +7,8 @@ The public surface is small:
 - ``Plan``: the plan as data (``tripar plan`` writes it, ``tripar explain`` reads it);
 - ``Cluster``: the machines a plan is made for;
 - ``Pins``: what the user fixes of the plan (the rest is searched);
+- ``export_checkpoint(ckpt, to, out)``: a checkpoint as a transformers directory, a torch
+  state dict file or a torch.distributed.checkpoint directory (``tripar export``);
 - ``TriparError``: the base of every error tripar raises on purpose.
 
 Names load on first use, so that ``tripar plan`` never imports the runtime.
@@ -24,13 +26,14 @@ __version__ = "0.1.0"
 _LAZY = {
     "auto_parallel": "tripar.api",
     "ParallelModel": "tripar.runtime",
+    "export_checkpoint": "tripar.runtime",
     "Plan": "tripar.plan",
     "Cluster": "tripar.partitioner",
     "Pins": "tripar.partitioner",
 }
 
 __all__ = ["Cluster", "ParallelModel", "Pins", "Plan", "TriparError", "__version__",
-           "auto_parallel"]
+           "auto_parallel", "export_checkpoint"]
 
 
 def __getattr__(name: str) -> Any:

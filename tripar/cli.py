@@ -18,7 +18,7 @@ from tripar.errors import TriparError
 
 # Order is the order ``tripar --help`` lists them.
 COMMANDS = ("inspect", "plan", "explain", "show", "simulate", "calibrate", "codegen", "train",
-            "report", "bench")
+            "export", "report", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -112,3 +112,43 @@ def test_missing_transformers_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib, "import_module", without_transformers)
     with pytest.raises(ModelSpecError, match=r"pip install 'tripar\[hf\]'"):
         load_model(GPT2, device="meta")
+
+
+@needs_transformers
+def test_a_model_directory_builds_from_its_config(tmp_path, monkeypatch):
+    """``hf:DIR``: the class a directory's config.json names, its config (dropouts its own,
+    the spec's keys set on it); a transformers model records its class and config for
+    ``tripar export --to hf``."""
+    import transformers
+
+    from tripar.models.hf import transformers_source
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, attention_dropout=0.25,
+                                      architectures=["LlamaForCausalLM"])
+    config.save_pretrained(tmp_path / "llama")
+    monkeypatch.chdir(tmp_path)
+    loaded = load_model("hf:llama:num_hidden_layers=1", batch_size=2, seq_len=8)
+    inner = loaded.model.model
+    assert type(inner).__name__ == "LlamaForCausalLM"
+    assert loaded.spec == "hf:llama:num_hidden_layers=1"
+    assert inner.config.attention_dropout == 0.25 and inner.config.use_cache is False
+    assert inner.config.num_hidden_layers == 1
+    assert set(loaded.example_kwargs) == {"input_ids", "labels"}
+    assert loaded.model(**loaded.example_kwargs).dim() == 0
+    source = transformers_source(loaded.model)
+    assert source["class"] == "LlamaForCausalLM" and source["prefix"] == "model."
+    assert source["config"]["hidden_size"] == 32
+    assert transformers_source(inner)["prefix"] == ""
+    assert transformers_source(torch.nn.Linear(2, 2)) is None
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSpecError, match="not a transformers model directory"):
+        load_model("hf:empty")
+    config.architectures = None
+    config.save_pretrained(tmp_path / "nameless")
+    with pytest.raises(ModelSpecError, match="names no model class"):
+        load_model("hf:nameless")
+    with pytest.raises(ModelSpecError, match="has no key 'colour'"):
+        load_model("hf:llama:colour=1")

@@ -1,4 +1,5 @@
-"""Checkpoints: save under one plan, load under another, continue; atomic saves; bad files."""
+"""Checkpoints: save under one plan, load under another, continue; atomic saves; bad files;
+each saved checkpoint exported (test_export.check_export) in the same job."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def _build(layout: tuple[int, int, int, str, int], name: str = "gpt"):
 
 def _resume(directory: str, first: tuple, second: tuple, name: str = "gpt") -> dict:
     """Train 3 steps under ``first``; train 2, save, load under ``second``, train 1."""
+    import test_export
     import torch.distributed as dist
 
     build = functools.partial(_build, name=name)
@@ -53,6 +55,7 @@ def _resume(directory: str, first: tuple, second: tuple, name: str = "gpt") -> d
         pm.train_step(b)
     pm.save(directory)
     after_two = pm.full_state_dict()
+    exported = test_export.check_export(pm, directory, after_two, batches[2])
     pm.close()
 
     pm = build(second)
@@ -62,7 +65,8 @@ def _resume(directory: str, first: tuple, second: tuple, name: str = "gpt") -> d
     pm.train_step(batches[2])
     resumed = pm.full_state_dict()
     pm.close()
-    out = {"straight": straight, "after_two": after_two, "loaded": loaded, "resumed": resumed}
+    out = {"straight": straight, "after_two": after_two, "loaded": loaded, "resumed": resumed,
+           "exported": exported}
 
     # a save that dies before its manifest leaves the previous checkpoint loadable
     import tripar.runtime.checkpoint as ckpt
@@ -106,7 +110,8 @@ def _summary(out: dict) -> dict:
                      msg=lambda m, key=key: f"{key}: {m}")
         assert torch.equal(out["after_crash"][key], out["after_two"][key]), key
     moved = any(not torch.equal(out["resumed"][k], out["after_two"][k]) for k in straight)
-    return {"compared": len(straight), "moved": moved, "crashed": out["crashed"],
+    return {"compared": len(straight), "exported": out["exported"], "moved": moved,
+            "crashed": out["crashed"],
             "orphans": out["orphans"], "files": out["files"]}
 
 
@@ -124,6 +129,8 @@ def test_save_under_one_plan_load_under_another(world, name, first, second):
                             pg_timeout_s=30)
     for r in results:
         assert r["compared"] > 10 and r["moved"]
+    # exported to torch, DCP (and transformers) by rank 0: every tensor whole, by name
+    assert results[0]["exported"] == results[0]["compared"]
     assert results[0]["crashed"] and not any(r["crashed"] for r in results[1:])
     assert any(name.startswith("shard-") for name in results[0]["orphans"])
     files = results[0]["files"]

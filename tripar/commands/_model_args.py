@@ -10,7 +10,7 @@ from tripar.graph.proxy import ProxyGraph
 MODEL_HELP = (
     "a zoo model such as 'gpt:layers=2,hidden=64,heads=4,vocab=128,seq=16' "
     "(gpt, llama, bert, vit, resnet, t5), 'path/to/file.py:function', or "
-    "'hf:ClassName:key=value,...'"
+    "'hf:ClassName:key=value,...' ('hf:path/to/model_dir' builds what its config.json says)"
 )
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import os
 from typing import Any
 
@@ -87,6 +88,19 @@ class HFLoss(nn.Module):
     def init_weights(self) -> None:
         """Hugging Face's own initialisation (weights, rotary buffers, tying), global RNG."""
         self.model.init_weights()
+
+
+def transformers_source(model: nn.Module) -> dict[str, Any] | None:
+    """What rebuilds ``model`` as a transformers model, or None when it is not one: its
+    class name, its config (``to_json_string``'s values) and the prefix of its parameter
+    names in ``model`` (``model.`` under :class:`HFLoss`, else empty). Recorded in
+    checkpoints, so that ``tripar export --to hf`` needs nothing else."""
+    prefix, inner = ("model.", model.model) if isinstance(model, HFLoss) else ("", model)
+    config = getattr(inner, "config", None)
+    if not (hasattr(inner, "save_pretrained") and hasattr(config, "to_json_string")):
+        return None
+    return {"class": type(inner).__name__, "prefix": prefix,
+            "config": json.loads(config.to_json_string(use_diff=False))}
 
 
 def parse_value(text: str) -> Any:

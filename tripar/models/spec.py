@@ -40,7 +40,7 @@ ZOO: dict[str, tuple[str, str, str]] = {
 FORMS = (
     "a zoo model such as 'gpt' or 'gpt:layers=2,hidden=64,heads=4,vocab=128,seq=16' "
     f"(families: {', '.join(ZOO)}), 'path/to/file.py:function', or "
-    "'hf:ClassName:key=value,...'"
+    "'hf:ClassName:key=value,...' (hf:path/to/model_dir for a transformers model directory)"
 )
 
 
@@ -48,7 +48,8 @@ def parse_spec(spec: str) -> tuple[str, dict[str, str]]:
     """Split a MODEL spec into its family and raw ``key -> value`` strings.
 
     File specs give ``("file", {"path": ..., "function": ...})``; Hugging Face
-    specs give ``("hf", {"class": ..., key: value, ...})``.
+    specs give ``("hf", {"class": ..., key: value, ...})``, ``class`` a class name or
+    a model directory.
 
     >>> parse_spec("gpt:layers=2,hidden=64")
     ('gpt', {'layers': '2', 'hidden': '64'})

@@ -2,12 +2,14 @@
 
 What the layers above use: :func:`assemble` (a rank's ``ParallelModel`` from a capture
 and a plan), the mesh (:func:`build_mesh`), starting a job (:func:`ensure_process_group`,
-:func:`launch_local`), the precisions, pretrained weights (:func:`match_pretrained`), and the errors a running job raises.
+:func:`launch_local`), the precisions, pretrained weights in (:func:`match_pretrained`), the
+errors a running job raises, and standard checkpoints out (:func:`export_checkpoint`).
 """
 
 from tripar.runtime.assemble import assemble
 from tripar.runtime.checkpoint import CheckpointError, read_manifest
 from tripar.runtime.engine import BatchLayout, ParallelModel
+from tripar.runtime.export import export_checkpoint
 from tripar.runtime.launch import (
     LaunchError,
     ensure_process_group,
@@ -35,6 +37,7 @@ __all__ = [
     "build_mesh",
     "check_precision",
     "ensure_process_group",
+    "export_checkpoint",
     "job_cluster",
     "launch_local",
     "load_pretrained",

@@ -29,6 +29,7 @@ from tripar.codegen.tp_rng import tp_rng_tracker
 from tripar.codegen.tp_shard import ParamShard
 from tripar.graph import param_groups
 from tripar.graph.captured import Captured
+from tripar.models.hf import transformers_source
 from tripar.plan.plan import Plan
 from tripar.runtime.engine import BatchLayout, ParallelModel
 from tripar.runtime.mesh import Mesh
@@ -139,7 +140,8 @@ def _assemble(captured: Captured, plan: Plan, mesh: Mesh, *, loss_fn: Callable |
     return ParallelModel(plan=plan, mesh=mesh, programs=programs, params=local, buffers=buffers,
                          aliases=aliases, tied=tied, layout=_layout(captured, par),
                          make_optimizer=make_optimizer, loss_fn=loss_fn,
-                         max_grad_norm=max_grad_norm, extra_state=extra)
+                         max_grad_norm=max_grad_norm, extra_state=extra,
+                         transformers=transformers_source(model))
 
 
 def _layout(captured: Captured, par: Any) -> BatchLayout:

@@ -17,6 +17,12 @@ holds a slice of a flat bucket). Loading therefore does not care which plan wrot
 checkpoint: each rank reads the files the manifest names for the FQNs it holds,
 assembles them, and cuts out its own box (and its ZeRO slice).
 
+The manifest also keeps the model's spec and fingerprint, the plan's degrees, the step
+count, the optimizer's class and hyperparameters, tied weights' other names
+(``aliases``), a trainer's ``extra`` values and, for a transformers model, its class,
+config and name prefix (``transformers``: what ``tripar export --to hf`` rebuilds it from).
+:func:`read_state_dict` assembles the whole model in one process, with no process group.
+
 Atomicity: each rank writes its shard to a temporary file, flushes it to disk and
 renames it to a name carrying this save's id; after a barrier rank 0 writes the
 manifest the same way -- last. A crash at any point before the manifest's rename
@@ -41,7 +47,7 @@ from tripar.errors import PlanError
 from tripar.runtime.data_parallel import all_gather_flat
 from tripar.runtime.params import Box, LocalParam, whole_box
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "load_checkpoint", "read_manifest", "read_state_dict", "save_checkpoint"]
 
 FORMAT, VERSION = "tripar-checkpoint", 1
 MANIFEST = "manifest.json"
@@ -58,6 +64,7 @@ class Checkpointed(Protocol):
     params: tuple[LocalParam, ...]
     buffers: dict[str, torch.Tensor]
     extra_state: dict[str, torch.Tensor]
+    transformers: dict[str, Any] | None
     aliases: dict[str, tuple[str, ...]]
     tied: Any
     data_parallel: Any
@@ -250,6 +257,8 @@ def save_checkpoint(pm: Checkpointed, directory: str | os.PathLike, *,
             "aliases": {k: list(v) for k, v in pm.aliases.items() if len(v) > 1},
             "files": {k: sorted(set(v)) for k, v in sorted(files.items())},
         }
+        if pm.transformers:
+            manifest["transformers"] = pm.transformers
         if extra:
             manifest["extra"] = extra
         _write_manifest(path, manifest)
@@ -318,6 +327,11 @@ def _manifest_problem(m: dict) -> str:
         return "'optimizer' must be an object with a 'hyper' object"
     if not isinstance(m.get("extra", {}), dict):
         return "'extra' must be an object"
+    source = m.get("transformers", {})
+    if not isinstance(source, dict) or source and not (
+            isinstance(source.get("class"), str) and isinstance(source.get("prefix"), str)
+            and isinstance(source.get("config"), dict)):
+        return "'transformers' must hold the strings 'class' and 'prefix' and a 'config' object"
     return ""
 
 
@@ -364,6 +378,32 @@ def _assemble(shape: list[int], pieces: list[tuple[Box, tuple[int, int], torch.T
     for box, flat in boxes.items():
         full[tuple(slice(lo, hi) for lo, hi in box)] = flat.view([hi - lo for lo, hi in box])
     return full
+
+
+def read_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The whole model of a checkpoint as one state dict, in this process (no process group,
+    whatever plan wrote it): every parameter and buffer assembled from its tensor-parallel
+    and fused pieces under its original FQN, a tied weight under each of its names (one
+    tensor). Optimizer state is not read."""
+    path = Path(directory)
+    manifest = read_manifest(path)
+    files, shapes = manifest["files"], manifest["shapes"]
+    wanted = {(k.split("|", 1)[0], "param") for k in files if k.endswith("|param")}
+    found = _read_pieces(path, {f for fqn, _ in wanted for f in files[f"{fqn}|param"]}, wanted)
+    state: dict[str, torch.Tensor] = {}
+    for fqn, key in sorted(wanted):
+        if not found.get((fqn, key)):
+            raise CheckpointError(f"the checkpoint at {path} lacks {fqn}: a shard file is "
+                                  f"missing or truncated")
+        try:
+            whole = _assemble(shapes[fqn], found[(fqn, key)])
+        except (RuntimeError, ValueError, IndexError) as error:
+            raise CheckpointError(f"the checkpoint at {path} is corrupt: the pieces of {fqn} "
+                                  f"do not fit its shape {shapes[fqn]} ({type(error).__name__}: "
+                                  f"{str(error)[:120]})") from None
+        for name in manifest.get("aliases", {}).get(fqn, [fqn]):
+            state[name] = whole
+    return state
 
 
 def load_checkpoint(pm: Checkpointed, directory: str | os.PathLike) -> None:

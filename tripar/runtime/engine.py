@@ -87,10 +87,13 @@ class ParallelModel:
                  layout: BatchLayout, make_optimizer: OptimizerFactory,
                  loss_fn: Callable[[Any, Batch], torch.Tensor] | None = None,
                  max_grad_norm: float | None = None, fingerprint: str = "",
-                 extra_state: Mapping[str, torch.Tensor] | None = None) -> None:
+                 extra_state: Mapping[str, torch.Tensor] | None = None,
+                 transformers: Mapping[str, Any] | None = None) -> None:
         """Built by ``tripar.auto_parallel``. ``aliases``: canonical FQN -> every FQN naming
         that tensor in the full state dict; ``extra_state``: entries of the full state dict no
-        stage holds (buffers the graph does not read), the same on every rank."""
+        stage holds (buffers the graph does not read), the same on every rank;
+        ``transformers``: the class, config and name prefix of a transformers model (kept
+        in checkpoints for ``tripar export --to hf``), None for other models."""
         self.plan, self.mesh, self.layout = plan, mesh, layout
         self.programs = tuple(programs)
         self.params = tuple(params)
@@ -99,6 +102,7 @@ class ParallelModel:
         self.fingerprint = fingerprint or plan.model.fingerprint
         self.max_grad_norm = max_grad_norm
         self.extra_state = dict(extra_state or {})
+        self.transformers = dict(transformers) if transformers else None
         self.steps = 0
         """Optimizer steps taken (restored by ``load``)."""
         self.last_grad_norm: float | None = None
