@@ -144,7 +144,7 @@ def test_a_model_directory_builds_from_its_config(tmp_path, monkeypatch):
     assert transformers_source(torch.nn.Linear(2, 2)) is None
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelSpecError, match="not a transformers model directory"):
+    with pytest.raises(ModelSpecError, match="not a transformers checkpoint directory"):
         load_model("hf:empty")
     config.architectures = None
     config.save_pretrained(tmp_path / "nameless")
