@@ -20,6 +20,7 @@ from tripar.graph.proxy import ProxyGraph
 from tripar.partitioner.cost.collectives import p2p_time
 from tripar.partitioner.cost.stages import BUCKET_BYTES, bytes_per_param, stage_costs
 from tripar.partitioner.hardware import Cluster, dtype_bytes
+from tripar.partitioner.partition.device import device_shares
 from tripar.partitioner.partition.dp import solve_partition_dp
 from tripar.partitioner.partition.fixed import solve_fixed_partition
 from tripar.partitioner.partition.problem import PartitionProblem, PartitionSolution
@@ -114,22 +115,23 @@ class Evaluator:
     def partition_problem(self, cfg: ParallelConfig, margin: Sequence[int],
                           shard: frozenset[str], selective: bool = False) -> PartitionProblem:
         """The stage-partition problem of ``cfg`` with ``shard`` sharded, each pipeline
-        rank's budget less its ``margin``. With ``selective`` every block keeps its saved
-        bytes less its selective segments' and its backward re-runs them; a block
-        recomputed whole re-runs the rest of its forward instead."""
+        rank's budget less its ``margin``, shared among its virtual stages
+        (:func:`~tripar.partitioner.partition.device.device_shares`). With ``selective``
+        every block keeps its saved bytes less its selective segments' and its backward
+        re-runs them; a block recomputed whole re-runs the rest of its forward instead."""
         costs = self.costs.get(cfg.tp, cfg.micro_batch_size, shard)
         k = cfg.pp * cfg.vpp
         crosses = cfg.dp * cfg.tp >= self.cluster.devices_per_node
         cut = [p2p_time(self.cluster, c.output_bytes / cfg.tp, crosses) for c in costs[:-1]]
         width = dtype_bytes(self.dtype)
         params = sum(c.params for c in costs)
-        buffers = (min(params * width, BUCKET_BYTES) * (cfg.dp > 1)
-                   + 4 * max(c.output_bytes for c in costs))
-        budget = [max(0, (self.limit - margin[s % cfg.pp]) // cfg.vpp - buffers)
-                  for s in range(k)]
+        buffers = min(params * width, BUCKET_BYTES) * (cfg.dp > 1)   # one bucket a device
+        p2p = max(c.output_bytes for c in costs)   # send and receive buffers of each stage
+        device = [max(0, self.limit - margin[r] - buffers - 4 * cfg.vpp * p2p)
+                  for r in range(cfg.pp)]
         policy = "none" if cfg.recompute == "selective" else cfg.recompute
         chosen = [c.selective_s if selective else 0.0 for c in costs]
-        return PartitionProblem(
+        problem = PartitionProblem(
             blocks=tuple(b.name for b in self.graph.blocks),
             forward_s=[c.forward_s for c in costs],
             backward_s=[c.backward_input_s + c.backward_weight_s + x
@@ -140,8 +142,12 @@ class Evaluator:
             input_bytes=[c.input_bytes for c in costs],
             static_bytes=self.static_bytes(cfg, shard),
             in_flight=warmup_in_flight(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.vpp),
-            memory_limit_bytes=budget, num_microbatches=cfg.num_microbatches,
+            memory_limit_bytes=device[0], num_microbatches=cfg.num_microbatches,
             virtual_stages=cfg.vpp, cut_s=cut, recompute=policy)
+        if k == cfg.pp:
+            return replace(problem, memory_limit_bytes=device)
+        return replace(problem, memory_limit_bytes=device_shares(
+            problem, pp=cfg.pp, device_budget=device, boundaries=self.uniform(k)))
 
     def static_bytes(self, cfg: ParallelConfig, shard: frozenset[str]) -> list[int]:
         """Weights, gradients and optimizer state of each block under ``cfg``."""
