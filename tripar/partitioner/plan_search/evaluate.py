@@ -12,6 +12,7 @@ solved partitions by :class:`~tripar.partitioner.plan_search.cache.PartitionKey`
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -113,12 +114,15 @@ class Evaluator:
         return self._schedules[key]
 
     def partition_problem(self, cfg: ParallelConfig, margin: Sequence[int],
-                          shard: frozenset[str], selective: bool = False) -> PartitionProblem:
+                          shard: frozenset[str], selective: bool = False,
+                          reference: tuple[int, ...] | None = None) -> PartitionProblem:
         """The stage-partition problem of ``cfg`` with ``shard`` sharded, each pipeline
-        rank's budget less its ``margin``, shared among its virtual stages
-        (:func:`~tripar.partitioner.partition.device.device_shares`). With ``selective``
-        every block keeps its saved bytes less its selective segments' and its backward
-        re-runs them; a block recomputed whole re-runs the rest of its forward instead."""
+        rank's budget less its ``margin``, shared among its virtual stages after what
+        each needs on ``reference`` (default: the uniform split by layers;
+        :func:`~tripar.partitioner.partition.device.device_shares`), or, with
+        ``reference=()``, evenly (``1 / vpp`` each). With ``selective`` every block keeps
+        its saved bytes less its selective segments' and its backward re-runs them; a
+        block recomputed whole re-runs the rest of its forward instead."""
         costs = self.costs.get(cfg.tp, cfg.micro_batch_size, shard)
         k = cfg.pp * cfg.vpp
         crosses = cfg.dp * cfg.tp >= self.cluster.devices_per_node
@@ -146,8 +150,51 @@ class Evaluator:
             virtual_stages=cfg.vpp, cut_s=cut, recompute=policy)
         if k == cfg.pp:
             return replace(problem, memory_limit_bytes=device)
+        if reference == ():
+            return replace(problem, memory_limit_bytes=[device[s % cfg.pp] // cfg.vpp
+                                                        for s in range(k)])
         return replace(problem, memory_limit_bytes=device_shares(
-            problem, pp=cfg.pp, device_budget=device, boundaries=self.uniform(k)))
+            problem, pp=cfg.pp, device_budget=device,
+            boundaries=reference if reference is not None else self.uniform(k)))
+
+    def solve(self, cfg: ParallelConfig, margin: Sequence[int], shard: frozenset[str],
+              split: tuple[int, ...] | None, selective: bool = False
+              ) -> tuple[PartitionProblem, PartitionSolution]:
+        """The partition DP's split (or ``split`` with the DP's recomputation) under
+        ``cfg``'s device budgets, each rank's shared among its virtual stages after their
+        needs on the uniform split. The DP may move layers the shares did not plan for
+        (off a stage holding a heavy embedding or head), so when nothing fits them it
+        solves with even shares (``1 / vpp`` of the device each) and shares the device
+        again after the split found there; the first that fits, else the first error."""
+        problem = self.partition_problem(cfg, margin, shard, selective)
+        try:
+            return problem, self._solved(problem, split)
+        except InfeasibleError:
+            if cfg.vpp == 1:
+                raise
+            first = sys.exc_info()[1]
+        even = self.partition_problem(cfg, margin, shard, selective, reference=())
+        try:
+            found = self._solved(even, split)
+        except InfeasibleError:
+            raise first from None
+        shared = self.partition_problem(cfg, margin, shard, selective,
+                                        reference=found.boundaries)
+        try:
+            return shared, self._solved(shared, split)
+        except InfeasibleError:
+            return even, found
+
+    def _solved(self, problem: PartitionProblem,
+                split: tuple[int, ...] | None) -> PartitionSolution:
+        key = PartitionKey(problem, split)
+        if key not in self._partitions:  # 1f1b, zb-h1 and scp share problems
+            self._partitions[key] = (solve_partition_dp(problem) if split is None
+                                     else solve_fixed_partition(problem, split))
+            self.partition_seconds.append(self._partitions[key].solve_time_s)
+            self.work += self._partitions[key].work
+            self.partition_work += self._partitions[key].work
+        return self._partitions[key]
 
     def static_bytes(self, cfg: ParallelConfig, shard: frozenset[str]) -> list[int]:
         """Weights, gradients and optimizer state of each block under ``cfg``."""
@@ -273,15 +320,7 @@ class Evaluator:
         margin = [0] * cfg.pp
         regions = None if cfg.tp == 1 else shard
         for _attempt in range(attempts):
-            problem = self.partition_problem(cfg, margin, shard, selective)
-            key = PartitionKey(problem, split)
-            if key not in self._partitions:  # 1f1b, zb-h1 and scp share problems
-                self._partitions[key] = (solve_partition_dp(problem) if split is None
-                                         else solve_fixed_partition(problem, split))
-                self.partition_seconds.append(self._partitions[key].solve_time_s)
-                self.work += self._partitions[key].work
-                self.partition_work += self._partitions[key].work
-            sol = self._partitions[key]
+            problem, sol = self.solve(cfg, margin, shard, split, selective)
             bounds = sol.boundaries
             explicit = cfg.recompute == "full" or cfg.schedule == "scp"
             flags = [selective and not explicit] * len(sol.stages)

@@ -69,6 +69,7 @@ class SearchSpace:
         self._chain_share: dict[CostPoint, float] = {}
         self._prefix: dict[tuple[CostPoint, bool], dict[str, np.ndarray]] = {}
         self._work: dict[CostPoint, float] = {}
+        self._balance: dict[tuple[int, int, int], float] = {}
         self._static: dict[tuple[int, ...], tuple[int, str]] = {}
 
     def least_work_costs(self, tp: int, b: int) -> list[BlockCost]:
@@ -242,10 +243,14 @@ class SearchSpace:
             share[:] = 1.0
         times = work + share * fwd
         m, v = cfg.num_microbatches, cfg.vpp
-        pipeline = float(times.sum()) / v + (m * v - 1) * float(times.max())
+        # the partition moves layers off a stage that holds a heavy embedding or head:
+        # the slowest stage of the most even split, plus the most recomputation
+        slowest = min(float(times.max()), self._balanced(cfg.tp, cfg.micro_batch_size, k)
+                      + float((share * fwd).max()))
+        pipeline = float(times.sum()) / v + (m * v - 1) * slowest
         if cfg.schedule == "zb-h1":
             weight = float(pre["weight"][-1]) / k
-            pipeline -= min(weight, float(times.max())) * (cfg.pp - 1)
+            pipeline -= min(weight, slowest) * (cfg.pp - 1)
         params = float(pre["params"][-1]) / cfg.pp
         tail = params * optimizer_s_per_param(self.cluster)
         if cfg.dp > 1:
@@ -257,6 +262,27 @@ class SearchSpace:
             if cfg.zero:
                 tail += all_gather_time(self.cluster, grad, cfg.dp, cfg.tp)
         return pipeline + tail
+
+    def _balanced(self, tp: int, b: int, k: int) -> float:
+        """The least work of the slowest stage over every split of the blocks into ``k``
+        contiguous stages (a bisection over that work, each test a greedy fill)."""
+        key = (tp, b, k)
+        if key not in self._balance:
+            work = self.prefix(tp, b)["work"]
+            n = len(work) - 1
+            lo = max(float(work[-1]) / k, float(np.diff(work).max()))
+            hi = float(work[-1])
+            for _ in range(40):
+                cap = (lo + hi) / 2
+                at, stages = 0, 0
+                while at < n and stages < k:
+                    at = int(np.searchsorted(work, work[at] + cap * (1 + 1e-12), "right")) - 1
+                    stages += 1
+                lo, hi = (lo, cap) if at >= n else (cap, hi)
+                if hi - lo <= 1e-6 * hi:
+                    break
+            self._balance[key] = hi
+        return self._balance[key]
 
     def _recompute_share(self, cfg: ParallelConfig, span, inflight: np.ndarray,
                          per_param: float) -> np.ndarray | None:
