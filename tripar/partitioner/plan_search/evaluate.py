@@ -79,6 +79,8 @@ class Evaluated:
     one's."""
     selective: tuple[bool, ...] = ()
     """Per stage: whether its blocks recompute their selective segments (empty: none)."""
+    stage_bytes_at_rank_peak: tuple[int, ...] = ()
+    """Per stage: its bytes when its pipeline rank's memory peaks (they sum to the rank's)."""
 
     def estimate(self, tokens: int) -> Estimate:
         return Estimate(self.step_time_s, tokens / self.step_time_s, self.peak_memory_bytes,
@@ -386,6 +388,7 @@ class Evaluator:
             stage_time_s=tuple(c.forward_s + c.backward_input_s + c.backward_weight_s
                                + c.recompute_s for c in costs),
             stage_memory_bytes=tuple(int(b) for b in result.stage_peak_memory_bytes),
+            stage_bytes_at_rank_peak=result.stage_bytes_at_rank_peak,
             in_flight=tuple(result.stage_peak_inflight), schedule_lines=lines,
             partition_time_s=sol.solve_time_s, partition_objective=sol.objective_s,
             tp_regions=tuple(sorted(shard)), tp_note=note,
