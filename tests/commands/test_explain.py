@@ -49,8 +49,9 @@ def test_runners_up_never_blame_recomputation_when_recompute_is_none(capsys, tmp
 
 def test_plan_and_explain_show_each_device_with_its_virtual_stages(capsys, tmp_path):
     out = tmp_path / "plan.json"
-    assert main(["plan", MODEL, "--gpus-per-node", "2", "--global-batch", "8", "--pp", "2",
-                 "--vpp", "2", "--out", str(out)]) == 0
+    tiny = "gpt:layers=4,hidden=64,heads=4,vocab=128,seq=16"
+    assert main(["plan", tiny, "--gpus-per-node", "2", "--global-batch", "8", "--pp", "2",
+                 "--vpp", "2", "--micro-batch", "1", "--out", str(out)]) == 0
     planned = capsys.readouterr().out
     assert main(["explain", str(out)]) == 0
     explained = capsys.readouterr().out
