@@ -2,7 +2,7 @@
 
 Builds the real proxy graph of the zoo ``gpt`` on the meta device, then times the
 full search (``tripar.partitioner.search_with_stats``) on its own and prints
-both times, the plan, the search's statistics and how the stage split was chosen (the
+both times (the search's also in CPU seconds, which hold up on a busy machine), the plan, the search's statistics and how the stage split was chosen (the
 partition DP's or the uniform one, whichever simulated faster).
 
     python benchmarks/plan_gpt3.py [--repeat 3]
@@ -11,6 +11,7 @@ partition DP's or the uniform one, whichever simulated faster).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from tripar.commands._model_args import proxy_graph_for
@@ -28,17 +29,20 @@ def main() -> None:
     graph = proxy_graph_for(SPEC, batch_size=1, seq_len=2048, tp_degrees=(2, 4, 8))
     graph_s = time.perf_counter() - start
     cluster = Cluster.builtin("a100-80g", nodes=128, gpus_per_node=8)
-    times = []
+    times, cpu = [], []
     for _ in range(max(1, args.repeat)):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         plan, stats = search_with_stats(graph, cluster, 1536, model_spec=SPEC)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     par = plan.parallel
     print(f"GPT-3 175B ({len(graph.blocks)} blocks, {len(graph.tp_regions)} TP regions), "
           f"1024 x a100-80g, global batch 1536")
     print(f"graph build : {graph_s:.2f} s")
     print(f"search      : {min(times):.2f} s best of {len(times)} "
-          f"({', '.join(f'{t:.2f}' for t in times)})")
+          f"({', '.join(f'{t:.2f}' for t in times)}); CPU {min(cpu):.2f} s "
+          f"({', '.join(f'{t:.2f}' for t in cpu)}); load average "
+          f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"plan        : dp={par.dp} tp={par.tp} pp={par.pp} vpp={par.vpp} "
           f"micro-batch={par.micro_batch_size} x {par.num_microbatches} {par.schedule} "
           f"recompute={par.recompute} zero={par.zero}")

@@ -45,3 +45,17 @@ def test_runners_up_never_blame_recomputation_when_recompute_is_none(capsys, tmp
     compute = [a["reason"] for a in alternatives if a["binding"] == "compute"]
     assert compute and all(r.startswith("more compute on the busiest device, ") for r in compute)
     assert any("smaller micro-batches (2 vs 4 samples)" in r for r in compute), compute
+
+
+def test_plan_and_explain_show_each_device_with_its_virtual_stages(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    tiny = "gpt:layers=4,hidden=64,heads=4,vocab=128,seq=16"
+    assert main(["plan", tiny, "--gpus-per-node", "2", "--global-batch", "8", "--pp", "2",
+                 "--vpp", "2", "--micro-batch", "1", "--out", str(out)]) == 0
+    planned = capsys.readouterr().out
+    assert main(["explain", str(out)]) == 0
+    explained = capsys.readouterr().out
+    for text in (planned, explained):
+        assert "device memory at each rank's peak = its virtual stages' parts:" in text
+        line = next(x for x in text.splitlines() if x.strip().startswith("rank 1 "))
+        assert "stage 1 " in line and "+ stage 3 " in line

@@ -37,6 +37,14 @@ def test_interleaved_schedule_from_vpp(capsys):
     assert inter["config"]["schedule"] == "interleaved-1f1b"
     assert len(inter["stages"]) == 4 and [s["rank"] for s in inter["stages"]] == [0, 1, 0, 1]
     assert inter["estimate"]["bubble_fraction"] < plain["estimate"]["bubble_fraction"]
+    for dev in inter["devices"]:   # a device's peak is its virtual stages' parts together
+        assert dev["stages"] == [dev["rank"], dev["rank"] + 2]
+        assert dev["peak_bytes"] == sum(inter["stages"][s]["memory_at_rank_peak_bytes"]
+                                        for s in dev["stages"])
+    assert main(["simulate", GPT, "--gpu", "cpu", *args, "--vpp", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "device memory at each rank's peak = its virtual stages' parts" in text
+    assert "rank 1:" in text and "stage 3" in text
 
 
 def test_recompute_and_zero_change_time_and_memory(capsys):

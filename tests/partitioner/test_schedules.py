@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tripar.errors import ConfigError
-from tripar.partitioner.schedules import build_schedule, scp_recomputed
+from tripar.partitioner.schedules import build_schedule, scp_recomputed, warmup_in_flight
+from tripar.partitioner.simulator import simulate
+from tripar.partitioner.stage_cost import StageCost
 from tripar.plan.schedule import ActionKind, Schedule
 
 REFERENCE_SCP_4x6 = """\
@@ -74,6 +76,21 @@ def test_per_stage_recompute():
                   if a.kind is ActionKind.FORWARD_INPUT_ONLY}
     assert recomputing == forwards_f == {0, 3}
     s.validate()
+
+
+@pytest.mark.parametrize("pp, m, vpp", [(2, 4, 2), (4, 8, 2), (2, 8, 5), (2, 6, 7), (4, 4, 3),
+                                        (8, 48, 6), (8, 16, 12)])
+def test_interleaved_in_flight_parts_add_up_to_the_simulated_rank_peak(pp, m, vpp):
+    """The planner's in-flight count per virtual stage: a rank's parts sum to the peak the
+    simulator measures on it, the last virtual stage of the last rank (the head's) holds
+    one microbatch, and no stage holds more than its own simulated peak."""
+    counts = warmup_in_flight("interleaved-1f1b", pp, m, vpp)
+    cost = StageCost(forward_s=1.0, backward_input_s=1.0, backward_weight_s=1.0)
+    sim = simulate(build_schedule("interleaved-1f1b", pp, m, vpp=vpp), [cost] * (pp * vpp),
+                   record_timeline=False)
+    assert tuple(sum(counts[r::pp]) for r in range(pp)) == sim.peak_inflight
+    assert all(c <= s for c, s in zip(counts, sim.stage_peak_inflight))
+    assert counts[-1] == (1 if m > pp else m)
 
 
 def test_interleaved_follows_megatron_warmup():

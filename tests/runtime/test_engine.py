@@ -45,12 +45,15 @@ MODELS = {
     # attention written out (no fused kernel): selective recomputation finds its core
     "gpt_eager": "gpt:layers=2,hidden=32,heads=8,vocab=64,seq=8,attention=eager",
     "llama_eager": "llama:layers=2,hidden=32,heads=8,kv_heads=4,vocab=64,seq=8,attention=eager",
+    "gpt10": "gpt:layers=10,hidden=32,heads=4,vocab=64,seq=8",
 }
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 """Without transformers the ``hf:`` models leave the matrix; the native models still run."""
 GLOBAL_BATCH, STEPS = 4, 3
 
 ALL = ("gpt", "llama", "bert", "vit", "hf_gpt2")
+DEEP = ("gpt10",)
+"""14 blocks: room for vpp values up to 7 on two pipeline ranks."""
 LM = ("gpt", "llama")
 SELECTIVE = ("gpt_eager", "llama_eager", "hf_gpt2")
 """Models with selective segments: the written-out attention cores, GPT-2's tanh GELU."""
@@ -72,6 +75,8 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 1, 2, "1f1b",   1, 0, 2, "fp32", ALL, SGD),
         (1, 1, 2, I1F1B,    2, 0, 2, "fp32", ALL, ADAMW),
         (1, 1, 2, "gpipe",  1, 0, 4, "fp32", ALL, SGD),
+        (1, 1, 2, I1F1B,    5, 0, 1, "fp32", DEEP, SGD),
+        (1, 1, 2, I1F1B,    7, 0, 1, "fp32", DEEP, ADAMW),
         (2, 1, 1, "1f1b",   1, 0, 1, "fp32", ALL, BOTH),
         (2, 1, 1, "1f1b",   1, 1, 1, "fp32", ALL, BOTH),
         (2, 1, 1, "1f1b",   1, 0, 2, "fp32", ALL, SGD),

@@ -6,7 +6,15 @@ import argparse
 import json
 from typing import Any
 
-from tripar.plan import Binding, Plan, fmt_bytes, fmt_estimate, fmt_parallel, fmt_time
+from tripar.plan import (
+    Binding,
+    Plan,
+    fmt_bytes,
+    fmt_device_memory,
+    fmt_estimate,
+    fmt_parallel,
+    fmt_time,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -65,6 +73,8 @@ def explanation(plan: Plan) -> dict:
              "step_time_s": a.estimate.step_time_s if a.estimate else None}
             for a in plan.alternatives],
         "notes": list(plan.notes),
+        "device_memory": fmt_device_memory(plan.stages, plan.device_memory(),
+                                           plan.cluster.device_memory_bytes),
     }
 
 
@@ -79,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
     print("\nwhat binds it (most first):")
     for item in report["binds"]:
         print(f"  [{item['binding']}] {item['detail']}")
+    if report["device_memory"]:
+        print()
+        print("\n".join(report["device_memory"]))
     if plan.alternatives:
         print("\nwhy not the runners-up:")
         for alt in plan.alternatives:

@@ -13,6 +13,7 @@ import json
 from tripar.commands._cluster_args import add_cluster_args, cluster_from_args
 from tripar.commands._model_args import add_model_args, load_proxy_graph
 from tripar.errors import InfeasibleError
+from tripar.plan import fmt_bytes
 from tripar.plan.config import RECOMPUTE, SCHEDULES, ParallelConfig
 
 
@@ -130,9 +131,12 @@ def to_report(model: str, graph, cluster, config: ParallelConfig, estimate) -> d
             "send_s": cost.send_s, "tail_s": cost.tail_s,
             "activation_bytes": cost.activation_bytes, "static_bytes": cost.static_bytes,
             "memory_bytes": estimate.stage_memory_bytes[s],
+            "memory_at_rank_peak_bytes": estimate.sim.stage_bytes_at_rank_peak[s],
             "recompute": estimate.recompute[s],
             "selective": bool(estimate.selective and estimate.selective[s]),
         })
+    devices = [{"rank": r, "peak_bytes": estimate.rank_memory_bytes[r],
+                "stages": list(range(r, len(stages), config.pp))} for r in range(config.pp)]
     return {
         "model": model,
         "cluster": {"name": cluster.name, "device": cluster.device.name,
@@ -152,6 +156,7 @@ def to_report(model: str, graph, cluster, config: ParallelConfig, estimate) -> d
                      "bubble_fraction": estimate.bubble_fraction,
                      "model_flops_per_s_per_device": model_flops_per_s / config.devices},
         "stages": stages,
+        "devices": devices,
     }
 
 
@@ -187,6 +192,14 @@ def _print(report: dict, timeline: str | None) -> None:
                        f"{st['recompute']:.0%}" + (" +sel" if st["selective"] else "")),
                       f"{st['memory_bytes'] / 2**30:.2f}")
     console.print(table)
+    if cfg["vpp"] > 1:
+        console.print("device memory at each rank's peak = its virtual stages' parts:")
+        for dev in report["devices"]:
+            parts = " + ".join(
+                f"stage {s} {fmt_bytes(report['stages'][s]['memory_at_rank_peak_bytes'])}"
+                for s in dev["stages"])
+            console.print(f"  rank {dev['rank']}: {fmt_bytes(dev['peak_bytes'])} = {parts}",
+                          highlight=False)
     if timeline:
         console.print(f"timeline written to {timeline}")
 

@@ -101,25 +101,34 @@ def build_schedule(
 
 def warmup_in_flight(name: str, pp: int, num_microbatches: int, vpp: int = 1
                      ) -> tuple[int, ...]:
-    """Peak microbatches each virtual stage holds under schedule ``name``, from the
-    generators' warm-up depths: 1F1B-like ``min(p - s, m)``, GPipe ``m``, interleaved
-    ``2 (p - 1 - r) + (v - 1) p + 1`` chunk-microbatches on rank r, shared by its v
-    stages. An estimate made before any schedule is built (the planner's memory budget);
+    """Microbatches each virtual stage holds at its rank's peak under schedule ``name``,
+    from the generators' warm-up depths: 1F1B-like ``min(p - s, m)``, GPipe ``m``.
+    Interleaved: rank r peaks when the first forward of its steady state starts, after
+    ``2 (p - 1 - r) + (v - 1) p`` warm-up forwards (all ``m v`` when ``m == p``); the
+    generator hands forwards to its virtual stages ``p`` at a time, chunk 0 first, so
+    at that moment chunk j holds ``g p + min(p, max(0, f - j p))`` of the ``F = g p v + f``
+    forwards. Their sum is the rank's peak the simulator measures; the rank's last chunk
+    (the one holding the head on the last rank) holds fewer, since its backwards start
+    first. An estimate made before any schedule is built (the planner's memory budget);
     the simulator measures the real peaks.
 
     >>> warmup_in_flight("1f1b", 4, 3), warmup_in_flight("gpipe", 2, 4)
     ((3, 3, 2, 1), (4, 4))
     >>> warmup_in_flight("interleaved-1f1b", 2, 4, vpp=2)
-    (3, 2, 3, 2)
+    (3, 2, 2, 1)
     """
     p, m, v = pp, num_microbatches, vpp
     if name == "gpipe":
         return (m,) * p
     if name == "interleaved-1f1b":
         total = m * v
-        per_rank = [total if m == p else min(2 * (p - 1 - r) + (v - 1) * p + 1, total)
-                    for r in range(p)]
-        return tuple(-(-per_rank[s % p] // v) for s in range(p * v))
+        out = [0] * (p * v)
+        for r in range(p):
+            forwards = total if m == p else min(2 * (p - 1 - r) + (v - 1) * p + 1, total)
+            rounds, rest = divmod(forwards, p * v)
+            for j in range(v):
+                out[j * p + r] = rounds * p + min(p, max(0, rest - j * p))
+        return tuple(out)
     return tuple(min(p - s, m) for s in range(p))
 
 

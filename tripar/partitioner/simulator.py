@@ -86,6 +86,10 @@ class SimResult:
     """Per virtual stage: most microbatches holding full activations at once."""
     stage_peak_pending_w: tuple[int, ...]
     """Per virtual stage: most microbatches between their B and W (0 if not split)."""
+    stage_bytes_at_rank_peak: tuple[int, ...] = ()
+    """Per virtual stage: its bytes when its rank's memory peaks (a rank's parts sum to
+    its ``peak_memory_bytes``; its stages' own peaks, which fall apart in time, may sum
+    to more)."""
     memory_timeline: tuple[tuple[tuple[float, int], ...], ...] = ()
     """Per rank: (time, bytes) at every change, starting at (0, static); empty when not
     recorded."""
@@ -163,6 +167,16 @@ def simulate(
                       zip(stage_costs, _segment_peaks(mem_delta[by_stage], stage_starts))]
     stage_peak_inflight = _segment_peaks(count_delta[by_stage], stage_starts)
     stage_peak_pending = _segment_peaks(pend_delta[by_stage], stage_starts)
+    at_peak = [c.static_bytes for c in stage_costs]
+    entry_stage = np.repeat(g.stage, 2)
+    for a, b in zip(rank_starts, rank_starts[1:] + [2 * g.n]):
+        level = np.cumsum(mem_delta[a:b])
+        if b > a and level.max() > 0:
+            top = int(np.argmax(level)) + 1
+            held = np.bincount(entry_stage[a:a + top], weights=mem_delta[a:a + top],
+                               minlength=num_stages)
+            for stage in np.nonzero(held)[0].tolist():
+                at_peak[stage] += int(held[stage])
 
     timeline: tuple[tuple[tuple[float, int], ...], ...] = ()
     events: tuple[TimelineEvent, ...] = ()
@@ -193,6 +207,7 @@ def simulate(
         peak_inflight=tuple(peak_inflight),
         stage_peak_inflight=tuple(stage_peak_inflight),
         stage_peak_pending_w=tuple(stage_peak_pending),
+        stage_bytes_at_rank_peak=tuple(at_peak),
         memory_timeline=timeline,
         events=events,
     )

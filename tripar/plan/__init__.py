@@ -20,7 +20,7 @@ from tripar.plan.records import (
     StagePlan,
     TPShard,
 )
-from tripar.plan.render import fmt_estimate, fmt_parallel
+from tripar.plan.render import fmt_device_memory, fmt_estimate, fmt_parallel
 from tripar.plan.schedule import Action, ActionKind, Schedule, format_grid
 from tripar.plan.units import fmt_bytes, fmt_time
 
@@ -42,6 +42,7 @@ __all__ = [
     "StagePlan",
     "TPShard",
     "fmt_bytes",
+    "fmt_device_memory",
     "fmt_estimate",
     "fmt_parallel",
     "fmt_time",

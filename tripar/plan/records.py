@@ -155,11 +155,15 @@ class StagePlan:
     """FX names of the nodes recomputed selectively: the parts of its blocks cheap to
     recompute and costly to keep (the attention core), run under checkpointing in the
     backward; empty when the stage keeps them."""
+    memory_at_device_peak_bytes: int = 0
+    """Bytes it holds when its device's memory peaks: a device's stages sum to its peak
+    (their own peaks, ``memory_bytes``, fall apart in time). 0: not recorded."""
 
     def __post_init__(self) -> None:
         strs("StagePlan", "selective", self.selective)
         nonneg_int("StagePlan", index=self.index, rank=self.rank,
-                   virtual_index=self.virtual_index, memory_bytes=self.memory_bytes)
+                   virtual_index=self.virtual_index, memory_bytes=self.memory_bytes,
+                   memory_at_device_peak_bytes=self.memory_at_device_peak_bytes)
         pos_int("StagePlan", in_flight=self.in_flight)
         strs("StagePlan", "blocks", self.blocks)
         strs("StagePlan", "recompute", self.recompute)

@@ -98,6 +98,40 @@ def _blocks(blocks: tuple[str, ...], width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def fmt_device_memory(stages: Sequence[StagePlan], device_memory: Sequence[int],
+                      limit: int, *, width: int = 100) -> list[str]:
+    """Each pipeline rank's device memory at its peak, with its virtual stages' parts
+    (what each holds at that moment, or each one's own peak where the plan did not record
+    it); nothing for one stage per rank.
+
+    >>> stages = [StagePlan(s, s % 2, s // 2, (f"h.{s}",), (), 0.01, 3 * 10**9,
+    ...                     memory_at_device_peak_bytes=(2 + s) * 10**9) for s in range(4)]
+    >>> print("\\n".join(fmt_device_memory(stages, (6 * 10**9, 8 * 10**9), 80 * 10**9)))
+    device memory at each rank's peak = its virtual stages' parts:
+      rank 0     6.0 GB of 80.0 GB = stage 0 2.0 GB + stage 2 4.0 GB
+      rank 1     8.0 GB of 80.0 GB = stage 1 3.0 GB + stage 3 5.0 GB
+    """
+    if len({st.rank for st in stages}) == len(stages):
+        return []
+    recorded = any(st.memory_at_device_peak_bytes for st in stages)
+    out = ["device memory at each rank's peak = its virtual stages' parts:" if recorded else
+           "device memory at each rank's peak; its virtual stages' own peaks (apart in time):"]
+    for rank, used in enumerate(device_memory):
+        parts = [f"stage {st.index} "
+                 + fmt_bytes(st.memory_at_device_peak_bytes if recorded else st.memory_bytes)
+                 for st in stages if st.rank == rank]
+        line = f"  rank {rank:<3} {fmt_bytes(used):>8} of {fmt_bytes(limit)} = "
+        indent = " " * len(line)
+        for i, part in enumerate(parts):
+            piece = part if i == 0 else f" + {part}"
+            if len(line) + len(piece) > width and i:
+                out.append(line)
+                line, piece = indent, f"+ {part}"
+            line += piece
+        out.append(line)
+    return out
+
+
 def _alternative(alt: Alternative, best: Estimate) -> str:
     line = fmt_parallel(alt.parallel)
     if alt.estimate is not None and best.step_time_s > 0:
@@ -106,6 +140,14 @@ def _alternative(alt: Alternative, best: Estimate) -> str:
     else:
         line += "\n      not costed"
     return f"{line}: {alt.reason} [{alt.binding.value}]"
+
+
+def _device_memory(plan: PlanParts) -> tuple[int, ...]:
+    """Each pipeline rank's peak: the estimate's per-rank peaks (``Plan.device_memory``)."""
+    est, pp = plan.estimate, plan.parallel.pp
+    if len(est.stage_memory_bytes) == pp:
+        return est.stage_memory_bytes
+    return tuple(sum(st.memory_bytes for st in plan.stages if st.rank == r) for r in range(pp))
 
 
 def render_plan(plan: PlanParts, *, width: int = 100) -> str:
@@ -134,6 +176,11 @@ def render_plan(plan: PlanParts, *, width: int = 100) -> str:
         rec = "-" if st.granularity == "none" else st.granularity
         out.append(f"{st.index:>5} {st.rank:>4}  {_blocks(st.blocks, block_w):<{block_w}} "
                    f"{rec:>{rec_w}} {fmt_time(st.time_s):>9} {fmt_bytes(st.memory_bytes):>9}")
+    device = fmt_device_memory(plan.stages, _device_memory(plan), cl.device_memory_bytes,
+                               width=width)
+    if device:
+        out.append("")
+        out.extend(device)
     if plan.tp_regions:
         kinds = Counter(r.kind for r in plan.tp_regions)
         out.append("")

@@ -7,6 +7,8 @@ activations in the backward. One job per module:
 * ``problem``: the problem on plain per-block numbers (:class:`PartitionProblem`, whose
   module docstring states the memory and time model) and the cost of one partition
   (:func:`evaluate_partition`);
+* ``device``: a pipeline rank's memory shared among its virtual stages
+  (:func:`device_shares`: their sum binds, at the rank's peak);
 * ``recompute``: the cheapest recompute counts that make one stage fit;
 * ``stage_table``: the least time of every (stage, first, stop) range;
 * ``dp``: the exact DP over ranges (:func:`solve_partition_dp`);
@@ -24,6 +26,7 @@ activations in the backward. One job per module:
 (0, 2, 4)
 """
 
+from tripar.partitioner.partition.device import device_shares
 from tripar.partitioner.partition.diagnose import diagnose_infeasible
 from tripar.partitioner.partition.dp import solve_partition_dp
 from tripar.partitioner.partition.fixed import solve_fixed_partition
@@ -49,6 +52,7 @@ __all__ = [
     "PartitionSolution",
     "StageAssignment",
     "build_partition_milp",
+    "device_shares",
     "diagnose_infeasible",
     "evaluate_partition",
     "one_f_one_b_in_flight",

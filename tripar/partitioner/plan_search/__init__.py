@@ -54,8 +54,8 @@ from tripar.partitioner.plan_search.evaluate import Evaluated, Evaluator
 from tripar.partitioner.plan_search.pins import Pins, Spelling, check_pins
 from tripar.partitioner.plan_search.regions import RegionChooser
 from tripar.partitioner.plan_search.result import SearchStats
-from tripar.partitioner.plan_search.space import VIRTUAL_STAGES, SearchSpace
+from tripar.partitioner.plan_search.space import SearchSpace
 
-__all__ = ["VIRTUAL_STAGES", "Evaluated", "Evaluator", "Pins", "RegionChooser", "Spelling", "check_pins",
+__all__ = ["Evaluated", "Evaluator", "Pins", "RegionChooser", "Spelling", "check_pins",
            "SearchParts", "SearchSpace", "SearchStats", "evaluate_split", "partition_problem",
            "search", "search_parts", "search_with_stats", "uniform_split_of"]

@@ -115,9 +115,9 @@ def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
     bounds, screens = {}, {}
     screened = 0
     for cfg in configs:
-        over = space.static_overflow(cfg)
+        over, why = space.static_overflow(cfg)
         if over > 0:
-            failures.append((over, cfg, space.static_message(cfg, over)))
+            failures.append((over, cfg, why))
             continue
         bounds[cfg], screens[cfg] = space.lower_bound(cfg), space.screen(cfg)
         screened += 1

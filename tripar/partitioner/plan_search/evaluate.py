@@ -12,6 +12,7 @@ solved partitions by :class:`~tripar.partitioner.plan_search.cache.PartitionKey`
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -20,6 +21,7 @@ from tripar.graph.proxy import ProxyGraph
 from tripar.partitioner.cost.collectives import p2p_time
 from tripar.partitioner.cost.stages import BUCKET_BYTES, bytes_per_param, stage_costs
 from tripar.partitioner.hardware import Cluster, dtype_bytes
+from tripar.partitioner.partition.device import device_shares
 from tripar.partitioner.partition.dp import solve_partition_dp
 from tripar.partitioner.partition.fixed import solve_fixed_partition
 from tripar.partitioner.partition.problem import PartitionProblem, PartitionSolution
@@ -77,6 +79,8 @@ class Evaluated:
     one's."""
     selective: tuple[bool, ...] = ()
     """Per stage: whether its blocks recompute their selective segments (empty: none)."""
+    stage_bytes_at_rank_peak: tuple[int, ...] = ()
+    """Per stage: its bytes when its pipeline rank's memory peaks (they sum to the rank's)."""
 
     def estimate(self, tokens: int) -> Estimate:
         return Estimate(self.step_time_s, tokens / self.step_time_s, self.peak_memory_bytes,
@@ -112,24 +116,28 @@ class Evaluator:
         return self._schedules[key]
 
     def partition_problem(self, cfg: ParallelConfig, margin: Sequence[int],
-                          shard: frozenset[str], selective: bool = False) -> PartitionProblem:
+                          shard: frozenset[str], selective: bool = False,
+                          reference: tuple[int, ...] | None = None) -> PartitionProblem:
         """The stage-partition problem of ``cfg`` with ``shard`` sharded, each pipeline
-        rank's budget less its ``margin``. With ``selective`` every block keeps its saved
-        bytes less its selective segments' and its backward re-runs them; a block
-        recomputed whole re-runs the rest of its forward instead."""
+        rank's budget less its ``margin``, shared among its virtual stages after what
+        each needs on ``reference`` (default: the uniform split by layers;
+        :func:`~tripar.partitioner.partition.device.device_shares`), or, with
+        ``reference=()``, evenly (``1 / vpp`` each). With ``selective`` every block keeps
+        its saved bytes less its selective segments' and its backward re-runs them; a
+        block recomputed whole re-runs the rest of its forward instead."""
         costs = self.costs.get(cfg.tp, cfg.micro_batch_size, shard)
         k = cfg.pp * cfg.vpp
         crosses = cfg.dp * cfg.tp >= self.cluster.devices_per_node
         cut = [p2p_time(self.cluster, c.output_bytes / cfg.tp, crosses) for c in costs[:-1]]
         width = dtype_bytes(self.dtype)
         params = sum(c.params for c in costs)
-        buffers = (min(params * width, BUCKET_BYTES) * (cfg.dp > 1)
-                   + 4 * max(c.output_bytes for c in costs))
-        budget = [max(0, (self.limit - margin[s % cfg.pp]) // cfg.vpp - buffers)
-                  for s in range(k)]
+        buffers = min(params * width, BUCKET_BYTES) * (cfg.dp > 1)   # one bucket a device
+        p2p = max(c.output_bytes for c in costs)   # send and receive buffers of each stage
+        device = [max(0, self.limit - margin[r] - buffers - 4 * cfg.vpp * p2p)
+                  for r in range(cfg.pp)]
         policy = "none" if cfg.recompute == "selective" else cfg.recompute
         chosen = [c.selective_s if selective else 0.0 for c in costs]
-        return PartitionProblem(
+        problem = PartitionProblem(
             blocks=tuple(b.name for b in self.graph.blocks),
             forward_s=[c.forward_s for c in costs],
             backward_s=[c.backward_input_s + c.backward_weight_s + x
@@ -140,8 +148,55 @@ class Evaluator:
             input_bytes=[c.input_bytes for c in costs],
             static_bytes=self.static_bytes(cfg, shard),
             in_flight=warmup_in_flight(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.vpp),
-            memory_limit_bytes=budget, num_microbatches=cfg.num_microbatches,
+            memory_limit_bytes=device[0], num_microbatches=cfg.num_microbatches,
             virtual_stages=cfg.vpp, cut_s=cut, recompute=policy)
+        if k == cfg.pp:
+            return replace(problem, memory_limit_bytes=device)
+        if reference == ():
+            return replace(problem, memory_limit_bytes=[device[s % cfg.pp] // cfg.vpp
+                                                        for s in range(k)])
+        return replace(problem, memory_limit_bytes=device_shares(
+            problem, pp=cfg.pp, device_budget=device,
+            boundaries=reference if reference is not None else self.uniform(k)))
+
+    def solve(self, cfg: ParallelConfig, margin: Sequence[int], shard: frozenset[str],
+              split: tuple[int, ...] | None, selective: bool = False
+              ) -> tuple[PartitionProblem, PartitionSolution]:
+        """The partition DP's split (or ``split`` with the DP's recomputation) under
+        ``cfg``'s device budgets, each rank's shared among its virtual stages after their
+        needs on the uniform split. The DP may move layers the shares did not plan for
+        (off a stage holding a heavy embedding or head), so when nothing fits them it
+        solves with even shares (``1 / vpp`` of the device each) and shares the device
+        again after the split found there; the first that fits, else the first error."""
+        problem = self.partition_problem(cfg, margin, shard, selective)
+        try:
+            return problem, self._solved(problem, split)
+        except InfeasibleError:
+            if cfg.vpp == 1:
+                raise
+            first = sys.exc_info()[1]
+        even = self.partition_problem(cfg, margin, shard, selective, reference=())
+        try:
+            found = self._solved(even, split)
+        except InfeasibleError:
+            raise first from None
+        shared = self.partition_problem(cfg, margin, shard, selective,
+                                        reference=found.boundaries)
+        try:
+            return shared, self._solved(shared, split)
+        except InfeasibleError:
+            return even, found
+
+    def _solved(self, problem: PartitionProblem,
+                split: tuple[int, ...] | None) -> PartitionSolution:
+        key = PartitionKey(problem, split)
+        if key not in self._partitions:  # 1f1b, zb-h1 and scp share problems
+            self._partitions[key] = (solve_partition_dp(problem) if split is None
+                                     else solve_fixed_partition(problem, split))
+            self.partition_seconds.append(self._partitions[key].solve_time_s)
+            self.work += self._partitions[key].work
+            self.partition_work += self._partitions[key].work
+        return self._partitions[key]
 
     def static_bytes(self, cfg: ParallelConfig, shard: frozenset[str]) -> list[int]:
         """Weights, gradients and optimizer state of each block under ``cfg``."""
@@ -267,15 +322,7 @@ class Evaluator:
         margin = [0] * cfg.pp
         regions = None if cfg.tp == 1 else shard
         for _attempt in range(attempts):
-            problem = self.partition_problem(cfg, margin, shard, selective)
-            key = PartitionKey(problem, split)
-            if key not in self._partitions:  # 1f1b, zb-h1 and scp share problems
-                self._partitions[key] = (solve_partition_dp(problem) if split is None
-                                         else solve_fixed_partition(problem, split))
-                self.partition_seconds.append(self._partitions[key].solve_time_s)
-                self.work += self._partitions[key].work
-                self.partition_work += self._partitions[key].work
-            sol = self._partitions[key]
+            problem, sol = self.solve(cfg, margin, shard, split, selective)
             bounds = sol.boundaries
             explicit = cfg.recompute == "full" or cfg.schedule == "scp"
             flags = [selective and not explicit] * len(sol.stages)
@@ -341,6 +388,7 @@ class Evaluator:
             stage_time_s=tuple(c.forward_s + c.backward_input_s + c.backward_weight_s
                                + c.recompute_s for c in costs),
             stage_memory_bytes=tuple(int(b) for b in result.stage_peak_memory_bytes),
+            stage_bytes_at_rank_peak=result.stage_bytes_at_rank_peak,
             in_flight=tuple(result.stage_peak_inflight), schedule_lines=lines,
             partition_time_s=sol.solve_time_s, partition_objective=sol.objective_s,
             tp_regions=tuple(sorted(shard)), tp_note=note,

@@ -111,7 +111,9 @@ def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluat
                   recompute=tuple(names[b] for b in best.recompute[s]),
                   time_s=best.stage_time_s[s], memory_bytes=best.stage_memory_bytes[s],
                   in_flight=max(1, best.in_flight[s]),
-                  selective=_selective_nodes(graph, best, bounds, s))
+                  selective=_selective_nodes(graph, best, bounds, s),
+                  memory_at_device_peak_bytes=(best.stage_bytes_at_rank_peak[s]
+                                               if best.stage_bytes_at_rank_peak else 0))
         for s in range(k))
     chosen = set(best.tp_regions)
     regions = tuple(TPShard(r.block, r.kind, r.nodes, r.shards, index=r.index)

@@ -34,8 +34,15 @@ from tripar.partitioner.plan_search.regions import RegionChooser
 from tripar.partitioner.schedules import warmup_in_flight
 from tripar.plan.config import SCHEDULES, ParallelConfig
 
-VIRTUAL_STAGES = (2, 3, 4, 6, 8)
-"""vpp values tried for interleaved-1f1b."""
+
+def virtual_stages(pp: int, blocks: int) -> range:
+    """vpp values tried for interleaved-1f1b: every one that leaves each of the
+    ``pp * vpp`` virtual stages at least one block.
+
+    >>> list(virtual_stages(4, 13)), list(virtual_stages(8, 12))
+    ([2, 3], [])
+    """
+    return range(2, blocks // pp + 1)
 
 
 def config_key(cfg: ParallelConfig) -> tuple:
@@ -60,7 +67,10 @@ class SearchSpace:
         self.limit = cluster.device.memory_bytes
         self.costs, self.regions, self.uniform = costs, regions, uniform
         self._chain_share: dict[CostPoint, float] = {}
-        self._prefix: dict[CostPoint, dict[str, np.ndarray]] = {}
+        self._prefix: dict[tuple[CostPoint, bool], dict[str, np.ndarray]] = {}
+        self._work: dict[CostPoint, float] = {}
+        self._balance: dict[tuple[int, int, int], float] = {}
+        self._static: dict[tuple[int, ...], tuple[int, str]] = {}
 
     def least_work_costs(self, tp: int, b: int) -> list[BlockCost]:
         """Block costs with the time-optimal regions sharded (``free_choice``): the least
@@ -123,7 +133,7 @@ class SearchSpace:
             if name == "interleaved-1f1b":
                 if pp == 1 or m % pp:
                     continue
-                for v in ([pins.vpp] if pins.vpp else VIRTUAL_STAGES):
+                for v in ([pins.vpp] if pins.vpp else virtual_stages(pp, blocks)):
                     if v >= 2 and pp * v <= blocks:
                         out.append((name, v))
             elif pins.vpp in (None, 1):
@@ -147,9 +157,11 @@ class SearchSpace:
         return self._chain_share[key]
 
     def lower_bound(self, cfg: ParallelConfig) -> float:
-        costs = self.least_work_costs(cfg.tp, cfg.micro_batch_size)
-        totals = [c.forward_s + c.backward_input_s + c.backward_weight_s for c in costs]
-        work = sum(totals)
+        key = CostPoint(cfg.tp, cfg.micro_batch_size)
+        if key not in self._work:
+            self._work[key] = sum(c.forward_s + c.backward_input_s + c.backward_weight_s
+                                  for c in self.least_work_costs(cfg.tp, cfg.micro_batch_size))
+        work = self._work[key]
         m, p, v = cfg.num_microbatches, cfg.pp, cfg.vpp
         # share of each block's work that is forward: the chain before a stage's first F
         phi = 0.0   # share of a stage's work on the F ... B chain through it
@@ -175,11 +187,13 @@ class SearchSpace:
         reduce = reduce_scatter_time if cfg.zero else all_reduce_time
         return optimizer + reduce(self.cluster, grad, cfg.dp, cfg.tp)
 
-    def prefix(self, tp: int, b: int) -> dict[str, np.ndarray]:
-        """Prefix sums over blocks of forward, total work, saved, input bytes and params."""
-        key = CostPoint(tp, b)
+    def prefix(self, tp: int, b: int, *, least_memory: bool = False) -> dict[str, np.ndarray]:
+        """Prefix sums over blocks of forward, total work, saved, input bytes and params,
+        with the time-optimal regions sharded (or, ``least_memory``, every proven one)."""
+        key = (CostPoint(tp, b), least_memory)
         if key not in self._prefix:
-            costs = self.least_work_costs(tp, b)
+            costs = (self.costs.get(tp, b, self.regions.all_regions(tp)) if least_memory
+                     else self.least_work_costs(tp, b))
 
             def cum(values) -> np.ndarray:
                 return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
@@ -213,28 +227,30 @@ class SearchSpace:
             return pre[name][hi] - pre[name][lo]
 
         model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
-        fwd, work, act = span("fwd"), span("work"), span("act")
-        if cfg.recompute == "selective":  # every stage keeps less, and re-runs the segments
-            act, work = act - span("sel"), work + span("sel_s")
-        save = act - span("inp")
+        fwd, work = span("fwd"), span("work")
+        if cfg.recompute == "selective":  # every stage re-runs its segments
+            work = work + span("sel_s")
         inflight = np.asarray(warmup_in_flight(cfg.schedule, cfg.pp, cfg.num_microbatches,
                                                cfg.vpp), dtype=np.float64)
-        need = span("params") * (model + optimizer) + inflight * act - self.limit / cfg.vpp
-        share = np.zeros(k)
-        short = need > 0
-        if short.any():
-            if cfg.recompute in ("none", "selective") \
-                    or np.any(need[short] > inflight[short] * save[short]):
+        share = self._recompute_share(cfg, span, inflight, model + optimizer)
+        if share is None:   # try the memory of every proven region sharded
+            least = self.prefix(cfg.tp, cfg.micro_batch_size, least_memory=True)
+            share = self._recompute_share(cfg, lambda name: least[name][hi] - least[name][lo],
+                                          inflight, model + optimizer)
+            if share is None:
                 return math.inf
-            share[short] = need[short] / (inflight[short] * save[short])
         if cfg.recompute == "full":
             share[:] = 1.0
         times = work + share * fwd
         m, v = cfg.num_microbatches, cfg.vpp
-        pipeline = float(times.sum()) / v + (m * v - 1) * float(times.max())
+        # the partition moves layers off a stage that holds a heavy embedding or head:
+        # the slowest stage of the most even split, plus the most recomputation
+        slowest = min(float(times.max()), self._balanced(cfg.tp, cfg.micro_batch_size, k)
+                      + float((share * fwd).max()))
+        pipeline = float(times.sum()) / v + (m * v - 1) * slowest
         if cfg.schedule == "zb-h1":
             weight = float(pre["weight"][-1]) / k
-            pipeline -= min(weight, float(times.max())) * (cfg.pp - 1)
+            pipeline -= min(weight, slowest) * (cfg.pp - 1)
         params = float(pre["params"][-1]) / cfg.pp
         tail = params * optimizer_s_per_param(self.cluster)
         if cfg.dp > 1:
@@ -247,9 +263,58 @@ class SearchSpace:
                 tail += all_gather_time(self.cluster, grad, cfg.dp, cfg.tp)
         return pipeline + tail
 
-    def static_overflow(self, cfg: ParallelConfig) -> int:
+    def _balanced(self, tp: int, b: int, k: int) -> float:
+        """The least work of the slowest stage over every split of the blocks into ``k``
+        contiguous stages (a bisection over that work, each test a greedy fill)."""
+        key = (tp, b, k)
+        if key not in self._balance:
+            work = self.prefix(tp, b)["work"]
+            n = len(work) - 1
+            lo = max(float(work[-1]) / k, float(np.diff(work).max()))
+            hi = float(work[-1])
+            for _ in range(40):
+                cap = (lo + hi) / 2
+                at, stages = 0, 0
+                while at < n and stages < k:
+                    at = int(np.searchsorted(work, work[at] + cap * (1 + 1e-12), "right")) - 1
+                    stages += 1
+                lo, hi = (lo, cap) if at >= n else (cap, hi)
+                if hi - lo <= 1e-6 * hi:
+                    break
+            self._balance[key] = hi
+        return self._balance[key]
+
+    def _recompute_share(self, cfg: ParallelConfig, span, inflight: np.ndarray,
+                         per_param: float) -> np.ndarray | None:
+        """Per stage of the uniform split, the share of its recomputable bytes it drops
+        so that each pipeline rank fits (its virtual stages share the device: their sum
+        at the rank's peak binds); None when a rank cannot fit."""
+        act = span("act")
+        if cfg.recompute == "selective":  # every stage keeps less
+            act = act - span("sel")
+        held = (span("params") * per_param + inflight * act).reshape(-1, cfg.pp)
+        freed = (inflight * (act - span("inp"))).reshape(-1, cfg.pp).sum(axis=0)
+        need = held.sum(axis=0) - self.limit   # per pipeline rank
+        share = np.zeros(cfg.pp)
+        short = need > 0
+        if short.any():
+            if cfg.recompute in ("none", "selective") or np.any(need[short] > freed[short]):
+                return None
+            share[short] = need[short] / freed[short]
+        return np.tile(share, cfg.vpp)
+
+    def static_overflow(self, cfg: ParallelConfig) -> tuple[int, str]:
         """Bytes by which the busiest device's static memory exceeds the device, at least
-        (every proven region sharded, the weights spread evenly over the stages)."""
+        (every proven region sharded, the weights spread evenly over the stages), and
+        when it does (> 0) why (``static_message``); once per (tp, micro-batch, pp, dp,
+        ZeRO), whatever the schedule and virtual stages."""
+        key = (cfg.tp, cfg.micro_batch_size, cfg.pp, cfg.dp, cfg.zero)
+        if key not in self._static:
+            over = self._overflow(cfg)
+            self._static[key] = (over, self.static_message(cfg, over) if over > 0 else "")
+        return self._static[key]
+
+    def _overflow(self, cfg: ParallelConfig) -> int:
         model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
         costs = self.costs.get(cfg.tp, cfg.micro_batch_size, self.regions.all_regions(cfg.tp))
         total = sum(c.params for c in costs) * (model + optimizer)
