@@ -111,9 +111,10 @@ pos = st.integers(min_value=1, max_value=1024)
 @st.composite
 def parallel_configs(draw):
     schedule = draw(st.sampled_from(SCHEDULES))
+    even = 2 if schedule == "chimera" else 1  # chimera: even pp and microbatches
     return ParallelConfig(
-        dp=draw(pos), tp=draw(pos), pp=draw(pos), micro_batch_size=draw(pos),
-        num_microbatches=draw(pos),
+        dp=draw(pos), tp=draw(pos), pp=draw(pos) * even, micro_batch_size=draw(pos),
+        num_microbatches=draw(pos) * even,
         vpp=draw(pos) if schedule == "interleaved-1f1b" else 1, schedule=schedule,
         recompute=draw(st.sampled_from(("none", "full", "stage-aware"))),
         zero=draw(st.sampled_from((0, 1))))

@@ -128,6 +128,8 @@ def generated(draw):
     m = draw(st.integers(1, 6))
     if name == "interleaved-1f1b" and m % pp:
         m = pp * draw(st.integers(1, 2))
+    if name == "chimera":  # two pipelines: even pp and microbatches
+        pp, m = 2 * draw(st.integers(1, 2)), 2 * draw(st.integers(1, 3))
     return build_schedule(name, pp, m, vpp=vpp)
 
 

@@ -16,6 +16,8 @@ schedules:
   cool-down bubble while B's, the critical path, are not delayed.
 - ``scp``: Merak's shifted critical path with stage-aware recomputation (see
   ``scp_orders``).
+- ``chimera`` (Li and Hoefler, SC'21, arXiv 2107.06925): two pipelines in opposite
+  directions over the same ranks (``Schedule.pipelines == 2``; see ``_chimera``).
 
 Recomputation (``recompute=``): ``"none"``; ``"full"`` (every forward is ``f`` and
 an ``R`` runs right before each ``B``, like Megatron's full recomputation); or a
@@ -33,7 +35,7 @@ from tripar.errors import ConfigError
 from tripar.plan.config import SCHEDULES
 from tripar.plan.schedule import Action, ActionKind, Schedule
 
-__all__ = ["build_schedule", "scp_recomputed", "warmup_in_flight"]
+__all__ = ["build_schedule", "check_chimera", "scp_recomputed", "warmup_in_flight"]
 
 _F, _f, _R = ActionKind.FORWARD, ActionKind.FORWARD_INPUT_ONLY, ActionKind.RECOMPUTE
 _B, _W = ActionKind.BACKWARD, ActionKind.WEIGHT
@@ -85,12 +87,18 @@ def build_schedule(
         raise ConfigError(
             f"vpp={vpp} needs schedule 'interleaved-1f1b', not {name!r}; set vpp=1"
         )
+    if name == "chimera":
+        check_chimera(pp, num_microbatches)
     num_stages = pp * vpp
     if name == "scp":
         stages_on = _scp_selection(recompute, num_stages)
         ranks = [_scp_rank(r, pp, num_microbatches, stages_on[r]) for r in range(pp)]
         return Schedule(name, pp, vpp, num_microbatches, tuple(ranks))
     per_stage = _recompute_selection(recompute, num_stages, name)
+    if name == "chimera":
+        return Schedule(name, pp, vpp, num_microbatches, tuple(
+            _lower(ops, lambda s, j: per_stage[s], right_before_b=True)
+            for ops in _chimera(pp, num_microbatches)), pipelines=2)
     generator = _GENERATORS[name]
     ranks = []
     for r in range(pp):
@@ -116,10 +124,15 @@ def warmup_in_flight(name: str, pp: int, num_microbatches: int, vpp: int = 1
     ((3, 3, 2, 1), (4, 4))
     >>> warmup_in_flight("interleaved-1f1b", 2, 4, vpp=2)
     (3, 2, 2, 1)
+
+    Under ``chimera`` both replicas of stage s hold ``min(p - s, m / 2)``; rank r holds
+    stages r and p - 1 - r, so it keeps the sum of the two.
     """
     p, m, v = pp, num_microbatches, vpp
     if name == "gpipe":
         return (m,) * p
+    if name == "chimera":  # each replica of stage s: 1F1B over m / 2 microbatches
+        return tuple(min(p - s, m // 2) for s in range(p))
     if name == "interleaved-1f1b":
         total = m * v
         out = [0] * (p * v)
@@ -235,6 +248,75 @@ _GENERATORS: dict[str, Callable[[int, int, int, int], list[_Op]]] = {
     "interleaved-1f1b": _interleaved,
     "zb-h1": _zb_h1,
 }
+
+
+# ---- chimera: two pipelines in opposite directions ----------------------------------------
+
+
+def check_chimera(pp: int, num_microbatches: int) -> None:
+    """Raise ConfigError unless Chimera can run pp stages and this many microbatches.
+
+    >>> check_chimera(3, 4)
+    Traceback (most recent call last):
+    ...
+    tripar.errors.ConfigError: schedule 'chimera' needs an even pp (got pp=3): rank r holds stage r of the down pipeline and stage pp-1-r of the up pipeline; use pp=2 or pp=4
+    """
+    if pp % 2:
+        raise ConfigError(
+            f"schedule 'chimera' needs an even pp (got pp={pp}): rank r holds stage r of the "
+            f"down pipeline and stage pp-1-r of the up pipeline; use "
+            + (f"pp={pp - 1} or " if pp > 1 else "") + f"pp={pp + 1}")
+    if num_microbatches % 2:
+        raise ConfigError(
+            f"schedule 'chimera' needs an even number of microbatches (got "
+            f"{num_microbatches}): each of its two pipelines takes half; use "
+            + (f"{num_microbatches - 1} or " if num_microbatches > 1 else "")
+            + f"{num_microbatches + 1}")
+
+
+def _chimera(pp: int, m: int) -> list[list[_Op]]:
+    """Chimera's per-rank orders: two 1F1B pipelines merged in time.
+
+    The down pipeline runs microbatches 0 .. m/2 - 1 with stage s on rank s, the up
+    pipeline m/2 .. m - 1 with stage s on rank pp - 1 - s. Each is laid out in time as
+    1F1B (forward and backward one slot each, as the paper counts); every rank then runs
+    its actions of both in order of their slot, and of two actions in one slot the one of
+    the later stage first (it is further along its critical path). With uniform stages
+    and F = B this gives the paper's bubble, (pp - 2) / (2 m + pp - 2) of the step
+    against 1F1B's (pp - 1) / (m + pp - 1).
+    """
+    half = m // 2
+    merged: list[list[tuple[int, int, _Op]]] = [[] for _ in range(pp)]
+    for up, first in ((False, 0), (True, half)):
+        for slot, op in _timetable(pp, half):
+            kind, stage, j = op
+            rank = pp - 1 - stage if up else stage
+            merged[rank].append((slot, -stage, (kind, stage, first + j)))
+    return [[op for _, _, op in sorted(ops)] for ops in merged]
+
+
+def _timetable(pp: int, m: int) -> list[tuple[int, _Op]]:
+    """(start slot, op) of every action of one 1F1B pipeline, each action one slot long,
+    starting once its rank is free and what it receives is there."""
+    orders = [_one_f_one_b(s, pp, m) for s in range(pp)]
+    ends: dict[_Op, int] = {}
+    free, ptr, out = [0] * pp, [0] * pp, []
+    moved = True
+    while moved:
+        moved = False
+        for s in range(pp):
+            while ptr[s] < len(orders[s]):
+                kind, _, j = op = orders[s][ptr[s]]
+                dep = (("F", s - 1, j) if kind == "F" and s > 0
+                       else ("B", s + 1, j) if kind == "B" and s < pp - 1 else None)
+                if dep is not None and dep not in ends:
+                    break
+                start = max(free[s], ends[dep] if dep else 0)
+                ends[op] = free[s] = start + 1
+                out.append((start, op))
+                ptr[s] += 1
+                moved = True
+    return out
 
 
 # ---- scp: Merak's shifted critical path --------------------------------------------------

@@ -143,9 +143,10 @@ def simulate(
     free = [float(end[b - 1]) if b > a else 0.0 for a, b in zip(bounds, bounds[1:])]
     tails = [0.0] * pp
     static = [0] * pp
-    for s, c in enumerate(stage_costs):
-        tails[s % pp] += c.tail_s
-        static[s % pp] += c.static_bytes
+    for r in range(pp):
+        for s in schedule.stages_of(r):
+            tails[r] += stage_costs[s].tail_s
+            static[r] += stage_costs[s].static_bytes
     finish = [free[r] + tails[r] for r in range(pp)]
     pipeline_time = max(free)
     max_busy = max(busy)
@@ -161,14 +162,22 @@ def simulate(
     rank_starts = [2 * a for a in bounds[:-1]]
     peak_mem = [static[r] + v for r, v in enumerate(_segment_peaks(mem_delta, rank_starts))]
     peak_inflight = _segment_peaks(count_delta, rank_starts)
-    by_stage = np.argsort(np.repeat(g.stage, 2), kind="stable")
-    stage_starts = np.searchsorted(np.repeat(g.stage, 2)[by_stage], np.arange(num_stages)).tolist()
-    stage_peak_mem = [c.static_bytes + v for c, v in
-                      zip(stage_costs, _segment_peaks(mem_delta[by_stage], stage_starts))]
-    stage_peak_inflight = _segment_peaks(count_delta[by_stage], stage_starts)
-    stage_peak_pending = _segment_peaks(pend_delta[by_stage], stage_starts)
-    at_peak = [c.static_bytes for c in stage_costs]
-    entry_stage = np.repeat(g.stage, 2)
+    # per stage replica (a stage of two pipelines runs on two ranks: its peak is the larger)
+    copies = schedule.pipelines
+    replica = g.stage * copies + (2 * g.mb >= schedule.num_microbatches) * (copies - 1)
+    by_stage = np.argsort(np.repeat(replica, 2), kind="stable")
+    stage_starts = np.searchsorted(np.repeat(replica, 2)[by_stage],
+                                   np.arange(num_stages * copies)).tolist()
+
+    def per_stage(delta: np.ndarray) -> list[int]:
+        peaks = _segment_peaks(delta[by_stage], stage_starts)
+        return [max(peaks[s * copies:(s + 1) * copies]) for s in range(num_stages)]
+
+    stage_peak_mem = [c.static_bytes + v for c, v in zip(stage_costs, per_stage(mem_delta))]
+    stage_peak_inflight = per_stage(count_delta)
+    stage_peak_pending = per_stage(pend_delta)
+    extra = [0] * num_stages   # what each stage holds at its rank's peak (the larger of
+    entry_stage = np.repeat(g.stage, 2)   # a chimera stage's two ranks)
     for a, b in zip(rank_starts, rank_starts[1:] + [2 * g.n]):
         level = np.cumsum(mem_delta[a:b])
         if b > a and level.max() > 0:
@@ -176,7 +185,8 @@ def simulate(
             held = np.bincount(entry_stage[a:a + top], weights=mem_delta[a:a + top],
                                minlength=num_stages)
             for stage in np.nonzero(held)[0].tolist():
-                at_peak[stage] += int(held[stage])
+                extra[stage] = max(extra[stage], int(held[stage]))
+    at_peak = [c.static_bytes + x for c, x in zip(stage_costs, extra)]
 
     timeline: tuple[tuple[tuple[float, int], ...], ...] = ()
     events: tuple[TimelineEvent, ...] = ()

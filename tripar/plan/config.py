@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from tripar.errors import ConfigError
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "scp")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "scp", "chimera")
 """Pipeline schedules tripar can generate, simulate and run."""
 
 RECOMPUTE = ("none", "selective", "full", "stage-aware")
@@ -62,6 +62,36 @@ class ParallelConfig:
             raise ConfigError(
                 f"vpp={self.vpp} needs schedule 'interleaved-1f1b', not {self.schedule!r}"
             )
+        if self.schedule == "chimera" and (self.pp % 2 or self.num_microbatches % 2):
+            raise ConfigError(
+                f"schedule 'chimera' needs an even pp and an even num_microbatches (got pp="
+                f"{self.pp}, num_microbatches={self.num_microbatches}): rank r holds stage r of "
+                f"the down pipeline and stage pp-1-r of the up pipeline, and each pipeline "
+                f"takes half the microbatches")
+
+    @property
+    def pipelines(self) -> int:
+        """Pipelines over the same ranks: 2 for chimera (each stage held twice), else 1."""
+        return 2 if self.schedule == "chimera" else 1
+
+    def stages_on(self, rank: int) -> tuple[int, ...]:
+        """The (virtual) stages pipeline rank ``rank`` holds.
+
+        >>> ParallelConfig(1, 1, 4, 1, 4, schedule="chimera").stages_on(1)
+        (1, 2)
+        >>> ParallelConfig(1, 1, 2, 1, 4, vpp=2, schedule="interleaved-1f1b").stages_on(1)
+        (1, 3)
+        """
+        if self.pipelines == 2:
+            return tuple(sorted({rank, self.pp - 1 - rank}))
+        return tuple(range(rank, self.pp * self.vpp, self.pp))
+
+    def ranks_of(self, stage: int) -> tuple[int, ...]:
+        """The pipeline ranks holding (virtual) stage ``stage``: ``stage % pp``, and under
+        chimera also ``pp - 1 - stage`` (the up pipeline's replica)."""
+        if self.pipelines == 2:
+            return (stage, self.pp - 1 - stage)
+        return (stage % self.pp,)
 
     @property
     def devices(self) -> int:

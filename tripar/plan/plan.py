@@ -268,15 +268,17 @@ class Plan:
             return self.estimate.stage_memory_bytes
         used = [0] * self.parallel.pp
         for st in self.stages:
-            if 0 <= st.rank < len(used):
-                used[st.rank] += st.memory_bytes
+            for rank in self.parallel.ranks_of(st.index):
+                if 0 <= rank < len(used):
+                    used[rank] += st.memory_bytes
         return tuple(used)
 
     def schedule_text(self) -> str:
         """The schedule in ``tripar.plan.schedule`` text form (header, one line per rank)."""
         par = self.parallel
         lines = [f"schedule {par.schedule} pp={par.pp} vpp={par.vpp} "
-                 f"microbatches={par.num_microbatches}"]
+                 f"microbatches={par.num_microbatches}"
+                 + (f" pipelines={par.pipelines}" if par.pipelines > 1 else "")]
         lines += [f"rank {r}: {acts}" for r, acts in enumerate(self.schedule)]
         return "\n".join(line.rstrip() for line in lines) + "\n"
 

@@ -38,6 +38,18 @@ Text form of a schedule::
     schedule 1f1b pp=2 vpp=1 microbatches=2
     rank 0: F0 F1 B0 B1
     rank 1: F0 B0 F1 B1
+
+Bidirectional pipelines (Chimera, ``pipelines=2``): two replicas of the pp stages run
+in opposite directions over the same ranks. The first half of the microbatches take
+the down pipeline (stage s on rank s), the second half the up pipeline (stage s on
+rank pp - 1 - s), so rank r holds stages r and pp - 1 - r, and the rank of an action
+follows from its stage and microbatch (``rank_of``). Stage numbers are the model's,
+so adjacency, the order checks and the deadlock check are unchanged; the text form
+writes short actions (the microbatch says which of the rank's two stages runs)::
+
+    schedule chimera pp=2 vpp=1 microbatches=2 pipelines=2
+    rank 0: F0 F1 B1 B0
+    rank 1: F1 F0 B0 B1
 """
 
 from __future__ import annotations
@@ -196,6 +208,9 @@ class Schedule:
     num_microbatches: int
     actions: tuple[tuple[Action, ...], ...]
     """Per rank, in execution order."""
+    pipelines: int = 1
+    """1: one pipeline (stage s on rank s % pp); 2: Chimera's two pipelines in opposite
+    directions (even pp and microbatches, vpp 1; see ``rank_of``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not re.fullmatch(r"[\w.+-]+", self.name):
@@ -213,6 +228,7 @@ class Schedule:
                 f"schedule {self.name!r} has action lists for {len(self.actions)} ranks but "
                 f"pp={self.pp}; give one list per pipeline rank"
             )
+        _check_pipelines(self)
         num_stages = self.num_stages
         for rank, rank_actions in enumerate(self.actions):
             for step, a in enumerate(rank_actions):
@@ -220,16 +236,19 @@ class Schedule:
                         or type(a.stage) is not int or type(a.microbatch) is not int:
                     raise PlanError(f"rank {rank} step {step}: {a!r} is not an Action of "
                                     f"(int stage, ActionKind, int microbatch)")
-                if not 0 <= a.stage < num_stages or a.stage % self.pp != rank:
-                    raise PlanError(
-                        f"rank {rank} step {step}: action {a} names stage {a.stage}, but rank "
-                        f"{rank} holds stages {list(range(rank, num_stages, self.pp))} "
-                        f"(pp={self.pp}, vpp={self.vpp})"
-                    )
                 if not 0 <= a.microbatch < self.num_microbatches:
                     raise PlanError(
                         f"rank {rank} step {step}: action {a} names microbatch {a.microbatch}, "
                         f"but the schedule has {self.num_microbatches} (0..{self.num_microbatches - 1})"
+                    )
+                if not 0 <= a.stage < num_stages or self.rank_of(a.stage, a.microbatch) != rank:
+                    where = (f" for microbatch {a.microbatch} (the "
+                             f"{'down' if self.pipeline_of(a.microbatch) == 0 else 'up'} "
+                             f"pipeline)" if self.pipelines == 2 else "")
+                    raise PlanError(
+                        f"rank {rank} step {step}: action {a} names stage {a.stage}, but rank "
+                        f"{rank} holds stages {self._held(rank, a.microbatch)}{where} "
+                        f"(pp={self.pp}, vpp={self.vpp})"
                     )
 
     @property
@@ -237,9 +256,33 @@ class Schedule:
         """Virtual stages in all: pp * vpp."""
         return self.pp * self.vpp
 
-    def rank_of(self, stage: int) -> int:
-        """The rank that runs virtual stage ``stage``."""
+    def pipeline_of(self, microbatch: int) -> int:
+        """0 (down) or, under two pipelines, 1 (up) for the second half of the microbatches."""
+        return int(self.pipelines == 2 and 2 * microbatch >= self.num_microbatches)
+
+    def rank_of(self, stage: int, microbatch: int = 0) -> int:
+        """The rank that runs virtual stage ``stage`` on ``microbatch``: ``stage % pp``; on
+        the up pipeline of two, ``pp - 1 - stage``.
+
+        >>> s = Schedule("chimera", 4, 1, 4, ((),) * 4, pipelines=2)
+        >>> [s.rank_of(0, j) for j in range(4)], s.stages_of(1)
+        ([0, 0, 3, 3], (1, 2))
+        """
+        if self.pipeline_of(microbatch):
+            return self.pp - 1 - stage
         return stage % self.pp
+
+    def stages_of(self, rank: int) -> tuple[int, ...]:
+        """The stages ``rank`` holds, ascending: r, r + pp, ...; with two pipelines r and
+        pp - 1 - r."""
+        if self.pipelines == 2:
+            return tuple(sorted({rank, self.pp - 1 - rank}))
+        return tuple(range(rank, self.num_stages, self.pp))
+
+    def _held(self, rank: int, microbatch: int) -> list[int]:
+        if self.pipelines == 2:
+            return [rank if self.pipeline_of(microbatch) == 0 else self.pp - 1 - rank]
+        return list(self.stages_of(rank))
 
     # ---- text and plain data -------------------------------------------------------------
 
@@ -249,7 +292,8 @@ class Schedule:
     def to_text(self) -> str:
         """The text form (header line, then one line per rank); ``from_text`` reads it back."""
         lines = [f"schedule {self.name} pp={self.pp} vpp={self.vpp} "
-                 f"microbatches={self.num_microbatches}"]
+                 f"microbatches={self.num_microbatches}"
+                 + (f" pipelines={self.pipelines}" if self.pipelines != 1 else "")]
         for rank, rank_actions in enumerate(self.actions):
             lines.append(f"rank {rank}: " + " ".join(self._token(a) for a in rank_actions))
         return "\n".join(line.rstrip() for line in lines) + "\n"
@@ -264,15 +308,16 @@ class Schedule:
         if not lines:
             raise PlanError("empty schedule text: expected 'schedule NAME pp=P vpp=V microbatches=M'")
         head = re.fullmatch(r"schedule\s+(\S+)\s+pp=([0-9]+)\s+vpp=([0-9]+)\s+"
-                            r"microbatches=([0-9]+)", lines[0])
+                            r"microbatches=([0-9]+)(?:\s+pipelines=([0-9]+))?", lines[0])
         if head is None:
             raise PlanError(
                 f"bad schedule header {lines[0]!r}: expected "
-                f"'schedule NAME pp=P vpp=V microbatches=M'"
+                f"'schedule NAME pp=P vpp=V microbatches=M [pipelines=2]'"
             )
         name = head.group(1)
         pp, vpp, m = (_int(head.group(i), k) for i, k in ((2, "pp"), (3, "vpp"),
                                                           (4, "microbatches")))
+        pipelines = _int(head.group(5), "pipelines") if head.group(5) else 1
         if len(lines) - 1 != pp:
             raise PlanError(f"schedule header says pp={pp} but {len(lines) - 1} rank lines follow")
         ranks: list[tuple[Action, ...]] = []
@@ -280,8 +325,8 @@ class Schedule:
             body = re.fullmatch(r"rank\s+([0-9]+)\s*:(.*)", line)
             if body is None or _int(body.group(1), "rank") != rank:
                 raise PlanError(f"expected a line 'rank {rank}: ACTIONS...', got {line!r}")
-            ranks.append(_parse_actions(body.group(2).split(), rank, pp, vpp))
-        return Schedule(name, pp, vpp, m, tuple(ranks))
+            ranks.append(_parse_actions(body.group(2).split(), rank, pp, vpp, m, pipelines))
+        return Schedule(name, pp, vpp, m, tuple(ranks), pipelines)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able plain data: actions as text tokens per rank."""
@@ -291,6 +336,7 @@ class Schedule:
             "vpp": self.vpp,
             "num_microbatches": self.num_microbatches,
             "actions": [[self._token(a) for a in acts] for acts in self.actions],
+            **({"pipelines": self.pipelines} if self.pipelines != 1 else {}),
         }
 
     @staticmethod
@@ -311,10 +357,14 @@ class Schedule:
                                 f"must be {words}, got {repr(value)[:60]}")
         pp, vpp, m = data["pp"], data["vpp"], data["num_microbatches"]
         ranks, name = data["actions"], data["name"]
+        pipelines = data.get("pipelines", 1)
+        if isinstance(pipelines, bool) or not isinstance(pipelines, int):
+            raise PlanError(f"schedule data's 'pipelines' must be 1 or 2, got {pipelines!r}")
         if len(ranks) != pp or not all(isinstance(t, (list, tuple)) for t in ranks):
             raise PlanError(f"schedule data has pp={pp} but its 'actions' is not {pp} lists")
         return Schedule(name, pp, vpp, m, tuple(
-            _parse_actions(tokens, rank, pp, vpp) for rank, tokens in enumerate(ranks)))
+            _parse_actions(tokens, rank, pp, vpp, m, pipelines)
+            for rank, tokens in enumerate(ranks)), pipelines)
 
     def format_grid(self, error_step: int | None = None, error_rank: int | None = None) -> str:
         """This schedule as a steps x ranks grid (step = position in the rank's list)."""
@@ -336,14 +386,34 @@ class Schedule:
         _check_deadlock(self)
 
 
-def _parse_actions(tokens: Sequence[str], rank: int, pp: int, vpp: int) -> tuple[Action, ...]:
+def _parse_actions(tokens: Sequence[str], rank: int, pp: int, vpp: int, m: int,
+                   pipelines: int = 1) -> tuple[Action, ...]:
     implied = rank if vpp == 1 else None
     out = []
     for tok in tokens:
         if not isinstance(tok, str):
             raise PlanError(f"rank {rank}: action {tok!r} is not text")
-        out.append(Action.parse(tok, stage=implied))
+        a = Action.parse(tok, stage=implied)
+        short = not tok.strip()[:1].isdigit()
+        if pipelines == 2 and short and 2 * a.microbatch >= m:
+            a = a._replace(stage=pp - 1 - rank)  # the up pipeline: rank r holds stage pp-1-r
+        out.append(a)
     return tuple(out)
+
+
+def _check_pipelines(s: Schedule) -> None:
+    """Two pipelines need even pp and microbatches and one stage per rank per direction."""
+    if s.pipelines == 1:
+        return
+    if s.pipelines != 2:
+        raise PlanError(f"schedule {s.name!r} has pipelines={s.pipelines!r}; a schedule runs "
+                        f"one pipeline, or two in opposite directions (Chimera): use 1 or 2")
+    if s.pp % 2 or s.num_microbatches % 2 or s.vpp != 1:
+        raise PlanError(
+            f"schedule {s.name!r} runs two pipelines in opposite directions, which needs an "
+            f"even pp (got {s.pp}), an even number of microbatches (got {s.num_microbatches}) "
+            f"and vpp=1 (got {s.vpp}): rank r holds stage r of one and stage pp-1-r of the "
+            f"other, and each takes half the microbatches")
 
 
 _FWD, _FWD_INPUT, _RECOMP, _BWD, _WGT = 1, 2, 4, 8, 16
@@ -390,9 +460,9 @@ def _check_orders(s: Schedule) -> None:
             state[key] = st | _BIT[kind]
     last = s.num_stages - 1
     for stage in range(s.num_stages):
-        rank = s.rank_of(stage)
         with_w = [j for j in range(m) if state.get(stage * m + j, 0) & _WGT]
         for j in range(m):
+            rank = s.rank_of(stage, j)
             st = state.get(stage * m + j, 0)
             if not st & (_FWD | _FWD_INPUT):
                 src = (f"stage {stage - 1} sends microbatch {j}'s activations to stage {stage}, "
@@ -409,6 +479,7 @@ def _check_orders(s: Schedule) -> None:
                 raise PlanError(f"schedule {s.name!r}: {src}stage {stage} has no B{j}; add "
                                 f"{stage}B{j} to rank {rank}")
         if with_w and len(with_w) != m:
+            rank = s.rank_of(stage)
             missing = sorted(set(range(m)) - set(with_w))
             raise PlanError(f"schedule {s.name!r}: stage {stage} splits its backward (W for "
                             f"microbatches {with_w[:8]}) but has no W for {missing[:8]}; a stage "

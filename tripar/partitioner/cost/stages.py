@@ -135,7 +135,10 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
     if len(selective) != stages:
         raise ConfigError(f"selective has {len(selective)} flags for {stages} stages")
     costs = block_costs(graph, cluster, config, dtype=dtype, tp_regions=tp_regions)
-    model_bytes, optimizer_bytes = bytes_per_param(dtype, config.zero, config.dp)
+    # chimera holds each stage twice: the two replicas' gradients are summed in the same
+    # reduction as the dp replicas' (one group of dp * 2 ranks), over which ZeRO shards
+    copies = config.dp * config.pipelines
+    model_bytes, optimizer_bytes = bytes_per_param(dtype, config.zero, copies)
     eff = cluster.device.efficiency
     memory_rate = cluster.device.memory_bandwidth * eff.memory
     sharded = set(shardable_regions(graph, config.tp) if tp_regions is None else
@@ -175,14 +178,19 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
         # Data-parallel gradient reduction, overlapped with the last backward.
         grad_bytes = params * dtype_bytes(dtype)
         tail = 0.0
-        if config.dp > 1 and grad_bytes:
+        if copies > 1 and grad_bytes:
             reduce = reduce_scatter_time if config.zero else all_reduce_time
             total = reduce(cluster, grad_bytes, config.dp, config.tp)
             last = reduce(cluster, min(grad_bytes, BUCKET_BYTES), config.dp, config.tp)
+            if config.pipelines == 2:  # and between the stage's two holders
+                apart = abs(config.pp - 1 - 2 * stage) * config.dp * config.tp
+                total += all_reduce_time(cluster, grad_bytes / (config.dp if config.zero
+                                                                else 1), 2, apart)
+                last += all_reduce_time(cluster, min(grad_bytes, BUCKET_BYTES), 2, apart)
             tail = max(last, total - (backward_input + backward_weight))
             if config.zero:
-                tail += all_gather_time(cluster, grad_bytes, config.dp, config.tp)
-        optimizer_params = params / config.dp if config.zero else params
+                tail += all_gather_time(cluster, grad_bytes, copies, config.tp)
+        optimizer_params = params / copies if config.zero else params
         tensors = (math.ceil(grad_bytes / BUCKET_BYTES) if config.zero  # flat shards
                    else sum(c.param_tensors for c in mine))
         tail += (optimizer_params * eff.optimizer_bytes / memory_rate
@@ -195,7 +203,7 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
             activation = r * inputs + (1 - r) * saved
             held, recompute_s = stage_input, 0.0
             extra = r * forward + (1 - r) * chosen
-        buffers = min(grad_bytes, BUCKET_BYTES) * (config.dp > 1) + 2 * (stage_input + output) \
+        buffers = min(grad_bytes, BUCKET_BYTES) * (copies > 1) + 2 * (stage_input + output) \
             + tp_buffer * (config.tp > 1)
         static = params * (model_bytes + optimizer_bytes) + buffers
         result.append(StageCost(

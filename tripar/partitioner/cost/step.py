@@ -95,7 +95,7 @@ def step_estimate(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
             drop = stage_costs(graph, cluster, config, bounds, recompute="full", dtype=dtype,
                                 tp_regions=tp_regions)
             probe = simulate(schedule, keep, record_timeline=False)
-            fractions = _fitting_fractions(keep, drop, probe.stage_peak_inflight, config.pp,
+            fractions = _fitting_fractions(keep, drop, probe.stage_peak_inflight, config,
                                            limit)
         else:
             fractions = recompute_fractions("none" if policy == "selective" else policy,
@@ -125,14 +125,15 @@ def step_estimate(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
 
 
 def _fitting_fractions(keep: Sequence[StageCost], drop: Sequence[StageCost],
-                       inflight: Sequence[int], pp: int, limit: int) -> list[float]:
+                       inflight: Sequence[int], config: ParallelConfig,
+                       limit: int) -> list[float]:
     """Per stage, the smallest recomputed share r (one per rank, shared by its virtual
     stages) with ``static + sum_stages n (r in + (1 - r) saved) <= limit``; ``keep`` and
     ``drop`` are the stage costs with r = 0 and r = 1. 1.0 when even full recomputation
     does not fit (the estimate then reports the overflow)."""
     shares = []
-    for rank in range(pp):
-        mine = range(rank, len(keep), pp)
+    for rank in range(config.pp):
+        mine = config.stages_on(rank)
         need = sum(keep[s].static_bytes + inflight[s] * keep[s].activation_bytes for s in mine)
         saving = sum(inflight[s] * (keep[s].activation_bytes - drop[s].activation_bytes)
                      for s in mine)
@@ -140,4 +141,4 @@ def _fitting_fractions(keep: Sequence[StageCost], drop: Sequence[StageCost],
             shares.append(0.0)
         else:
             shares.append(1.0 if saving <= 0 else min(1.0, (need - limit) / saving))
-    return [shares[s % pp] for s in range(len(keep))]
+    return [max(shares[r] for r in config.ranks_of(s)) for s in range(len(keep))]

@@ -67,6 +67,8 @@ class RegionChoiceKey(NamedTuple):
     zero: int
     rank0_in_flight: int | tuple[int, ...]
     """Microbatches pipeline rank 0 holds (per virtual stage when vpp > 1)."""
+    pipelines: int = 1
+    """2 under chimera: every rank holds two stages' weights."""
 
 
 class BlockCostCache:

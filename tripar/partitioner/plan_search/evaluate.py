@@ -131,9 +131,9 @@ class Evaluator:
         cut = [p2p_time(self.cluster, c.output_bytes / cfg.tp, crosses) for c in costs[:-1]]
         width = dtype_bytes(self.dtype)
         params = sum(c.params for c in costs)
-        buffers = min(params * width, BUCKET_BYTES) * (cfg.dp > 1)   # one bucket a device
+        buffers = min(params * width, BUCKET_BYTES) * (cfg.dp * cfg.pipelines > 1)   # one bucket a device
         p2p = max(c.output_bytes for c in costs)   # send and receive buffers of each stage
-        device = [max(0, self.limit - margin[r] - buffers - 4 * cfg.vpp * p2p)
+        device = [max(0, self.limit - margin[r] - buffers - 4 * len(cfg.stages_on(0)) * p2p)
                   for r in range(cfg.pp)]
         policy = "none" if cfg.recompute == "selective" else cfg.recompute
         chosen = [c.selective_s if selective else 0.0 for c in costs]
@@ -150,6 +150,9 @@ class Evaluator:
             in_flight=warmup_in_flight(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.vpp),
             memory_limit_bytes=device[0], num_microbatches=cfg.num_microbatches,
             virtual_stages=cfg.vpp, cut_s=cut, recompute=policy)
+        if cfg.pipelines == 2:  # chimera: a rank's two stages share its device
+            return replace(problem, memory_limit_bytes=[
+                min(device[r] for r in cfg.ranks_of(s)) // 2 for s in range(k)])
         if k == cfg.pp:
             return replace(problem, memory_limit_bytes=device)
         if reference == ():
@@ -200,7 +203,7 @@ class Evaluator:
 
     def static_bytes(self, cfg: ParallelConfig, shard: frozenset[str]) -> list[int]:
         """Weights, gradients and optimizer state of each block under ``cfg``."""
-        model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
+        model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp * cfg.pipelines)
         return [int(c.params * (model + optimizer))
                 for c in self.costs.get(cfg.tp, cfg.micro_batch_size, shard)]
 
@@ -428,8 +431,8 @@ def _busy_bound(costs: Sequence[StageCost], cfg: ParallelConfig) -> float:
     14.0
     """
     ranks = [0.0] * cfg.pp
+    runs = cfg.num_microbatches // cfg.pipelines  # microbatches each copy of a stage runs
     for s, c in enumerate(costs):
-        ranks[s % cfg.pp] += (cfg.num_microbatches
-                              * (c.forward_s + c.backward_input_s + c.backward_weight_s)
-                              + c.tail_s)
+        for r in cfg.ranks_of(s):
+            ranks[r] += runs * (c.forward_s + c.backward_input_s + c.backward_weight_s) + c.tail_s
     return max(ranks)

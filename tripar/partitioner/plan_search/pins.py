@@ -57,7 +57,8 @@ class Pins:
     """Microbatches per data-parallel replica per step (global batch = dp x micro batch
     size x num_microbatches)."""
     schedule: str | None = None
-    """One of SCHEDULES (``gpipe``, ``1f1b``, ``interleaved-1f1b``, ``zb-h1``, ``scp``)."""
+    """One of SCHEDULES (``gpipe``, ``1f1b``, ``interleaved-1f1b``, ``zb-h1``, ``scp``,
+    ``chimera``: two pipelines in opposite directions, even pp and microbatches)."""
     recompute: str | None = None
     """``none``, ``selective`` (every stage recomputes only its blocks' selective segments,
     such as the attention core), ``full``, ``stage-aware``, or None (auto: stage-aware,
@@ -168,6 +169,8 @@ def check_pins(pins: Pins, devices: int, global_batch: int, *,
                           "part cheap to recompute and costly to keep (a fused attention "
                           "kernel already keeps no score matrix); use "
                           f"{s.of('recompute', 'stage-aware')} or {s.of('recompute', 'full')}")
+    if pins.schedule == "chimera":
+        _check_chimera(pins, devices, s)
     _check_tp(pins, graph, heads, hidden, devices, s)
     _check_degrees(pins, devices, s)
     if graph is not None and pins.pp is not None:
@@ -178,6 +181,32 @@ def check_pins(pins: Pins, devices: int, global_batch: int, *,
                               + f") for {n} blocks; each stage needs at least one block: "
                               f"use pp*vpp <= {n}")
     _check_batch(pins, devices, global_batch, s)
+
+
+def _check_chimera(pins: Pins, devices: int, s: Spelling) -> None:
+    """Chimera runs two pipelines in opposite directions: rank r holds stage r of one and
+    stage pp-1-r of the other, and each takes half the microbatches."""
+    chimera = s.of("schedule", "chimera")
+    if pins.pp is not None and pins.pp % 2:
+        even = [p for p in divisors(devices) if p % 2 == 0]
+        fix = (f"pin an even {s.name('pp')} ({', '.join(map(str, even))} divide the {devices} "
+               f"devices)" if even else "it needs an even number of devices; use another "
+               "schedule")
+        raise ConfigError(f"{chimera} needs an even pp, but {s.of('pp', pins.pp)}: rank r holds "
+                          f"stage r of the down pipeline and stage pp-1-r of the up pipeline; "
+                          f"{fix}")
+    if pins.pp == 1 or devices % 2:
+        raise ConfigError(f"{chimera} needs an even pp of at least 2 (two pipelines over the "
+                          f"same ranks), but "
+                          + (f"{s.of('pp', 1)}" if pins.pp == 1 else f"there are {devices} "
+                             f"devices") + f"; pin {s.of('pp', 2)} or more, or use another "
+                          f"schedule")
+    m = pins.num_microbatches
+    if m is not None and m % 2:
+        raise ConfigError(f"{chimera} needs an even number of microbatches, but "
+                          f"{s.of('num_microbatches', m)}: each of its two pipelines takes "
+                          f"half; use {s.of('num_microbatches', max(2, m - 1))} or "
+                          f"{s.of('num_microbatches', m + 1)}")
 
 
 def _check_degrees(pins: Pins, devices: int, s: Spelling) -> None:

@@ -105,12 +105,14 @@ class RegionChooser:
             return frozenset(), ""
         inflight = warmup_in_flight(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.vpp)
         key = RegionChoiceKey(tp, cfg.micro_batch_size, cfg.pp, cfg.vpp, cfg.dp, cfg.zero,
-                              inflight[0] if cfg.vpp == 1 else tuple(inflight[::cfg.pp]))
+                              inflight[0] if cfg.vpp == 1 else tuple(inflight[::cfg.pp]),
+                              cfg.pipelines)
         if key not in self._choices:
             p, v, m = cfg.pp, cfg.vpp, cfg.num_microbatches
             held = sum(inflight[s] for s in range(0, p * v, p)) / (p * v)
-            model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
-            per_param = model + optimizer
+            copies = cfg.dp * cfg.pipelines  # gradient copies summed (ZeRO shards over them)
+            model, optimizer = bytes_per_param(self.dtype, cfg.zero, copies)
+            per_param = (model + optimizer) * cfg.pipelines  # chimera: two stages per rank
             steps = (p + m * v - 1) / (p * v)
             none = self.costs.get(tp, cfg.micro_batch_size, frozenset())
             memory = int(sum(c.params for c in none) * per_param / p
@@ -122,7 +124,7 @@ class RegionChooser:
                 region = next(r for r in self.graph.tp_regions if r.name == names[0])
                 # the optimizer steps over 1/dp of the parameters under ZeRO-1 (cost model)
                 step_save = (save * steps
-                             + params / p / (cfg.dp if cfg.zero else 1) * optimizer_s)
+                             + params / p / (copies if cfg.zero else 1) * optimizer_s)
                 candidates.append(TPCandidate(region, step_save, comm * steps,
                                               int(params * per_param / p + act * held),
                                               group=name))

@@ -130,6 +130,8 @@ class SearchSpace:
             names = ["1f1b"]  # one stage: every schedule is the same plain loop
         out = []
         for name in names:
+            if name == "chimera" and (pp % 2 or m % 2):
+                continue  # two pipelines need an even pp and microbatch count
             if name == "interleaved-1f1b":
                 if pp == 1 or m % pp:
                     continue
@@ -180,7 +182,8 @@ class SearchSpace:
         params = self.costs.get(cfg.tp, cfg.micro_batch_size,
                                 self.regions.all_regions(cfg.tp))[0].params   # the fewest
         # the optimizer's charge leaves out its per-tensor launches, so bounds stay bounds
-        optimizer = params / (cfg.dp if cfg.zero else 1) * optimizer_s_per_param(self.cluster)
+        shards = cfg.dp * cfg.pipelines if cfg.zero else 1
+        optimizer = params / shards * optimizer_s_per_param(self.cluster)
         if cfg.dp == 1 or not params:
             return optimizer
         grad = min(params * dtype_bytes(self.dtype), BUCKET_BYTES)
@@ -226,7 +229,8 @@ class SearchSpace:
         def span(name: str) -> np.ndarray:
             return pre[name][hi] - pre[name][lo]
 
-        model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
+        copies = cfg.dp * cfg.pipelines
+        model, optimizer = bytes_per_param(self.dtype, cfg.zero, copies)
         fwd, work = span("fwd"), span("work")
         if cfg.recompute == "selective":  # every stage re-runs its segments
             work = work + span("sel_s")
@@ -248,14 +252,17 @@ class SearchSpace:
         slowest = min(float(times.max()), self._balanced(cfg.tp, cfg.micro_batch_size, k)
                       + float((share * fwd).max()))
         pipeline = float(times.sum()) / v + (m * v - 1) * slowest
+        if cfg.pipelines == 2:  # rank r runs m / 2 of stages r and pp-1-r; Chimera's bubble
+            rank = float((times + times[::-1]).max()) * m / 2
+            pipeline = rank * (1 + (cfg.pp - 2) / (2 * m))
         if cfg.schedule == "zb-h1":
             weight = float(pre["weight"][-1]) / k
             pipeline -= min(weight, slowest) * (cfg.pp - 1)
-        params = float(pre["params"][-1]) / cfg.pp
+        params = float(pre["params"][-1]) / cfg.pp * cfg.pipelines
         tail = params * optimizer_s_per_param(self.cluster)
-        if cfg.dp > 1:
+        if copies > 1:
             reduce = reduce_scatter_time if cfg.zero else all_reduce_time
-            tail /= cfg.dp if cfg.zero else 1
+            tail /= copies if cfg.zero else 1
             grad = params * dtype_bytes(self.dtype)
             exposed = reduce(self.cluster, grad, cfg.dp, cfg.tp) - m * float(times.min()) / 2
             tail += max(reduce(self.cluster, min(grad, BUCKET_BYTES), cfg.dp, cfg.tp), exposed)
@@ -293,7 +300,10 @@ class SearchSpace:
         if cfg.recompute == "selective":  # every stage keeps less
             act = act - span("sel")
         held = (span("params") * per_param + inflight * act).reshape(-1, cfg.pp)
-        freed = (inflight * (act - span("inp"))).reshape(-1, cfg.pp).sum(axis=0)
+        freed = (inflight * (act - span("inp"))).reshape(-1, cfg.pp)
+        if cfg.pipelines == 2:  # chimera: rank r holds stages r and pp-1-r
+            held, freed = held + held[:, ::-1], freed + freed[:, ::-1]
+        freed = freed.sum(axis=0)
         need = held.sum(axis=0) - self.limit   # per pipeline rank
         share = np.zeros(cfg.pp)
         short = need > 0
@@ -307,18 +317,18 @@ class SearchSpace:
         """Bytes by which the busiest device's static memory exceeds the device, at least
         (every proven region sharded, the weights spread evenly over the stages), and
         when it does (> 0) why (``static_message``); once per (tp, micro-batch, pp, dp,
-        ZeRO), whatever the schedule and virtual stages."""
-        key = (cfg.tp, cfg.micro_batch_size, cfg.pp, cfg.dp, cfg.zero)
+        ZeRO, and two pipelines or one), whatever else the schedule and virtual stages."""
+        key = (cfg.tp, cfg.micro_batch_size, cfg.pp, cfg.dp, cfg.zero, cfg.pipelines)
         if key not in self._static:
             over = self._overflow(cfg)
             self._static[key] = (over, self.static_message(cfg, over) if over > 0 else "")
         return self._static[key]
 
     def _overflow(self, cfg: ParallelConfig) -> int:
-        model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp)
+        model, optimizer = bytes_per_param(self.dtype, cfg.zero, cfg.dp * cfg.pipelines)
         costs = self.costs.get(cfg.tp, cfg.micro_batch_size, self.regions.all_regions(cfg.tp))
         total = sum(c.params for c in costs) * (model + optimizer)
-        return math.ceil(total / cfg.pp) - self.limit
+        return math.ceil(total * cfg.pipelines / cfg.pp) - self.limit
 
     def static_message(self, cfg: ParallelConfig, over: int) -> str:
         """Why ``cfg`` cannot hold its weights: the stage, the bytes short, the fix."""
