@@ -139,7 +139,8 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
                             f"{world} ranks")
     _check_same_plan(plan)
     par = plan.parallel
-    mesh = build_mesh(par.pp, par.dp, par.tp, timeout_s=timeout_s, vpp=par.vpp)
+    mesh = build_mesh(par.pp, par.dp, par.tp, timeout_s=timeout_s, vpp=par.vpp,
+                      pipelines=par.pipelines)
     return assemble(captured, plan, mesh, loss_fn=loss_fn,
                     make_optimizer=optimizer or default_optimizer, max_grad_norm=max_grad_norm,
                     precision=precision, seed=seed, pretrained=pretrained)

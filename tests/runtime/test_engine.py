@@ -89,6 +89,8 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 1, 2, "scp",    1, 0, 2, "bf16", LM, SGD),
         (2, 1, 1, "1f1b",   1, 0, 1, "bf16", LM, BOTH),
         (1, 2, 1, "1f1b",   1, 0, 1, "bf16", LM, SGD),
+        (1, 1, 2, "chimera", 1, 0, 1, "fp32", ("gpt", "hf_gpt2"), SGD),
+        (1, 1, 2, "chimera", 1, 0, 1, "bf16", ("gpt",), ADAMW),
     ],
     "world4-dp-pp": [
         (1, 1, 4, "gpipe",  1, 0, 1, "fp32", ALL, ADAMW),
@@ -103,6 +105,10 @@ MATRIX: dict[str, list[tuple]] = {
         (2, 1, 2, "scp",    1, 0, 1, "fp32", ALL, ADAMW),
         (2, 1, 2, "zb-h1",  1, 0, 2, "fp32", ALL, ADAMW),
         (2, 1, 2, "1f1b",   1, 0, 1, "bf16", LM, SGD),
+        (1, 1, 4, "chimera", 1, 0, 1, "fp32", ("llama", "hf_gpt2"), ADAMW),
+        (2, 1, 2, "chimera", 1, 1, 1, "fp32", ("gpt", "hf_gpt2"), ADAMW),
+        (1, 1, 4, "chimera", 1, 0, 1, "bf16", ("llama",), SGD),
+        (2, 1, 2, "chimera", 1, 0, 1, "bf16", ("gpt",), SGD),
     ],
     "world4-tp": [
         (1, 2, 2, "gpipe",  1, 0, 1, "fp32", ALL, ADAMW),
@@ -131,6 +137,8 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 4, 2, "1f1b",   1, 0, 1, "fp32", ALL, SGD),
         (2, 4, 1, "1f1b",   1, 0, 1, "fp32", ("gpt", "vit", "hf_gpt2"), ADAMW),
         (1, 4, 2, "1f1b",   1, 0, 1, "bf16", LM, SGD),
+        (2, 1, 4, "chimera", 1, 0, 1, "fp32", ("gpt", "hf_gpt2"), SGD),
+        (2, 1, 4, "chimera", 1, 1, 1, "fp32", ("llama",), ADAMW),
     ],
 }
 # AdamW's eps is 1e-6: a key projection's bias has an exactly zero gradient (softmax does not
@@ -295,7 +303,14 @@ def _checksums(pm) -> list[tuple[str, float, float]]:
 
 def _check_replicas(run: Run, gathered: list) -> None:
     """Every data-parallel replica of each (pp, tp) position holds the same parameters and
-    returned the same losses as data-parallel rank 0."""
+    returned the same losses as data-parallel rank 0; under chimera pipeline rank r and its
+    mirror pp - 1 - r (the two holders of the same stages) hold the same parameters too."""
+    if run.schedule == "chimera":
+        at = {coords: dict((fqn, sums) for fqn, *sums in rows) for coords, rows, _ in gathered}
+        for (pp, dp, tp), mine in at.items():
+            theirs = at[(run.pp - 1 - pp, dp, tp)]
+            assert mine == theirs, (f"{run}: pipeline ranks {pp} and {run.pp - 1 - pp} (dp {dp}, "
+                                    f"tp {tp}) hold the same stages but different parameters")
     first: dict[tuple[int, int], tuple[int, list]] = {}
     for rank, (coords, sums, losses) in enumerate(gathered):
         assert losses == gathered[0][2], f"{run}: rank {rank} losses {losses} != {gathered[0][2]}"

@@ -452,7 +452,8 @@ def stage_programs(split: StageSplit, plan: Any, pp_rank: int, *,
     recomputes the stage whole."""
     whole = recomputed_by_schedule(plan)
     out = []
-    for stage in rank_stages(split, plan.parallel.pp, pp_rank):
+    for stage in rank_stages(split, plan.parallel.pp, pp_rank,
+                             pipelines=plan.parallel.pipelines):
         module = stage.module
         if materialize:
             module = materialize_stage(stage, source=source, meta_model=meta_model, init=init,

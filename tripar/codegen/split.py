@@ -408,8 +408,10 @@ def even_stage_blocks(block_names: Sequence[str], num_stages: int) -> list[list[
     return out
 
 
-def rank_stages(split: StageSplit, pp: int, pp_rank: int) -> tuple[StageProgram, ...]:
-    """The virtual stages pipeline rank ``pp_rank`` runs (stage ``i`` runs on rank ``i % pp``).
+def rank_stages(split: StageSplit, pp: int, pp_rank: int, *,
+                pipelines: int = 1) -> tuple[StageProgram, ...]:
+    """The virtual stages pipeline rank ``pp_rank`` runs (stage ``i`` runs on rank ``i % pp``;
+    with two pipelines (chimera) rank r runs stages r and pp - 1 - r).
 
     >>> import torch
     >>> gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.ReLU()))
@@ -421,6 +423,8 @@ def rank_stages(split: StageSplit, pp: int, pp_rank: int) -> tuple[StageProgram,
         raise PlanError(f"pp_rank={pp_rank} is outside 0..{pp - 1}")
     if len(split.stages) % pp:
         raise PlanError(f"{len(split.stages)} stages do not divide over pp={pp} ranks")
+    if pipelines == 2:
+        return tuple(s for s in split.stages if s.index in (pp_rank, pp - 1 - pp_rank))
     return tuple(s for s in split.stages if s.index % pp == pp_rank)
 
 

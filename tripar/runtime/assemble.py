@@ -27,6 +27,7 @@ from torch import nn
 from tripar.codegen.build import split_for_rank, stage_programs
 from tripar.codegen.tp_rng import tp_rng_tracker
 from tripar.codegen.tp_shard import ParamShard
+from tripar.errors import ConfigError
 from tripar.graph import param_groups
 from tripar.graph.captured import Captured
 from tripar.models.hf import transformers_source
@@ -91,9 +92,17 @@ def _assemble(captured: Captured, plan: Plan, mesh: Mesh, *, loss_fn: Callable |
     holders: dict[str, set[int]] = {}
     for st in split.stages:
         for _, fqn in st.params:
-            holders.setdefault(canon.get(fqn, fqn), set()).add(st.index % par.pp)
+            # under chimera a rank and its mirror hold the same stages; the gradient
+            # reduction sums the two (Mesh.grad_group), so a pair counts as one holder
+            holders.setdefault(canon.get(fqn, fqn), set()).add(min(par.ranks_of(st.index)))
     tied = [TiedWeight(fqn, tuple(sorted(ranks))) for fqn, ranks in sorted(holders.items())
             if len(ranks) > 1]
+    if tied and par.pipelines == 2:
+        raise ConfigError(
+            f"weights {[t.fqn for t in tied][:3]} are tied between stages that chimera puts on "
+            f"different pairs of pipeline ranks ({[t.pp_ranks for t in tied][:3]}); tripar sums "
+            f"tied gradients within one pair only (stages r and pp-1-r). Use another schedule, "
+            f"or pp=2")
 
     tracker = tp_rng_tracker(seed, mesh.coords.tp, mesh.device) if par.tp > 1 else None
     weights: dict[str, Any] = ({"meta_model": model, "seed": seed} if on_meta

@@ -113,8 +113,8 @@ def _pieces(pm: Checkpointed) -> list[Piece]:
     fused = {id(lp.param) for lp in pm.params if len(lp.boxes) > 1}
     for k, (shard, b) in enumerate(zip(dp.shards, dp.buckets)):
         state = dp.optimizer.state.get(shard, {})
-        lo = mesh.coords.dp * (b.padded // mesh.dp)
-        hi = lo + b.padded // mesh.dp
+        owned = dp.owned_slice(b.padded)
+        lo, hi = owned.start, owned.stop
         whole = {}
         if any(id(p) in fused for p in b.params):  # the same buckets on every dp rank
             whole = _gather_state(pm, state, b.padded, k)
@@ -158,9 +158,9 @@ def _gather_state(pm: Checkpointed, state: dict, padded: int, bucket: int
             continue
         full = torch.empty(padded, dtype=value.dtype, device=value.device)
         work = all_gather_flat(full, value.detach().contiguous(),
-                                           group=mesh.dp_group, async_op=True)
+                                           group=mesh.grad_group, async_op=True)
         mesh.wait([work], what=f"the ZeRO-1 optimizer state ({key}) of bucket {bucket} "
-                  "for the checkpoint", peers=tuple(dist.get_process_group_ranks(mesh.dp_group)))
+                  "for the checkpoint", peers=tuple(dist.get_process_group_ranks(mesh.grad_group)))
         out[key] = full
     return out
 
@@ -486,8 +486,8 @@ def _load_optimizer(pm: Checkpointed, full: dict, keys: list[str], manifest: dic
         return
     fqn_of = {id(lp.param): lp for lp in pm.params}
     for shard, b in zip(dp.shards, dp.buckets):
-        lo = mesh.coords.dp * (b.padded // mesh.dp)
-        hi = lo + b.padded // mesh.dp
+        owned = dp.owned_slice(b.padded)
+        lo, hi = owned.start, owned.stop
         state = {}
         for key in keys:
             flat = torch.zeros(b.padded, dtype=shard.dtype)

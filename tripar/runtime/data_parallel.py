@@ -25,6 +25,14 @@ all-gathered back into the parameters. The optimizer therefore sees flat shards,
 not the original tensors: it must be elementwise (SGD, Adam, AdamW, ...) and use
 one set of hyper-parameters; results then equal plain dp's.
 
+Chimera: a rank and its mirror (pipeline ranks r and pp - 1 - r) hold the same two
+stages, each having run half the microbatches through them; the stages' gradients
+are summed over both and averaged over dp. That is one reduction over
+``mesh.grad_group`` (2 x dp ranks, the mirror's dp group with this one's), carried by
+the same buckets: both ranks order the two stages' parameters alike (by stage), the
+bucket is divided by dp and all-reduced (ZeRO: reduce-scattered, each of the 2 x dp
+ranks owning a slice) over that group. Without chimera ``grad_group`` is the dp group.
+
 Clipping: ``clip_grad_norm_`` computes the L2 norm over every gradient of the
 whole job, counting each value once: shards are summed over dp (ZeRO), stages over
 pp, tensor-parallel shards over tp; parameters named in ``norm_duplicates`` (copies
@@ -111,9 +119,9 @@ class DataParallel:
         self._dup = [p for p in self.params if id(p) in dup_ids]
         self.buckets = self._make_buckets(bucket_bytes, dup_ids, {id(p) for p in isolate})
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
-        self._local = mesh.dp == 1 and not self.zero
-        """Nothing to reduce (dp = 1, no ZeRO): no hooks, no flat copies; the gradients
-        autograd accumulates in ``.grad`` are the step's."""
+        self._local = mesh.grad_size == 1 and not self.zero
+        """Nothing to reduce (dp = 1, no ZeRO, one pipeline): no hooks, no flat copies; the
+        gradients autograd accumulates in ``.grad`` are the step's."""
         self._hooks = [] if self._local else [
             p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
         self._counts: dict[int, int] = {}
@@ -134,7 +142,7 @@ class DataParallel:
 
     def _make_buckets(self, bucket_bytes: int, dup_ids: set[int],
                       alone: set[int]) -> list[_Bucket]:
-        pad_to = self.mesh.dp if self.zero else 1
+        pad_to = self.mesh.grad_size if self.zero else 1
         buckets: list[_Bucket] = []
         group: list[nn.Parameter] = []
         size = 0
@@ -174,8 +182,13 @@ class DataParallel:
         return _Bucket(params, offsets, n, padded, mask)
 
     def _shard_slice(self, b: _Bucket) -> slice:
-        n = b.padded // self.mesh.dp
-        return slice(self.mesh.coords.dp * n, (self.mesh.coords.dp + 1) * n)
+        return self.owned_slice(b.padded)
+
+    def owned_slice(self, padded: int) -> slice:
+        """With ZeRO, the slice of a bucket of ``padded`` values this rank owns: its share
+        of ``grad_group`` (the dp group; under chimera also the mirror's)."""
+        n = padded // self.mesh.grad_size
+        return slice(self.mesh.grad_index * n, (self.mesh.grad_index + 1) * n)
 
     @staticmethod
     def _flat_params(b: _Bucket) -> torch.Tensor:
@@ -187,7 +200,8 @@ class DataParallel:
     # ---- the step -----------------------------------------------------------------------------
 
     def begin_step(self, num_microbatches: int) -> None:
-        """Clear gradients and arm the hooks for a step of ``num_microbatches``."""
+        """Clear gradients and arm the hooks for a step in which each stage module runs
+        ``num_microbatches`` (half the step's under chimera)."""
         self.zero_grad()
         self._expected = num_microbatches
         self._counts = {}
@@ -216,22 +230,23 @@ class DataParallel:
         for p, off in zip(b.params, b.offsets):
             if p.grad is not None:
                 flat[off:off + p.numel()] = p.grad.reshape(-1)
-        dp = self.mesh.dp
-        if dp > 1:
-            flat.div_(dp)
+        copies = self.mesh.grad_size
+        if self.mesh.dp > 1:
+            flat.div_(self.mesh.dp)
         b.buffer = flat
         if self.zero:
             for p in b.params:
                 p.grad = None
-            if dp > 1:
-                b.shard_grad = torch.empty(b.padded // dp, dtype=flat.dtype, device=flat.device)
+            if copies > 1:
+                b.shard_grad = torch.empty(b.padded // copies, dtype=flat.dtype,
+                                           device=flat.device)
                 b.works.append(reduce_scatter_flat(b.shard_grad, flat,
-                                                          group=self.mesh.dp_group,
+                                                          group=self.mesh.grad_group,
                                                           async_op=True))
             else:
                 b.shard_grad = flat
-        elif dp > 1:
-            b.works.append(dist.all_reduce(flat, group=self.mesh.dp_group, async_op=True))
+        elif copies > 1:
+            b.works.append(dist.all_reduce(flat, group=self.mesh.grad_group, async_op=True))
 
     def finish(self) -> None:
         """Launch the buckets not launched yet and wait for every reduction."""
@@ -241,12 +256,12 @@ class DataParallel:
         while self._next_launch < len(self.buckets):
             self._launch(self.buckets[self._next_launch])
             self._next_launch += 1
-        peers = tuple(dist.get_process_group_ranks(self.mesh.dp_group))
+        peers = tuple(dist.get_process_group_ranks(self.mesh.grad_group))
         for k, b in enumerate(self.buckets):
             self.mesh.wait(b.works, what=f"the data-parallel gradient reduction of bucket {k}",
                            peers=peers)
             b.works = []
-            if not self.zero and self.mesh.dp > 1:
+            if not self.zero and self.mesh.grad_size > 1:
                 for p, off in zip(b.params, b.offsets):
                     p.grad = b.buffer[off:off + p.numel()].view_as(p)
             if self.zero:
@@ -298,13 +313,16 @@ class DataParallel:
                 sq += g.detach().double().pow(2).sum()
             elif counts is not False:
                 sq += (g.detach().double().pow(2) * counts.double()).sum()
-        axes = (("dp",) if self.zero else ()) + ("pp", "tp")
-        for axis in axes:
-            if self.mesh.size(axis) > 1:
-                group = self.mesh.group(axis)
-                work = dist.all_reduce(sq, group=group, async_op=True)
-                self.mesh.wait([work], what=f"the gradient-norm sum over {axis}",
-                               peers=tuple(dist.get_process_group_ranks(group)))
+        mesh = self.mesh
+        groups = ([("the ranks sharing its gradients", mesh.grad_group)]
+                  if self.zero and mesh.grad_size > 1 else [])
+        groups += [(axis, mesh.group(axis)) for axis in ("pp", "tp") if mesh.size(axis) > 1]
+        for axis, group in groups:
+            if axis == "pp" and mesh.mirror:
+                sq.zero_()  # chimera: the mirror holds the same stages, counted there
+            work = dist.all_reduce(sq, group=group, async_op=True)
+            mesh.wait([work], what=f"the gradient-norm sum over {axis}",
+                      peers=tuple(dist.get_process_group_ranks(group)))
         total = math.sqrt(float(sq))
         coef = max_norm / (total + 1e-6)
         if coef < 1.0:
@@ -321,17 +339,16 @@ class DataParallel:
         for shard, b in zip(self.shards, self.buckets):
             shard.grad = b.shard_grad
         self.optimizer.step()
-        dp = self.mesh.dp
         gathered = []
         for shard, b in zip(self.shards, self.buckets):
-            if dp > 1:
+            if self.mesh.grad_size > 1:
                 full = torch.empty(b.padded, dtype=shard.dtype, device=shard.device)
                 work = all_gather_flat(full, shard.detach(),
-                                                   group=self.mesh.dp_group, async_op=True)
+                                                   group=self.mesh.grad_group, async_op=True)
                 gathered.append((full, b, [work]))
             else:
                 gathered.append((shard.detach(), b, []))
-        peers = tuple(dist.get_process_group_ranks(self.mesh.dp_group))
+        peers = tuple(dist.get_process_group_ranks(self.mesh.grad_group))
         with torch.no_grad():
             for k, (full, b, works) in enumerate(gathered):
                 self.mesh.wait(works, what=f"the ZeRO-1 parameter all-gather of bucket {k}",

@@ -164,16 +164,23 @@ class ParallelModel:
             prog.module.eval()
         mbs = split_microbatches(local_batch(batch, mesh), m)
         mine = {p.index: p for p in self.programs}
+        schedule = self.executor.schedule
+        here = mesh.coords.pp
+
+        def rank(stage: int, j: int) -> int:  # chimera: the microbatch's pipeline places it
+            return mesh.pp_rank_global(schedule.rank_of(stage, j))
         p2p = P2P(mesh)
         total = torch.zeros((), dtype=torch.float64, device=mesh.device)
         try:
             for j, mb in enumerate(mbs):
                 for s in sorted(mine):
+                    if schedule.rank_of(s, j) != here:
+                        continue  # the other pipeline's copy of the stage runs it
                     prog = mine[s]
                     received: tuple[torch.Tensor, ...] = ()
                     if s > 0:
                         tag = (s * m + j) * 2
-                        pending = p2p.post_recv(prog.received, mesh.stage_rank(s - 1), tag,
+                        pending = p2p.post_recv(prog.received, rank(s - 1, j), tag,
                                                 f"stage {s - 1}'s output for microbatch {j}")
                         received = p2p.wait_recv(pending, tag)
                     out = prog.module(*received, *(mb[k] for k in prog.batch_inputs))
@@ -182,7 +189,7 @@ class ParallelModel:
                         total += loss.detach().to(torch.float64)
                     else:
                         outs = tuple(out) if isinstance(out, (tuple, list)) else (out,)
-                        p2p.send(outs, mesh.stage_rank(s + 1), ((s + 1) * m + j) * 2,
+                        p2p.send(outs, rank(s + 1, j), ((s + 1) * m + j) * 2,
                                  f"stage {s}'s output for microbatch {j}")
             p2p.flush()
         except (RankFailedError, CommError):

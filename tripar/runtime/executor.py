@@ -117,13 +117,17 @@ class PipelineExecutor:
         if schedule.pp != mesh.pp:
             raise ConfigError(f"schedule {schedule.name!r} is for pp={schedule.pp}, but the "
                               f"mesh has pp={mesh.pp}; build the schedule for the mesh")
+        if schedule.pipelines != mesh.pipelines:
+            raise ConfigError(f"schedule {schedule.name!r} runs {schedule.pipelines} pipeline(s), "
+                              f"but the mesh was built for {mesh.pipelines}; build the mesh "
+                              f"with pipelines={schedule.pipelines}")
         schedule.validate()
         self.schedule, self.mesh = schedule, mesh
         self.loss_fn, self.grad_sync = loss_fn, grad_sync
         self.lookahead = max(1, int(lookahead))
         self.num_stages = schedule.num_stages
         self.last_stage = self.num_stages - 1
-        held = list(range(mesh.coords.pp, self.num_stages, mesh.pp))
+        held = list(schedule.stages_of(mesh.coords.pp))
         self.programs = {p.index: p for p in programs}
         if sorted(self.programs) != held or len(programs) != len(held):
             raise ConfigError(f"{mesh.describe()} holds stages {held} of schedule "
@@ -168,8 +172,8 @@ class PipelineExecutor:
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.mesh.device)
         action: Action | None = None
         try:
-            if self.grad_sync is not None:
-                self.grad_sync.begin_step(m)
+            if self.grad_sync is not None:  # each stage module runs m / pipelines
+                self.grad_sync.begin_step(m // self.schedule.pipelines)
             for i, action in enumerate(self.actions):
                 self._post_ahead(i)
                 self._run(action)
@@ -232,7 +236,7 @@ class PipelineExecutor:
             if keep_graph:
                 slot.outputs = outs
             tag = self._tag(s + 1, j, grad=False)
-            self.p2p.send(outs, self.mesh.stage_rank(s + 1), tag,
+            self.p2p.send(outs, self._rank(s + 1, j), tag,
                           f"stage {s}'s output for microbatch {j}")
         self._stash[(s, j)] = slot
 
@@ -292,7 +296,7 @@ class PipelineExecutor:
             send = [g if g is not None else torch.zeros(sp.shape, dtype=sp.dtype,
                                                          device=self.mesh.device)
                     for g, sp in zip(send, specs)]
-            self.p2p.send(send, self.mesh.stage_rank(s - 1), self._tag(s - 1, j, grad=True),
+            self.p2p.send(send, self._rank(s - 1, j), self._tag(s - 1, j, grad=True),
                           f"stage {s}'s input gradient for microbatch {j}")
         if slot.weights is not None:
             slot.inputs = ()
@@ -331,6 +335,10 @@ class PipelineExecutor:
             return a.stage > 0
         return a.kind is _B and a.stage < self.last_stage
 
+    def _rank(self, stage: int, j: int) -> int:
+        """The global rank running ``stage`` on microbatch ``j`` (the schedule places it)."""
+        return self.mesh.pp_rank_global(self.schedule.rank_of(stage, j))
+
     def _tag(self, consumer_stage: int, j: int, *, grad: bool) -> int:
         return (consumer_stage * self.schedule.num_microbatches + j) * 2 + int(grad)
 
@@ -338,9 +346,9 @@ class PipelineExecutor:
         s, j = a.stage, a.microbatch
         if a.kind is _B:
             specs = [sp for sp in self.programs[s].sent if sp.needs_grad]
-            return (specs, self.mesh.stage_rank(s + 1), self._tag(s, j, grad=True),
+            return (specs, self._rank(s + 1, j), self._tag(s, j, grad=True),
                     f"stage {s + 1}'s input gradient for microbatch {j} (at {a})")
-        return (list(self.programs[s].received), self.mesh.stage_rank(s - 1),
+        return (list(self.programs[s].received), self._rank(s - 1, j),
                 self._tag(s, j, grad=False), f"stage {s - 1}'s output for microbatch {j} (at {a})")
 
     def _post_ahead(self, i: int) -> None:

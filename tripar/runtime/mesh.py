@@ -64,12 +64,15 @@ class Mesh:
     """
 
     def __init__(self, device_mesh: DeviceMesh, *, timeout_s: float, backend: str,
-                 vpp: int = 1) -> None:
+                 vpp: int = 1, pipelines: int = 1,
+                 grad_group: dist.ProcessGroup | None = None) -> None:
         self.device_mesh = device_mesh
         self.timeout_s = float(timeout_s)
         self.backend = backend
         self.vpp = int(vpp)
         """Virtual stages per pipeline rank (to name the stages a failed peer runs)."""
+        self.pipelines = int(pipelines)
+        """2 under chimera: pipeline rank r also holds stage pp - 1 - r."""
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.pp, self.dp, self.tp = (int(n) for n in device_mesh.mesh.shape)
@@ -81,6 +84,18 @@ class Mesh:
                        if backend == "nccl" else torch.device("cpu"))
         self._pp_ranks = tuple(dist.get_process_group_ranks(self.pp_group))
         self._store = _default_store()
+        self.grad_group = self.dp_group if grad_group is None else grad_group
+        """The ranks whose gradients of this rank's weights are summed: its dp group, and
+        under chimera also the dp group of the mirror rank pp - 1 - r (the other replica
+        of the same two stages)."""
+        self.grad_size = self.dp * self.pipelines
+        """Members of ``grad_group``: the copies of each gradient summed (averaged over dp)."""
+        self.grad_index = (self.coords.dp if grad_group is None
+                           else dist.get_group_rank(grad_group, self.rank))
+        """This rank's position in ``grad_group`` (which ZeRO shard it owns)."""
+        self.mirror = self.pipelines == 2 and 2 * self.coords.pp >= self.pp
+        """Under chimera, the second holder of its stages (pp - 1 - r < r): its gradient
+        norm is its mirror's, counted there."""
 
     # ---- layout ----------------------------------------------------------------------------
 
@@ -128,8 +143,11 @@ class Mesh:
         return MeshCoords(rank // (self.dp * self.tp), rank // self.tp % self.dp, rank % self.tp)
 
     def stages_of(self, rank: int) -> tuple[int, ...]:
-        """The virtual stages global rank ``rank`` runs: p, p + pp, ... for its pp coordinate p."""
+        """The virtual stages global rank ``rank`` runs: p, p + pp, ... for its pp coordinate p
+        (p and pp - 1 - p under chimera)."""
         p = self.coords_of(rank).pp
+        if self.pipelines == 2:
+            return tuple(sorted({p, self.pp - 1 - p}))
         return tuple(p + k * self.pp for k in range(self.vpp))
 
     def describe_rank(self, rank: int) -> str:
@@ -275,12 +293,15 @@ def _options(backend: str, timeout: datetime.timedelta) -> Any:
 
 
 def build_mesh(pp: int, dp: int, tp: int, *, backend: str | None = None,
-               timeout_s: float = 600.0, vpp: int = 1) -> Mesh:
+               timeout_s: float = 600.0, vpp: int = 1, pipelines: int = 1) -> Mesh:
     """Lay the initialised world out as a (pp, dp, tp) mesh, tp innermost.
 
     ``backend`` defaults to the default group's (gloo on CPU, nccl on CUDA); every
     group created gets ``timeout_s``; ``vpp`` (virtual stages per pipeline rank) only
-    names stages in errors. A collective: every rank calls it with the same arguments.
+    names stages in errors. ``pipelines=2`` (chimera) also builds, for each pair of
+    pipeline ranks r and pp - 1 - r and each tp rank, the group of their 2 x dp ranks
+    that sums the gradients of the two stages both hold (``Mesh.grad_group``). A
+    collective: every rank calls it with the same arguments.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ConfigError("build_mesh needs an initialised default process group; call "
@@ -294,6 +315,9 @@ def build_mesh(pp: int, dp: int, tp: int, *, backend: str | None = None,
                           f"world has {world}; choose degrees whose product is {world}")
     if not isinstance(vpp, int) or isinstance(vpp, bool) or vpp < 1:
         raise ConfigError(f"vpp must be a positive integer, got {vpp!r}")
+    if pipelines not in (1, 2) or (pipelines == 2 and pp % 2):
+        raise ConfigError(f"pipelines={pipelines!r} with pp={pp}: a mesh runs one pipeline, or "
+                          f"two in opposite directions (chimera) over an even pp")
     if not timeout_s > 0:
         raise ConfigError(f"timeout_s must be positive, got {timeout_s!r}")
     if backend is None:
@@ -310,7 +334,35 @@ def build_mesh(pp: int, dp: int, tp: int, *, backend: str | None = None,
             backend_override={axis: (backend, _options(backend, timeout)) for axis in AXES},
         )
         _MESHES[key] = (dist.group.WORLD, device_mesh)
-    return Mesh(device_mesh, timeout_s=timeout_s, backend=backend, vpp=vpp)
+    grad_group = _mirror_group(device_mesh, timeout, backend) if pipelines == 2 else None
+    return Mesh(device_mesh, timeout_s=timeout_s, backend=backend, vpp=vpp,
+                pipelines=pipelines, grad_group=grad_group)
+
+
+def _mirror_group(device_mesh: DeviceMesh, timeout: datetime.timedelta,
+                  backend: str) -> dist.ProcessGroup:
+    """This rank's group of the dp ranks at pipeline ranks r and pp - 1 - r (same tp rank);
+    every rank creates every such group, in the same order (``new_group`` is collective).
+    Cached per mesh, as the mesh's own groups are."""
+    key = (id(device_mesh), timeout, backend)
+    if key in _MIRRORS and _MIRRORS[key][0] is dist.group.WORLD:
+        return _MIRRORS[key][1]
+    grid = device_mesh.mesh
+    pp, dp, tp = (int(n) for n in grid.shape)
+    mine = None
+    for r in range(pp // 2):
+        for t in range(tp):
+            ranks = sorted(int(grid[p, d, t]) for p in (r, pp - 1 - r) for d in range(dp))
+            group = dist.new_group(ranks, timeout=timeout, backend=backend)
+            if dist.get_rank() in ranks:
+                mine = group
+    assert mine is not None, "every rank is in one mirror group"
+    _MIRRORS[key] = (dist.group.WORLD, mine)
+    return mine
+
+
+_MIRRORS: dict[tuple, tuple[Any, dist.ProcessGroup]] = {}
+"""The chimera gradient groups built in this process, as ``_MESHES`` keeps the meshes."""
 
 
 _MESHES: dict[tuple, tuple[Any, DeviceMesh]] = {}
