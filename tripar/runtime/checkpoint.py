@@ -461,7 +461,7 @@ def load_checkpoint(pm: Checkpointed, directory: str | os.PathLike) -> None:
 
 
 def _load_optimizer(pm: Checkpointed, full: dict, keys: list[str], manifest: dict) -> None:
-    dp, mesh = pm.data_parallel, pm.mesh
+    dp = pm.data_parallel
     opt = dp.optimizer
     hyper = manifest.get("optimizer", {}).get("hyper", {})
     for group in opt.param_groups:
