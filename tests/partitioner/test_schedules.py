@@ -30,7 +30,8 @@ def test_scp_reproduces_merak_orders():
 
 
 @pytest.mark.parametrize("name, vpps", [("gpipe", [1]), ("1f1b", [1]), ("zb-h1", [1]),
-                                        ("scp", [1]), ("interleaved-1f1b", [2, 3])])
+                                        ("scp", [1]), ("interleaved-1f1b", [2, 3]),
+                                        ("chimera", [1])])
 @pytest.mark.parametrize("recompute", ["none", "full"])
 def test_every_schedule_is_valid(name, vpps, recompute):
     if name == "scp" and recompute == "none":
@@ -39,6 +40,8 @@ def test_every_schedule_is_valid(name, vpps, recompute):
         for vpp in vpps:
             for m in range(1, 13):
                 if name == "interleaved-1f1b" and m % pp:
+                    continue
+                if name == "chimera" and (pp % 2 or m % 2):
                     continue
                 s = build_schedule(name, pp, m, vpp=vpp, recompute=recompute)
                 assert (s.name, s.pp, s.vpp, s.num_microbatches) == (name, pp, vpp, m)
@@ -174,7 +177,66 @@ def test_scp_recompute_options():
     (("1f1b", 2, 4), {"recompute": [True]}, "must be 2 booleans"),
     (("1f1b", 2, 4), {"recompute": "stage-aware"}, "rule of schedule 'scp'"),
     (("scp", 2, 4), {"recompute": [1, 0]}, "must be 2 booleans"),
+    (("chimera", 3, 4), {}, r"needs an even pp \(got pp=3\).*use pp=2 or pp=4"),
+    (("chimera", 4, 5), {}, r"even number of microbatches \(got 5\).*use 4 or 6"),
 ])
 def test_impossible_inputs_raise_config_error(args, kwargs, match):
     with pytest.raises(ConfigError, match=match):
         build_schedule(*args, **kwargs)
+
+
+def _idle_share(name: str, pp: int, m: int, backward: float = 1.0) -> float:
+    """Idle time of the busiest rank over the pipeline's length (the papers' bubble ratio),
+    uniform stages, forward 1, no communication."""
+    cost = StageCost(forward_s=1.0, backward_input_s=backward, backward_weight_s=0.0)
+    r = simulate(build_schedule(name, pp, m), [cost] * pp)
+    return (r.pipeline_time_s - max(r.busy_s)) / r.pipeline_time_s
+
+
+@pytest.mark.parametrize("pp, m", [(2, 2), (2, 6), (4, 4), (4, 8), (4, 12), (6, 6), (6, 12),
+                                   (8, 8), (8, 16), (8, 32)])
+def test_chimera_bubble_is_the_papers(pp, m):
+    """Chimera (Li and Hoefler, Table 1): bubble ratio (D - 2) / (2 N + D - 2) against
+    1F1B's (D - 1) / (N + D - 1), with forward and backward one slot each as the paper
+    counts them."""
+    assert _idle_share("chimera", pp, m) == pytest.approx((pp - 2) / (2 * m + pp - 2))
+    assert _idle_share("1f1b", pp, m) == pytest.approx((pp - 1) / (m + pp - 1))
+    # with the backward twice the forward Chimera still beats 1F1B's bubble
+    assert _idle_share("chimera", pp, m, 2.0) < _idle_share("1f1b", pp, m, 2.0) or pp == 2
+
+
+@pytest.mark.parametrize("pp", [2, 4, 6, 8])
+def test_chimera_balances_activations(pp):
+    """With N = D microbatches (the paper's basic unit) rank r holds r + D/2 + 1 stage
+    microbatches at its peak (the ranks at either end D/2 + 1, the middle ones D): the
+    paper's [(D/2 + 1), D], where 1F1B's rank r holds D - r (D on rank 0, 1 on the last).
+    Each stage's replica keeps min(D - s, N / 2), as ``warmup_in_flight`` tells the
+    memory model."""
+    cost = StageCost(forward_s=1.0, backward_input_s=2.0, backward_weight_s=0.0,
+                     activation_bytes=1)
+    chimera = simulate(build_schedule("chimera", pp, pp), [cost] * pp)
+    one_f_one_b = simulate(build_schedule("1f1b", pp, pp), [cost] * pp)
+    want = tuple(min(r, pp - 1 - r) + pp // 2 + 1 for r in range(pp))
+    assert chimera.peak_inflight == want
+    assert (min(want), max(want)) == (pp // 2 + 1, pp)
+    assert one_f_one_b.peak_inflight == tuple(pp - r for r in range(pp))
+    assert chimera.peak_memory_bytes == want  # one byte per stage microbatch
+    assert chimera.stage_peak_inflight == warmup_in_flight("chimera", pp, pp)
+    for m in (2 * pp, 4 * pp):  # more microbatches: each replica of stage s holds D - s
+        many = simulate(build_schedule("chimera", pp, m), [cost] * pp)
+        assert many.stage_peak_inflight == warmup_in_flight("chimera", pp, m)
+        assert many.peak_inflight == (pp + 1,) * pp
+
+
+def test_chimera_places_the_two_pipelines():
+    """Rank i runs stage i on the first half of the microbatches and stage D-1-i on the
+    second; each pipeline on its own is 1F1B (forward order kept, each stage's backwards in
+    microbatch order)."""
+    s = build_schedule("chimera", 4, 8)
+    for rank, acts in enumerate(s.actions):
+        for a in acts:
+            assert a.stage == (rank if a.microbatch < 4 else 3 - rank), (rank, a)
+        for pipe in (range(4), range(4, 8)):
+            mine = [a for a in acts if a.microbatch in pipe]
+            for kind in (ActionKind.FORWARD, ActionKind.BACKWARD):
+                assert [a.microbatch for a in mine if a.kind is kind] == list(pipe)

@@ -179,3 +179,41 @@ def test_structure_errors():
 def test_actions_must_be_typed():
     with pytest.raises(PlanError, match="is not an Action"):
         Schedule("x", 1, 1, 1, ((Action(0, "F", 0),),))
+
+
+CHIMERA_4x4 = """\
+schedule chimera pp=4 vpp=1 microbatches=4 pipelines=2
+rank 0: F0 F1 F2 B2 F3 B3 B0 B1
+rank 1: F0 F2 F1 F3 B2 B0 B3 B1
+rank 2: F2 F0 F3 F1 B0 B2 B1 B3
+rank 3: F2 F3 F0 B0 F1 B1 B2 B3
+"""
+
+
+def test_two_pipelines_place_stages_by_microbatch():
+    """Chimera's text form: short actions, the microbatch says the pipeline (down: the
+    first half, stage s on rank s; up: stage s on rank pp - 1 - s)."""
+    s = Schedule.from_text(CHIMERA_4x4)
+    s.validate()
+    assert s.to_text() == CHIMERA_4x4 and Schedule.from_dict(s.to_dict()) == s
+    assert [(a.stage, a.microbatch) for a in s.actions[1][:3]] == [(1, 0), (2, 2), (1, 1)]
+    assert s.stages_of(0) == (0, 3) and s.rank_of(3, 0) == 3 and s.rank_of(3, 2) == 0
+    with pytest.raises(PlanError, match=r"rank 0 step 0: action 1F2 names stage 1, but rank 0 "
+                                        r"holds stages \[3\] for microbatch 2 \(the up pipeline\)"):
+        Schedule("chimera", 4, 1, 4, ((Action(1, ActionKind.FORWARD, 2),), (), (), ()),
+                 pipelines=2)
+    with pytest.raises(PlanError, match="needs an even pp .got 3., an even number of "
+                                        "microbatches .got 4."):
+        Schedule("chimera", 3, 1, 4, ((),) * 3, pipelines=2)
+    with pytest.raises(PlanError, match="pipelines=3"):
+        Schedule("chimera", 4, 1, 4, ((),) * 4, pipelines=3)
+
+
+def test_two_pipelines_deadlock_is_found():
+    # rank 0 runs the up pipeline's backward of stage 1 first; it waits for nothing, but
+    # rank 1 waits at stage 1's forward of microbatch 0 for rank 0, which waits on rank 1
+    s = Schedule.from_text("schedule chimera pp=2 vpp=1 microbatches=2 pipelines=2\n"
+                           "rank 0: F1 B1 F0 B0\nrank 1: F0 B0 F1 B1\n")
+    with pytest.raises(PlanError, match="deadlocks at round 0") as info:
+        s.validate()
+    assert "rank 0 waits at 1F1 for stage 0's forward of microbatch 1" in str(info.value)

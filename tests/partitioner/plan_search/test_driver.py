@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from example_graphs import example_graph
@@ -11,6 +12,7 @@ from search_clusters import small_cluster
 from tripar.commands._model_args import proxy_graph_for
 from tripar.errors import InfeasibleError
 from tripar.partitioner.hardware import Cluster
+from tripar.partitioner.cost import step_estimate
 from tripar.partitioner.plan_search import Pins, search, search_parts, search_with_stats
 
 GB = 10**9
@@ -106,3 +108,22 @@ def test_search_is_deterministic_and_reports_runners_up():
     assert all(alt.reason for alt in a.alternatives)
     assert [r.problem for r in a.solvers] == ["search", "partition"]
     assert a.schedule and len(a.schedule) == a.parallel.pp
+
+
+def test_the_search_chooses_chimera_where_it_wins():
+    """At pp=4 with few microbatches the bubble dominates: Chimera's two pipelines halve it
+    (at the cost of two stages' weights per rank and a gradient sum between the two
+    holders of each stage), and the search takes it over every one-pipeline schedule."""
+    graph = example_graph(layers=8, hidden=512, seq=1024)
+    cluster = Cluster.builtin("a100-80g", gpus_per_node=4)
+    plan = search(graph, cluster, 8, pins=Pins(pp=4, dp=1, tp=1))
+    par = plan.parallel
+    assert par.schedule == "chimera", plan.render()
+    assert plan.to_schedule().pipelines == 2 and "pipelines=2" in plan.schedule_text()
+    one = step_estimate(graph, cluster, replace(par, schedule="1f1b"))
+    assert plan.estimate.step_time_s < one.step_time_s
+    assert plan.estimate.bubble_fraction < one.bubble_fraction / 1.5
+    # two stages' weights per rank: more memory than 1F1B on every rank
+    assert min(plan.device_memory()) > max(one.rank_memory_bytes) / 2
+    assert all(a.parallel.schedule != "chimera" or "bubble" in a.reason
+               for a in plan.alternatives)

@@ -41,6 +41,13 @@ def test_contradicting_pins_and_infeasible_models():
      "whose product is 8 (e.g. dp=4)", "(e.g. --dp 4)"),
     (Pins(pp=4, vpp=2), "pp*vpp = 8 stages (pp=4, vpp=2) for 6 blocks",
      "pp*vpp = 8 stages (--pp 4, --vpp 2) for 6 blocks"),
+    (Pins(schedule="chimera", pp=1), "schedule='chimera' needs an even pp, but pp=1: rank r "
+     "holds stage r of the down pipeline and stage pp-1-r of the up pipeline; pin an even pp "
+     "(2, 4, 8 divide the 8 devices)", "--schedule chimera needs an even pp, but --pp 1"),
+    (Pins(schedule="chimera", pp=2, num_microbatches=3),
+     "schedule='chimera' needs an even number of microbatches, but num_microbatches=3: each "
+     "of its two pipelines takes half; use num_microbatches=2 or num_microbatches=4",
+     "--schedule chimera needs an even number of microbatches, but --microbatches 3"),
     (Pins(micro_batch_size=2, num_microbatches=2, dp=2),
      "micro_batch_size x num_microbatches = 2 x 2 = 4 samples",
      "--micro-batch x --microbatches = 2 x 2 = 4 samples"),
@@ -52,4 +59,8 @@ def test_one_check_names_pins_in_the_callers_language(pins, api, cli):
             check_pins(pins, 8, 16, graph=graph, spelling=spelling)
         assert want in str(info.value), (spelling, str(info.value))
     assert Pins(vpp=2).implied().schedule == "interleaved-1f1b"
+    with pytest.raises(ConfigError, match=r"--schedule chimera needs an even pp, but --pp 3: "
+                                          r"rank r holds stage r of the down pipeline.*pin an "
+                                          r"even --pp \(2, 4, 6, 12 divide the 12 devices\)"):
+        check_pins(Pins(schedule="chimera", pp=3), 12, 24, spelling=Spelling.CLI)
     assert Pins(zero=True).implied().zero == 1

@@ -183,7 +183,9 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
             total = reduce(cluster, grad_bytes, config.dp, config.tp)
             last = reduce(cluster, min(grad_bytes, BUCKET_BYTES), config.dp, config.tp)
             if config.pipelines == 2:  # and between the stage's two holders
-                apart = abs(config.pp - 1 - 2 * stage) * config.dp * config.tp
+                mirror = _rank_of_stage(config.pp - 1 - stage, config)
+                apart = (1 if _rank_of_stage(stage, config) // cluster.devices_per_node
+                         == mirror // cluster.devices_per_node else cluster.devices_per_node)
                 total += all_reduce_time(cluster, grad_bytes / (config.dp if config.zero
                                                                 else 1), 2, apart)
                 last += all_reduce_time(cluster, min(grad_bytes, BUCKET_BYTES), 2, apart)

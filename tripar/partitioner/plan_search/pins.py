@@ -195,12 +195,9 @@ def _check_chimera(pins: Pins, devices: int, s: Spelling) -> None:
         raise ConfigError(f"{chimera} needs an even pp, but {s.of('pp', pins.pp)}: rank r holds "
                           f"stage r of the down pipeline and stage pp-1-r of the up pipeline; "
                           f"{fix}")
-    if pins.pp == 1 or devices % 2:
-        raise ConfigError(f"{chimera} needs an even pp of at least 2 (two pipelines over the "
-                          f"same ranks), but "
-                          + (f"{s.of('pp', 1)}" if pins.pp == 1 else f"there are {devices} "
-                             f"devices") + f"; pin {s.of('pp', 2)} or more, or use another "
-                          f"schedule")
+    if devices % 2:
+        raise ConfigError(f"{chimera} needs an even pp, so an even number of devices, but "
+                          f"there are {devices}; use another schedule")
     m = pins.num_microbatches
     if m is not None and m % 2:
         raise ConfigError(f"{chimera} needs an even number of microbatches, but "
