@@ -88,6 +88,15 @@ def _rank_of_stage(stage: int, config: ParallelConfig) -> int:
     return (stage % config.pp) * config.dp * config.tp
 
 
+def mirror_stride(cluster: Cluster, config: ParallelConfig, stage: int) -> int:
+    """Under chimera, the stride of the two holders of ``stage`` (pipeline ranks s and
+    pp - 1 - s) as the collective models read it: 1 inside a node, a node's devices apart
+    when they sit on two nodes."""
+    here = _rank_of_stage(stage, config) // cluster.devices_per_node
+    there = _rank_of_stage(config.pp - 1 - stage, config) // cluster.devices_per_node
+    return 1 if here == there else cluster.devices_per_node
+
+
 def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
                 boundaries: Sequence[int] | None = None, *,
                 recompute: str | float | Sequence[float] | None = None,
@@ -183,9 +192,7 @@ def stage_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
             total = reduce(cluster, grad_bytes, config.dp, config.tp)
             last = reduce(cluster, min(grad_bytes, BUCKET_BYTES), config.dp, config.tp)
             if config.pipelines == 2:  # and between the stage's two holders
-                mirror = _rank_of_stage(config.pp - 1 - stage, config)
-                apart = (1 if _rank_of_stage(stage, config) // cluster.devices_per_node
-                         == mirror // cluster.devices_per_node else cluster.devices_per_node)
+                apart = mirror_stride(cluster, config, stage)
                 total += all_reduce_time(cluster, grad_bytes / (config.dp if config.zero
                                                                 else 1), 2, apart)
                 last += all_reduce_time(cluster, min(grad_bytes, BUCKET_BYTES), 2, apart)

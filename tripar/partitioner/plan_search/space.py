@@ -24,6 +24,7 @@ from tripar.partitioner.cost.collectives import (
 from tripar.partitioner.cost.stages import (
     BUCKET_BYTES,
     bytes_per_param,
+    mirror_stride,
     optimizer_s_per_param,
     uniform_boundaries,
 )
@@ -264,10 +265,14 @@ class SearchSpace:
             reduce = reduce_scatter_time if cfg.zero else all_reduce_time
             tail /= copies if cfg.zero else 1
             grad = params * dtype_bytes(self.dtype)
-            exposed = reduce(self.cluster, grad, cfg.dp, cfg.tp) - m * float(times.min()) / 2
+            total = reduce(self.cluster, grad, cfg.dp, cfg.tp)
+            if cfg.pipelines == 2:  # and the sum between the two holders of rank 0's stages
+                total += all_reduce_time(self.cluster, grad / (cfg.dp if cfg.zero else 1), 2,
+                                         mirror_stride(self.cluster, cfg, 0))
+            exposed = total - m * float(times.min()) / 2
             tail += max(reduce(self.cluster, min(grad, BUCKET_BYTES), cfg.dp, cfg.tp), exposed)
             if cfg.zero:
-                tail += all_gather_time(self.cluster, grad, cfg.dp, cfg.tp)
+                tail += all_gather_time(self.cluster, grad, copies, cfg.tp)
         return pipeline + tail
 
     def _balanced(self, tp: int, b: int, k: int) -> float:
