@@ -11,8 +11,8 @@ from search_clusters import small_cluster
 
 from tripar.commands._model_args import proxy_graph_for
 from tripar.errors import InfeasibleError
-from tripar.partitioner.hardware import Cluster
 from tripar.partitioner.cost import step_estimate
+from tripar.partitioner.hardware import Cluster
 from tripar.partitioner.plan_search import Pins, search, search_parts, search_with_stats
 
 GB = 10**9
