@@ -174,7 +174,8 @@ def render_plan(plan: PlanParts, *, width: int = 100) -> str:
                f"{'time/mb':>9} {'memory':>9}")
     for st in plan.stages:
         rec = "-" if st.granularity == "none" else st.granularity
-        out.append(f"{st.index:>5} {st.rank:>4}  {_blocks(st.blocks, block_w):<{block_w}} "
+        ranks = "+".join(map(str, par.ranks_of(st.index)))  # chimera: both holders
+        out.append(f"{st.index:>5} {ranks:>4}  {_blocks(st.blocks, block_w):<{block_w}} "
                    f"{rec:>{rec_w}} {fmt_time(st.time_s):>9} {fmt_bytes(st.memory_bytes):>9}")
     device = fmt_device_memory(plan.stages, _device_memory(plan), cl.device_memory_bytes,
                                width=width)
@@ -190,7 +191,10 @@ def render_plan(plan: PlanParts, *, width: int = 100) -> str:
                                                       width - 2, lines=3))
     if plan.schedule:
         out.append("")
-        out.append(f"schedule {par.schedule}:")
+        out.append(f"schedule {par.schedule}:" + (
+            f" two pipelines, microbatches 0-{par.num_microbatches // 2 - 1} down (stage s on "
+            f"rank s), the rest up (stage s on rank {par.pp - 1}-s)" if par.pipelines == 2
+            else ""))
         for rank in sorted({0, len(plan.schedule) - 1}):
             acts = plan.schedule[rank]
             head = f"  rank {rank}: "
