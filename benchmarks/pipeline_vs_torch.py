@@ -12,6 +12,9 @@ initial weights on the same global batches, split into the same microbatches:
   built for that schedule, so only the runtime differs; after the schedule's step the
   tied embedding / LM-head replicas' gradients are summed with one all-reduce (what
   tripar's runtime does) and the same AdamW steps.
+- ``tripar chimera``: the same two processes as two pipelines in opposite directions
+  (Chimera): each holds both stages, runs half the microbatches through each, and the
+  two replicas' gradients are summed (an all-reduce of the whole model) before the step.
 - ``single``: the unsplit model in one process (rank 0; rank 1 waits), the same
   microbatches with gradient accumulation, the same AdamW.
 
@@ -45,6 +48,7 @@ TRIPAR_SYSTEMS = {
     "tripar gpipe": ("gpipe", "none"),
     "tripar scp stage-aware": ("scp", "stage-aware"),
     "tripar 1f1b full-recompute": ("1f1b", "full"),
+    "tripar chimera": ("chimera", "none"),
 }
 TORCH_SYSTEMS = {"torch 1f1b": "tripar 1f1b", "torch gpipe": "tripar gpipe"}
 """torch system -> the tripar system whose stage modules it runs."""
@@ -522,6 +526,8 @@ def headline_pairs(result: Measurement) -> list[tuple[str, str]]:
              if f"tripar {s}" in names and f"torch {s}" in names]
     if {"tripar scp stage-aware", "tripar 1f1b full-recompute"} <= names:
         pairs.append(("tripar scp stage-aware", "tripar 1f1b full-recompute"))
+    if {"tripar chimera", "tripar 1f1b"} <= names:
+        pairs.append(("tripar chimera", "tripar 1f1b"))
     return pairs
 
 

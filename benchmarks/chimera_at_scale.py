@@ -1,0 +1,100 @@
+"""Chimera at scale: which of the planner's plans choose it, and what it changes.
+
+For each row of Megatron-LM's Table 1 (arXiv 2104.04473) and for GPT-3 175B on 1024
+A100-80G at global batch 1536: the search as it runs now (Chimera among the schedules)
+and the same search with Chimera left out of its schedules (the search before Chimera
+existed), on the same graph and cluster. Prints both plans and their simulated steps,
+and, at the degrees and microbatches of the plan without Chimera, Chimera's own step
+and per-device peak memory there (``step_estimate`` on the uniform split, recomputation
+as that plan chose), where its even-pp and even-microbatch rule allows it: what Chimera
+would do in place of the winning schedule, and why it wins or loses.
+
+    python benchmarks/chimera_at_scale.py [--rows 1,2,3] [--no-gpt3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+from tripar.commands._model_args import proxy_graph_for
+from tripar.partitioner import search_with_stats, step_estimate
+from tripar.partitioner.hardware import Cluster
+from tripar.partitioner.megatron import MEGATRON_TABLE, SEQ, VOCAB
+from tripar.partitioner.plan_search import space
+
+GPT3 = ("GPT-3 175B", "gpt:layers=96,hidden=12288,heads=96,vocab=51200,seq=2048", 1024, 1536)
+
+
+def _without_chimera(graph, cluster, batch, spec):
+    """The search with chimera left out of the schedules it tries."""
+    kept = space.SCHEDULES
+    space.SCHEDULES = tuple(s for s in kept if s != "chimera")
+    try:
+        return search_with_stats(graph, cluster, batch, model_spec=spec)[0]
+    finally:
+        space.SCHEDULES = kept
+
+
+def _fmt(par) -> str:
+    return (f"dp{par.dp} tp{par.tp} pp{par.pp} v{par.vpp} b{par.micro_batch_size}x"
+            f"{par.num_microbatches} {par.schedule} {par.recompute} z{par.zero}")
+
+
+def compare(name: str, spec: str, gpus: int, batch: int) -> dict:
+    """Both searches and Chimera at the degrees of the plan without it."""
+    graph = proxy_graph_for(spec, batch_size=1, seq_len=SEQ, tp_degrees=(2, 4, 8))
+    cluster = Cluster.builtin("a100-80g", nodes=gpus // 8, gpus_per_node=8)
+    start = time.perf_counter()
+    now = search_with_stats(graph, cluster, batch, model_spec=spec)[0]
+    before = _without_chimera(graph, cluster, batch, spec)
+    par = before.parallel
+    there = None
+    if par.pp > 1 and par.pp % 2 == 0 and par.num_microbatches % 2 == 0 and par.vpp == 1:
+        cfg = replace(par, schedule="chimera",
+                      recompute="stage-aware" if par.recompute == "none" else par.recompute)
+        there = step_estimate(graph, cluster, cfg, record_timeline=False)
+    return {"name": name, "gpus": gpus, "batch": batch, "now": now, "before": before,
+            "there": there, "seconds": time.perf_counter() - start}
+
+
+def row_markdown(got: dict) -> str:
+    now, before, there = got["now"], got["before"], got["there"]
+    change = now.estimate.step_time_s / before.estimate.step_time_s - 1
+    if there is None:
+        at = "not allowed (odd pp or microbatches, interleaved, or pp=1)"
+    else:
+        fits = "fits" if there.fits else "over memory"
+        at = (f"{there.step_time_s:.3f} s ({there.step_time_s / before.estimate.step_time_s - 1:+.1%}), "
+              f"peak {there.peak_memory_bytes / 1e9:.1f} GB ({fits}) vs "
+              f"{before.estimate.peak_memory_bytes / 1e9:.1f} GB, bubble "
+              f"{there.bubble_fraction:.1%} vs {before.estimate.bubble_fraction:.1%}")
+    return (f"| {got['name']} | {got['gpus']} | {got['batch']} | {_fmt(now.parallel)} | "
+            f"{now.estimate.step_time_s:.3f} | {_fmt(before.parallel)} | "
+            f"{before.estimate.step_time_s:.3f} | {change:+.2%} | {at} | "
+            f"{got['seconds']:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9,10",
+                        help="1-based rows of Megatron-LM's Table 1, comma-separated")
+    parser.add_argument("--no-gpt3", action="store_true", help="leave out GPT-3 175B")
+    args = parser.parse_args()
+    print("| model | GPUs | batch | plan (chimera allowed) | step s | plan without chimera | "
+          "step s | change | chimera at the degrees without it | search s |")
+    print("|---|---:|---:|---|---:|---|---:|---:|---|---:|")
+    cases = []
+    for i in (int(x) for x in args.rows.split(",") if x):
+        params, heads, hidden, layers, _t, _p, gpus, batch = MEGATRON_TABLE[i - 1][:8]
+        cases.append((f"row {i}: {params}B", f"gpt:layers={layers},hidden={hidden},heads="
+                      f"{heads},vocab={VOCAB},seq={SEQ}", gpus, batch))
+    if not args.no_gpt3:
+        cases.append(GPT3)
+    for case in cases:
+        print(row_markdown(compare(*case)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
