@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests._ranks import run_ranks
-from tripar.codegen.tensor_parallel import RewriteError, tp_rewrite
+from tripar.codegen.tensor_parallel import RewriteError, rewrite_with_values, tp_rewrite
 from tripar.codegen.tp_rng import ForkedRNG, tp_rng_tracker
 from tripar.codegen.tp_shard import shard_map, shard_parameters
 from tripar.graph.capture import capture, flat_graph_inputs
@@ -38,6 +38,9 @@ SPECS = {
                "intermediate_size=64,vocab_size=64",
 }
 
+
+SEQUENCE = ("gpt", "llama", "bert", "hf_gpt2", "hf_llama", "hf_bert")
+"""The models rewritten with sequence parallelism too (at t=2): those with a sequence."""
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 FAMILIES = {
@@ -157,15 +160,21 @@ def _rank_models(packed: bytes, t: int) -> bytes:
         case["gm"] = _rebuild(case.pop("portable"))
     out = []
     for case in cases:
-        local = tp_rewrite(case["gm"], case["regions"], t=t, rank=rank, example_inputs=case["flat"])
-        loss = _loss_of(local(*case["flat"]))
-        loss.backward()
-        out.append({
-            "loss": loss.detach(),
-            "grads": {k: p.grad for k, p in local.named_parameters(remove_duplicate=False)},
-            "shapes": {k: tuple(p.shape) for k, p in local.named_parameters(remove_duplicate=False)},
-            "map": shard_map(case["gm"], case["regions"], t=t, rank=rank),
-        })
+        runs = {}
+        for sp in (False, True) if t == 2 and case["name"] in SEQUENCE else (False,):
+            local, _ = rewrite_with_values(case["gm"], case["regions"], t=t, rank=rank,
+                                           example_inputs=case["flat"], sequence_parallel=sp)
+            assert local.meta["tripar_tp"]["sequence"] > 0 or not sp, case["name"]
+            loss = _loss_of(local(*case["flat"]))
+            loss.backward()
+            runs[sp] = {
+                "loss": loss.detach(),
+                "grads": {k: p.grad for k, p in local.named_parameters(remove_duplicate=False)},
+                "shapes": {k: tuple(p.shape)
+                           for k, p in local.named_parameters(remove_duplicate=False)},
+                "map": shard_map(case["gm"], case["regions"], t=t, rank=rank),
+            }
+        out.append(runs)
     return _pack(out)
 
 
@@ -209,12 +218,14 @@ def test_whole_models_match_unsharded(family, t):
     for case in cases:
         assert all(t in r.degrees for r in case["regions"]), case["name"]
     packed = _pack([{k: v for k, v in c.items() if k != "gm"} for c in cases])
-    results = [_unpack(r) for r in run_ranks(_rank_models, t, packed, t, timeout_s=120.0)]
+    results = [_unpack(r) for r in run_ranks(_rank_models, t, packed, t, timeout_s=240.0)]
     for i, case in enumerate(cases):
         kinds = {r.kind for r in case["regions"]}
         assert {"attention", "mlp", "lm_head"} <= kinds, (case["name"], kinds)
-        sharded = _compare(case, [results[rank][i] for rank in range(t)], t)
-        assert sharded >= 6, (case["name"], sharded)
+        for sp in results[0][i]:  # with sequence parallelism too, at t=2
+            sharded = _compare(case, [results[rank][i][sp] for rank in range(t)], t)
+            assert sharded >= 6, (case["name"], sharded)
+        assert (True in results[0][i]) == (t == 2 and case["name"] in SEQUENCE)
 
 
 # ------------------------------------------------------------------------ dropout

@@ -34,6 +34,7 @@ from torch.testing import assert_close
 
 from tests._ranks import run_ranks
 from tripar import api
+from tripar.codegen.collectives import ReduceScatterFromTP
 from tripar.models import load_model
 
 MODELS = {
@@ -46,6 +47,11 @@ MODELS = {
     "gpt_eager": "gpt:layers=2,hidden=32,heads=8,vocab=64,seq=8,attention=eager",
     "llama_eager": "llama:layers=2,hidden=32,heads=8,kv_heads=4,vocab=64,seq=8,attention=eager",
     "gpt10": "gpt:layers=10,hidden=32,heads=4,vocab=64,seq=8",
+    # dropout only between the tensor-parallel regions (embeddings, residual, MLP output):
+    # every mask is drawn from the default stream, so a tp=2 run (sequence parallel or not)
+    # draws what one process draws, and must train to the same parameters
+    "hf_gpt2_dropout": "hf:GPT2LMHeadModel:n_layer=2,n_embd=32,n_head=4,vocab_size=64,"
+                       "n_positions=16,attn_pdrop=0.0,resid_pdrop=0.2,embd_pdrop=0.2",
 }
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 """Without transformers the ``hf:`` models leave the matrix; the native models still run."""
@@ -57,11 +63,16 @@ DEEP = ("gpt10",)
 LM = ("gpt", "llama")
 SELECTIVE = ("gpt_eager", "llama_eager", "hf_gpt2")
 """Models with selective segments: the written-out attention cores, GPT-2's tanh GELU."""
+SP = ("gpt", "llama", "bert", "hf_gpt2")
+"""The models with a sequence (vit's first input is an image): sequence parallelism's rows."""
+SEED = 4321
+"""The default random stream's seed before training, in one process and on every rank."""
 SGD, ADAMW, BOTH = ("sgd",), ("adamw",), ("sgd", "adamw")
 I1F1B = "interleaved-1f1b"
 
 # Each row: (dp, tp, pp, schedule, vpp, zero, mbs, precision, models, optimizers[,
-# recompute]); recompute defaults to the planner's choice.
+# recompute[, sp]]); recompute defaults to the planner's choice, sp (default False) pins
+# sequence parallelism.
 # mbs is the microbatch size: each replica runs GLOBAL_BATCH / (dp * mbs) microbatches (bert's
 # loss, a mean over the masked tokens of a microbatch, also tells which samples shared one).
 # A schedule's optimizer alternates between groups, so that each schedule meets both.
@@ -91,6 +102,9 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 2, 1, "1f1b",   1, 0, 1, "bf16", LM, SGD),
         (1, 1, 2, "chimera", 1, 0, 1, "fp32", ("gpt", "hf_gpt2"), SGD),
         (1, 1, 2, "chimera", 1, 0, 1, "bf16", ("gpt",), ADAMW),
+        (1, 2, 1, "1f1b",   1, 0, 1, "fp32", SP, SGD, None, True),
+        (1, 2, 1, "1f1b",   1, 0, 2, "fp32", ("hf_gpt2_dropout",), SGD, None, True),
+        (1, 2, 1, "1f1b",   1, 0, 1, "bf16", ("gpt",), SGD, None, True),
     ],
     "world4-dp-pp": [
         (1, 1, 4, "gpipe",  1, 0, 1, "fp32", ALL, ADAMW),
@@ -125,6 +139,10 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 2, 2, "zb-h1",  1, 0, 1, "bf16", LM, SGD),
         (1, 2, 2, "scp",    1, 0, 1, "bf16", LM, SGD),
         (1, 2, 2, "1f1b",   1, 0, 1, "fp32", SELECTIVE, SGD, "selective"),
+        (1, 2, 2, "zb-h1",  1, 0, 1, "fp32", ("llama",), SGD, None, True),
+        (1, 2, 2, "scp",    1, 0, 1, "fp32", ("bert",), ADAMW, None, True),
+        (2, 2, 1, "1f1b",   1, 1, 1, "fp32", ("hf_gpt2",), ADAMW, None, True),
+        (1, 2, 2, I1F1B,    2, 0, 1, "bf16", ("gpt",), SGD, None, True),
     ],
     "world8": [
         (2, 2, 2, "gpipe",  1, 0, 1, "fp32", ("gpt", "bert", "hf_gpt2"), ADAMW),
@@ -164,6 +182,7 @@ class Run:
     mbs: int
     precision: str
     recompute: str | None = None
+    sp: bool = False
 
     @property
     def reference_key(self) -> tuple[str, str, int, str]:
@@ -173,7 +192,8 @@ class Run:
     def __str__(self) -> str:
         return (f"{self.model} {self.optimizer} dp={self.dp} tp={self.tp} pp={self.pp} "
                 f"{self.schedule} vpp={self.vpp} zero={self.zero} mbs={self.mbs} "
-                f"{self.precision}" + (f" recompute={self.recompute}" if self.recompute else ""))
+                f"{self.precision}" + (f" recompute={self.recompute}" if self.recompute else "")
+                + (" sp" if self.sp else ""))
 
 
 def runs(group: str) -> list[Run]:
@@ -249,6 +269,7 @@ def reference(name: str, opt: str, mbs: int = 1, precision: str = "fp32"
     make_opt, _ = OPTIMIZERS[opt]
     optimizer = make_opt(list(model.parameters()))
     n = GLOBAL_BATCH // mbs
+    torch.manual_seed(SEED)
     for batch in batches(name):
         for k in range(n):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -283,8 +304,9 @@ def train(run: Run, steps: tuple):
                            global_batch_size=GLOBAL_BATCH, dp=run.dp, tp=run.tp, pp=run.pp,
                            vpp=run.vpp,
                            num_microbatches=GLOBAL_BATCH // (run.dp * run.mbs),
-                           schedule=run.schedule, zero=run.zero, precision=run.precision,
-                           recompute=run.recompute, timeout_s=30)
+                           schedule=run.schedule, zero=run.zero, sp=run.sp,
+                           precision=run.precision, recompute=run.recompute, timeout_s=30)
+    torch.manual_seed(SEED)  # what one process's dropout draws from (the same on every rank)
     losses = [pm.train_step(b) for b in steps]
     return pm, losses
 
@@ -372,6 +394,10 @@ def _compare_all(group: str, data: bytes) -> list[str]:
         what = str(run)
         assert pm.plan.parallel.schedule == run.schedule or run.pp == 1, what
         assert pm.plan.parallel.micro_batch_size == run.mbs, what
+        assert pm.plan.parallel.sp == run.sp, what
+        if run.sp:  # the region exits reduce-scatter: the parts between run on the shard
+            assert any(isinstance(m, ReduceScatterFromTP) for p in pm.programs
+                       for m in p.module.modules()), what
         assert pm.plan.inputs.dtype == run.precision, what  # costed for the compute dtype
         if run.recompute == "selective":  # every stage checkpoints its selected nodes
             assert all(st.selective for st in pm.plan.stages), what

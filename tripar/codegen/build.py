@@ -296,7 +296,7 @@ def split_tp_rank(
         retarget_device(gm, torch.device("cpu"))
     rewritten, shapes = rewrite_with_values(gm, regions, t=t, rank=tp_rank, group=tp_group,
                                             example_inputs=example_inputs, rng=rng,
-                                            values=values)
+                                            values=values, sequence_parallel=plan.parallel.sp)
     return split_by_blocks(rewritten, stage_blocks, example_inputs,
                            blocks=_rewritten_blocks(table, rewritten), values=shapes)
 
@@ -478,6 +478,7 @@ class SplitKey:
     tp: int
     tp_rank: int
     regions: tuple
+    sp: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,7 +500,7 @@ def split_for_rank(captured: Captured, plan: Any, tp_rank: int) -> SplitForRank:
     weight is materialised, and the collectives have no process group yet."""
     par = plan.parallel
     key = SplitKey(tuple(s.blocks for s in plan.stages), par.micro_batch_size, par.tp,
-                   tp_rank, plan.tp_regions)
+                   tp_rank, plan.tp_regions, par.sp)
     if key not in captured.splits:
         micro = for_micro_batch(captured, par.micro_batch_size)
         if par.micro_batch_size not in captured.values:

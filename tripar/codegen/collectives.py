@@ -10,6 +10,12 @@ Each function takes the tensor-parallel process group (``None``: the default gro
 - `scatter_to_tp`: keep this rank's contiguous 1/t of a replicated tensor along a dim;
   backward all-gathers the gradient (a replicated operand narrowed per rank).
 - `gather_from_tp`: all-gather along a dim forward; backward keeps this rank's slice.
+- `gather_to_tp` (sequence parallelism's entry, Megatron's *g* with SP): all-gather
+  along the sequence forward, reduce-scatter of the gradient backward. It replaces
+  *f* where a region reads a value kept on sequence shards.
+- `reduce_scatter_from_tp` (SP's exit, *g-bar*): reduce-scatter along the sequence
+  forward, all-gather of the gradient backward. It replaces *g* when every reader of
+  the region's output runs token-wise on the shard.
 - `vocab_parallel_cross_entropy`: cross entropy over logits sharded on the class dim,
   as Megatron's ``_VocabParallelCrossEntropy``: all-reduces of each row's max logit,
   sum of exponentials and target logit; the full logits are never gathered.
@@ -33,12 +39,18 @@ __all__ = [
     "GatherFromTP",
     "ReduceFromTP",
     "ScatterToTP",
+    "SequenceLinears",
     "TPCollective",
     "VocabParallelCrossEntropy",
+    "GatherToTP",
+    "ReduceScatterFromTP",
     "copy_to_tp",
     "gather_from_tp",
+    "gather_to_tp",
     "reduce_from_tp",
+    "reduce_scatter_from_tp",
     "scatter_to_tp",
+    "sequence_linears",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_embedding",
 ]
@@ -75,6 +87,18 @@ def _own_slice(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     return x.narrow(dim, rank * n, n).contiguous()
 
 
+def _reduce_scatter(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """This rank's 1/t along ``dim`` of the sum of every rank's ``x``."""
+    dist = _dist()
+    size = dist.get_world_size(group)
+    if x.shape[dim] % size:
+        raise ValueError(f"dim {dim} of size {x.shape[dim]} is not divisible by the {size} ranks")
+    pieces = [p.contiguous() for p in x.chunk(size, dim)]
+    out = torch.empty_like(pieces[0])
+    dist.reduce_scatter(out, pieces, group=group)
+    return out
+
+
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
@@ -96,26 +120,83 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToTP(torch.autograd.Function):
+class _AlongDim(torch.autograd.Function):
+    """A collective along ``dim``: ``fwd`` forward and ``bwd`` backward, each one of
+    ``slice`` (this rank's 1/t), ``gather`` (all-gather) or ``reduce_scatter``."""
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-        ctx.dim, ctx.group = dim, group
-        return _own_slice(x, dim, group)
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any, fwd: str, bwd: str
+                ) -> torch.Tensor:
+        ctx.dim, ctx.group, ctx.bwd = dim, group, bwd
+        return _ALONG[fwd](x, dim, group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        return _all_gather(grad, ctx.dim, ctx.group), None, None
+        return _ALONG[ctx.bwd](grad, ctx.dim, ctx.group), None, None, None, None
 
 
-class _GatherFromTP(torch.autograd.Function):
+_ALONG = {"slice": _own_slice, "gather": _all_gather, "reduce_scatter": _reduce_scatter}
+
+
+def gather_to_tp(x: torch.Tensor, dim: int, group: Any = None) -> torch.Tensor:
+    """Sequence parallelism's region entry: all-gather along ``dim`` (every rank's
+    sequence shard into the whole sequence); backward reduce-scatters the gradient."""
+    return _AlongDim.apply(x, dim, group, "gather", "reduce_scatter")
+
+
+def reduce_scatter_from_tp(x: torch.Tensor, dim: int, group: Any = None) -> torch.Tensor:
+    """Sequence parallelism's region exit: this rank's shard along ``dim`` of the sum of
+    every rank's partial ``x``; backward all-gathers the gradient."""
+    return _AlongDim.apply(x, dim, group, "reduce_scatter", "gather")
+
+
+class _SequenceLinears(torch.autograd.Function):
+    """Column-parallel linears reading one all-gathered sequence: the sequence shard is
+    saved, not the gathered input, and gathered again in the backward (Megatron)."""
+
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any, *weights: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
         ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
+        ctx.biased = [b is not None for b in weights[1::2]]
+        whole = _all_gather(x, dim, group)
+        outs = tuple(F.linear(whole, w, b) for w, b in zip(weights[::2], weights[1::2]))
+        ctx.save_for_backward(x, *weights[::2])
+        return outs
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        return _own_slice(grad, ctx.dim, ctx.group), None, None
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple:
+        x, *ws = ctx.saved_tensors
+        whole = _all_gather(x, ctx.dim, ctx.group)
+        rows = whole.reshape(-1, whole.shape[-1])
+        dx = None
+        out: list[torch.Tensor | None] = []
+        for w, g, biased in zip(ws, grads, ctx.biased):
+            if g is None:
+                out += [None, None]
+                continue
+            w_used = w.to(g.dtype) if torch.is_autocast_enabled("cpu") else w
+            g2 = g.reshape(-1, g.shape[-1])
+            part = g2.mm(w_used)
+            dx = part if dx is None else dx + part
+            dw = g2.t().mm(rows.to(g2.dtype)).to(w.dtype)
+            db = g2.sum(0).to(w.dtype) if biased else None
+            out += [dw, db]
+        dx_shard = None
+        if dx is not None:
+            dx_shard = _reduce_scatter(dx.reshape(whole.shape), ctx.dim, ctx.group)
+        return (dx_shard, None, None, *out)
+
+
+def sequence_linears(x: torch.Tensor, dim: int, group: Any, *weights: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, ...]:
+    """``F.linear(gathered, w, b)`` for each ``(w, b)`` pair of ``weights``, where
+    ``gathered`` is every rank's sequence shard ``x`` concatenated along ``dim``: a region
+    entry under sequence parallelism whose readers are column-parallel linears. Keeps only
+    ``x`` for the backward, which gathers it again and reduce-scatters its gradient."""
+    return _SequenceLinears.apply(x, dim, group, *weights)
 
 
 def copy_to_tp(x: torch.Tensor, group: Any = None) -> torch.Tensor:
@@ -130,12 +211,12 @@ def reduce_from_tp(x: torch.Tensor, group: Any = None) -> torch.Tensor:
 
 def scatter_to_tp(x: torch.Tensor, dim: int, group: Any = None) -> torch.Tensor:
     """This rank's contiguous 1/t of ``x`` along ``dim``; backward all-gathers."""
-    return _ScatterToTP.apply(x, dim, group)
+    return _AlongDim.apply(x, dim, group, "slice", "gather")
 
 
 def gather_from_tp(x: torch.Tensor, dim: int, group: Any = None) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim``; backward keeps this rank's slice."""
-    return _GatherFromTP.apply(x, dim, group)
+    return _AlongDim.apply(x, dim, group, "gather", "slice")
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -276,6 +357,34 @@ class GatherFromTP(TPCollective):
 
     def meta_forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         return torch.cat([x] * self.t, dim)
+
+
+class GatherToTP(GatherFromTP):
+    """`gather_to_tp` along ``dim`` (sequence parallelism's region entry)."""
+
+    def forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return gather_to_tp(x, dim, self.group)
+
+
+class ReduceScatterFromTP(ScatterToTP):
+    """`reduce_scatter_from_tp` along ``dim`` (sequence parallelism's region exit)."""
+
+    def forward(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return reduce_scatter_from_tp(x, dim, self.group)
+
+
+class SequenceLinears(TPCollective):
+    """`sequence_linears` (the entry of a region whose readers are column-parallel
+    linears, under sequence parallelism)."""
+
+    def forward(self, x: torch.Tensor, dim: int, *weights: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
+        return sequence_linears(x, dim, self.group, *weights)
+
+    def meta_forward(self, x: torch.Tensor, dim: int, *weights: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, ...]:
+        whole = torch.cat([x] * self.t, dim)
+        return tuple(F.linear(whole, w, b) for w, b in zip(weights[::2], weights[1::2]))
 
 
 class VocabParallelCrossEntropy(TPCollective):

@@ -46,6 +46,7 @@ from tripar.codegen.collectives import (
     VocabParallelCrossEntropy,
     vocab_parallel_embedding,
 )
+from tripar.codegen.sequence_parallel import apply_sequence_parallel
 from tripar.codegen.tp_rng import ForkedRNG, RNGTracker, method_caller, tp_rng_tracker
 from tripar.codegen.tp_shard import check_divisible, region_shards, take_shard
 from tripar.codegen.tp_verify import RewriteError, check_shapes, propagate
@@ -544,11 +545,14 @@ def rewrite_with_values(
     example_inputs: Sequence[Any] | None = None,
     rng: RNGTracker | None = None,
     values: Mapping[str, Any] | None = None,
+    sequence_parallel: bool = False,
 ) -> tuple[torch.fx.GraphModule, dict[str, Any] | None]:
     """:func:`tp_rewrite` (whose docstring describes the arguments), and the rewritten
     graph's node values (fake tensors) from the propagation that verified it (None when
     nothing was rewritten): the stage split reads its shapes from them instead of
-    propagating the graph once more."""
+    propagating the graph once more. ``sequence_parallel``: the token-wise parts between
+    the regions then run on sequence shards (``sequence_parallel.apply_sequence_parallel``;
+    the sequence is dim 1 of the first graph input)."""
     if isinstance(t, bool) or not isinstance(t, int) or t < 1 or not 0 <= rank < t:
         raise RewriteError(f"tensor-parallel rank {rank} must lie in [0, t) with t={t} >= 1")
     regions = tuple(regions)
@@ -576,5 +580,20 @@ def rewrite_with_values(
         if isinstance(before, torch.Tensor) and (not isinstance(after, torch.Tensor) or after.shape != before.shape):
             raise RewriteError(f"node {old}: its reduced value {final} has shape "
                                f"{getattr(after, 'shape', after)}, expected {tuple(before.shape)}")
-    new.meta["tripar_tp"] = {"t": t, "rank": rank, "regions": len(regions)}
+    zone: list[str] = []
+    if sequence_parallel:
+        new, shapes, zone = apply_sequence_parallel(
+            new, shapes, regions=set(owner), t=t, rank=rank, group=group,
+            seq_len=_seq_len(gm, vals), example_inputs=example_inputs)
+    new.meta["tripar_tp"] = {"t": t, "rank": rank, "regions": len(regions), "sequence": len(zone)}
     return new, shapes
+
+
+def _seq_len(gm: torch.fx.GraphModule, vals: Mapping[str, Any]) -> int:
+    """The sequence length: dim 1 of the first graph input with two dims or more."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = vals.get(node.name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return int(value.shape[1])
+    raise RewriteError("sequence parallelism needs a graph input with a sequence dim (dim 1 of "
+                       "a tensor of two dims or more); this graph has none: use sp=False")

@@ -38,6 +38,10 @@ def add_parser(subparsers: Any) -> None:
                        help="auto recomputes per stage only what does not fit (stage-aware)")
     group.add_argument("--zero", choices=("auto", "0", "1"), default="auto",
                        help="1: shard optimizer state across data-parallel ranks")
+    group.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
+                       help="sequence parallelism: the token-wise parts between "
+                            "tensor-parallel regions on a 1/tp slice of the sequence "
+                            "(default: the planner decides)")
     group.add_argument("--dtype", default=None,
                        help="training dtype (default bf16 on GPUs, fp32 on cpu)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -55,7 +59,7 @@ def pins_from_args(args: argparse.Namespace):
                 micro_batch_size=args.micro_batch,
                 schedule=None if args.schedule == "auto" else args.schedule,
                 recompute=None if args.recompute == "auto" else args.recompute,
-                zero=None if args.zero == "auto" else int(args.zero))
+                zero=None if args.zero == "auto" else int(args.zero), sp=args.sp)
 
 
 def run(args: argparse.Namespace) -> int:

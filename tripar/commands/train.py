@@ -82,6 +82,8 @@ def add_parser(subparsers: Any) -> None:
     group.add_argument("--recompute", choices=("auto", "none", "selective", "full", "stage-aware"),
                        default="auto")
     group.add_argument("--zero", choices=("auto", "0", "1"), default="auto")
+    group.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
+                       help="sequence parallelism (default: the planner decides)")
     data = parser.add_argument_group("data (default: a generated text corpus)")
     data.add_argument("--data", default=None, metavar="PATH",
                       help="text (a file or a directory of files), a token file (.npy, or .bin "
@@ -164,7 +166,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "num_microbatches": args.microbatches,
         "schedule": None if args.schedule == "auto" else args.schedule,
         "recompute": None if args.recompute == "auto" else args.recompute,
-        "zero": None if args.zero == "auto" else int(args.zero),
+        "zero": None if args.zero == "auto" else int(args.zero), "sp": args.sp,
         "save": args.save, "load": args.load, "timeout": args.timeout,
         "precision": args.precision, "tokenizer": args.tokenizer, "data_dtype": args.data_dtype,
         "text_column": args.text_column, "metrics": args.metrics,
@@ -337,7 +339,7 @@ def train_rank(opts: dict[str, Any]) -> dict[str, Any]:
         optimizer=lambda ps: torch.optim.AdamW(ps, lr=opts["lr"]),
         global_batch_size=opts["global_batch"], dp=opts["dp"], tp=opts["tp"], pp=opts["pp"],
         vpp=opts["vpp"], num_microbatches=opts["num_microbatches"], schedule=opts["schedule"],
-        recompute=opts["recompute"], zero=opts["zero"],
+        recompute=opts["recompute"], zero=opts["zero"], sp=opts.get("sp"),
         max_grad_norm=opts["clip"] or math.inf,  # inf: the norm is measured, nothing clipped
         precision=opts.get("precision", "fp32"), seed=opts["seed"], timeout_s=opts["timeout"],
         model_spec=loaded.spec, captured=captured, init_from=opts.get("init_from"))
@@ -348,7 +350,7 @@ def train_rank(opts: dict[str, Any]) -> dict[str, Any]:
         report({"event": "plan", "build_s": build_s,
                 "text": f"dp={par.dp} tp={par.tp} pp={par.pp} vpp={par.vpp} | micro-batch "
                         f"{par.micro_batch_size} x {par.num_microbatches} | {par.schedule} | "
-                        f"ZeRO-{par.zero}"})
+                        f"ZeRO-{par.zero}" + (" | sp" if par.sp else "")})
     if opts["load"]:
         model.load(opts["load"])
     position, note = _data_position(opts, windows, model.steps)
@@ -474,7 +476,8 @@ def _check_before_launch(opts: dict[str, Any], nproc: int) -> None:
     loaded = load_model(_spec(opts["model"], data["vocab"] if data else None),
                         seq_len=opts["seq"], device="meta")
     pins = Pins(**{k: opts[k] for k in ("dp", "tp", "pp", "vpp", "num_microbatches",
-                                        "schedule", "recompute", "zero")})
+                                        "schedule", "recompute", "zero", "sp")
+                     if k in opts})
     check_pins(pins, nproc, opts["global_batch"], heads=loaded.config.get("heads"),
                hidden=loaded.config.get("hidden"), spelling=Spelling.CLI)
     if data:

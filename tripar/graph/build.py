@@ -10,6 +10,7 @@ tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import operator
@@ -30,8 +31,9 @@ from tripar.graph.blocks import (
     target_text,
 )
 from tripar.graph.params import canonical_names, param_groups, read_params
-from tripar.graph.proxy import Block, Cut, ProxyGraph, TensorInfo
+from tripar.graph.proxy import Block, Cut, ProxyGraph, TensorInfo, TPRegion
 from tripar.graph.selective import select_segments
+from tripar.graph.sequence import sequence_zone, token_wise_nodes
 
 
 def _info(node: torch.fx.Node) -> NodeInfo:
@@ -224,7 +226,37 @@ def build_proxy_graph(
         regions, unproven = find_tp_regions(gm, part.node_block(), degrees=tuple(tp_degrees))
         proxy.tp_regions = list(regions)
         proxy.unproven = list(unproven)
+        sequence = _sequence_saved(gm, regions, seq_len, index_of, len(blocks))
+        proxy.blocks = [dataclasses.replace(b, sequence_saved_bytes=sequence[b.index])
+                        if sequence[b.index] else b for b in blocks]
     return proxy
+
+
+def _sequence_saved(gm: torch.fx.GraphModule, regions: Sequence[TPRegion], seq_len: int,
+                    index_of: dict[str, int], blocks: int) -> list[int]:
+    """Per block, the bytes its nodes on the sequence shard save (sequence parallelism with
+    every region sharded): the token-wise nodes that read a region's output, and so on,
+    and a zone value whose region readers are all column-parallel linears (they keep its
+    shard, gathering it again in the backward)."""
+    out = [0] * blocks
+    if not regions or seq_len < 2:
+        return out
+    values = {n.name: n.meta.get("val") for n in gm.graph.nodes}
+    inside = {n for r in regions for n in r.nodes}
+    seeds = [n for r in regions for n in r.row]
+    token_wise = token_wise_nodes(gm, values, seq_len=seq_len, skip=inside)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    column = {n for r in regions for n in r.column}
+    for name in sequence_zone(gm, token_wise, seeds, inside):
+        if name in inside or name not in index_of:
+            continue
+        out[index_of[name]] += _info(nodes[name]).saved_bytes
+        readers = [u.name for u in nodes[name].users if u.name in inside]
+        value = values.get(name)
+        if readers and all(u in column for u in readers) and isinstance(value, torch.Tensor):
+            home = index_of.get(readers[0], index_of[name])
+            out[home] += value.numel() * value.element_size()
+    return out
 
 
 def _derived_inputs_set(gm: torch.fx.GraphModule) -> set[str]:

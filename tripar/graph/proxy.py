@@ -65,6 +65,10 @@ class Block:
     """Forward FLOPs of ``selective_nodes`` (re-run in the backward)."""
     selective_ops: int = 0
     """Tensor operators among ``selective_nodes``."""
+    sequence_saved_bytes: int = 0
+    """Of ``saved_bytes``, what the token-wise nodes between tensor-parallel regions save
+    (norms, dropouts, residual adds: ``tripar.graph.sequence``): what sequence
+    parallelism divides by t."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,14 +88,14 @@ def table_run(row: tuple, graph: ProxyGraph) -> CalibrationRun:
 
 def korthikanti_run(row: tuple, graph: ProxyGraph) -> CalibrationRun:
     """A ``KORTHIKANTI_RUNS`` row as tripar can cost it today: the same t, p, microbatch 1,
-    global batch and 1F1B, with neither sequence parallelism nor selective recomputation
-    (tripar models neither), so no recomputation at all. It is compared with the run's
+    global batch and 1F1B, with sequence parallelism but not selective recomputation (not
+    modelled here), so no recomputation at all. It is compared with the run's
     hardware FLOPs utilization: the published step without the time of its recomputed
     attention cores, taken at the run's mean rate (``published`` = HFU x peak; predicted =
     model FLOPs over the simulated step)."""
     _, _, hidden, layers, t, p, gpus, batch, _, hfu = row
     config = ParallelConfig(dp=1, tp=t, pp=p, micro_batch_size=1, num_microbatches=batch,
-                            schedule="1f1b", recompute="none")
+                            schedule="1f1b", recompute="none", sp=True)
     return CalibrationRun(row[0], graph,
                           Cluster.builtin("a100-80g", nodes=max(1, gpus // 8), gpus_per_node=8),
                           config, flops=model_flops(batch, layers, hidden),

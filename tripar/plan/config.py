@@ -42,6 +42,9 @@ class ParallelConfig:
     """One of RECOMPUTE."""
     zero: int = 0
     """1 shards optimizer state across data-parallel ranks (ZeRO-1); 0 keeps it whole."""
+    sp: bool = False
+    """Sequence parallelism: the token-wise parts between tensor-parallel regions (norms,
+    dropouts, residual adds) run on a 1/tp slice of the sequence; needs tp > 1."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "micro_batch_size", "num_microbatches", "vpp"):
@@ -58,6 +61,11 @@ class ParallelConfig:
             )
         if self.zero not in (0, 1):
             raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}")
+        if not isinstance(self.sp, bool):
+            raise ConfigError(f"sp must be True or False, got {self.sp!r}")
+        if self.sp and self.tp == 1:
+            raise ConfigError("sp=True (sequence parallelism) shards the sequence over the "
+                              "tensor-parallel ranks and needs tp > 1; use sp=False at tp=1")
         if self.vpp > 1 and self.schedule != "interleaved-1f1b":
             raise ConfigError(
                 f"vpp={self.vpp} needs schedule 'interleaved-1f1b', not {self.schedule!r}"

@@ -52,7 +52,7 @@ def fmt_parallel(par: ParallelConfig) -> str:
     """
     return (f"dp={par.dp} tp={par.tp} pp={par.pp} vpp={par.vpp} | micro-batch "
             f"{par.micro_batch_size} x {par.num_microbatches} | {par.schedule} | recompute "
-            f"{par.recompute} | ZeRO-{par.zero}")
+            f"{par.recompute} | ZeRO-{par.zero}" + (" | sp" if par.sp else ""))
 
 
 def fmt_estimate(est: Estimate, device_memory: int | None = None) -> str:

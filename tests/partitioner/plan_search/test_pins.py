@@ -3,6 +3,8 @@ fits no configuration."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from example_graphs import example_graph
 from search_clusters import small_cluster
@@ -64,3 +66,35 @@ def test_one_check_names_pins_in_the_callers_language(pins, api, cli):
                                           r"even --pp \(2, 4, 6, 12 divide the 12 devices\)"):
         check_pins(Pins(schedule="chimera", pp=3), 12, 24, spelling=Spelling.CLI)
     assert Pins(zero=True).implied().zero == 1
+
+
+def _with_sequence(graph, share: float = 0.3):
+    """``graph`` whose layers' token-wise parts save ``share`` of their bytes (what
+    ``tripar.graph.sequence`` finds in a traced transformer)."""
+    graph.blocks = [dataclasses.replace(b, sequence_saved_bytes=int(b.saved_bytes * share))
+                    if b.kind == "layer" else b for b in graph.blocks]
+    return graph
+
+
+def test_sequence_parallel_pin_is_checked_and_planned():
+    graph = _with_sequence(example_graph(layers=4, hidden=512, seq=256, vocab=4000, heads=4))
+    with pytest.raises(ConfigError, match=r"sp=True \(sequence parallelism\).*tp=1; pin tp > 1"):
+        check_pins(Pins(tp=1, sp=True), 8, 16)
+    with pytest.raises(ConfigError, match=r"--sp \(sequence parallelism\).*--tp 1.*--no-sp"):
+        check_pins(Pins(tp=1, sp=True), 8, 16, spelling=Spelling.CLI)
+    odd = _with_sequence(example_graph(layers=4, hidden=512, seq=255, vocab=4000, heads=4))
+    with pytest.raises(ConfigError, match=r"sequence of 255 tokens.*pinned: 2.*sp=False"):
+        check_pins(Pins(tp=2, sp=True), 8, 16, graph=odd)
+    with pytest.raises(ConfigError, match="no token-wise part"):
+        check_pins(Pins(tp=2, sp=True), 8, 16,
+                   graph=example_graph(layers=4, hidden=512, seq=256, vocab=4000, heads=4))
+    plan = search(graph, small_cluster(80), 16, pins=Pins(tp=2, sp=True))
+    assert plan.parallel.sp and plan.parallel.tp == 2
+    assert type(plan).from_json(plan.to_json()) == plan and '"sp": true' in plan.to_json()
+    assert "| sp" in plan.render()
+    assert any(n.startswith("sequence parallelism on: ") and "saves" in n for n in plan.notes)
+    # unpinned, the search weighs both (and never at tp=1, or where the sequence is odd)
+    auto = search(graph, small_cluster(80), 16, pins=Pins(tp=2))
+    sides = {a.parallel.sp for a in auto.alternatives} | {auto.parallel.sp}
+    assert sides == {True, False}
+    assert not search(odd, small_cluster(80), 16, pins=Pins(tp=2)).parallel.sp

@@ -42,7 +42,13 @@ Conventions (all per device, per microbatch unless said otherwise):
   bytes follow Korthikanti et al.'s structure ``sbh(10 + 24/t + 5as/(ht))``:
   per attention or MLP region 2.5 block inputs stay replicated (norm input,
   region input, dropout mask), per embedding / LM-head region one; the rest
-  is divided by t.
+  is divided by t. With sequence parallelism (``config.sp``) what the token-wise nodes
+  between the regions save (``Block.sequence_saved_bytes``: norms, dropouts, residual
+  adds, and the entries the column-parallel linears keep) is divided by tp too
+  (Korthikanti's ``sbh(34 + 5as/h)/t``), and an attention or MLP region's all-reduce
+  (forward and backward) becomes an all-gather plus a reduce-scatter: the same volume.
+  The backward all-gathers the entry again for the weight gradient, exposed only where
+  the weight gradient does not hide it.
 * **Pipeline.** ``send_s`` is latency + bytes / bandwidth of the stage's
   output (inter-node when the next stage sits on another node); with t > 1
   each tensor-parallel rank sends its 1/t slice (Megatron's scatter/gather)

@@ -209,10 +209,15 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
     # Bytes, converted to the training dtype and sharded per Korthikanti's structure.
     input_bytes = block.input_bytes * byte_scale
     saved = block.saved_bytes * byte_scale
+    # sequence parallelism: what the token-wise parts save is kept on 1/tp of the sequence
+    sequence = min(saved, block.sequence_saved_bytes * byte_scale) \
+        if config.sp and config.tp > 1 else 0.0
     if regions and t > 1:
         replicated = min(saved, input_bytes * sum(_REPLICATED_INPUTS.get(r.kind, 1.0)
                                                   for r in regions))
+        replicated = max(replicated, sequence)  # the token-wise bytes are replicated ones
         saved -= h * (saved - replicated) * (1.0 - 1.0 / t)
+    saved -= sequence * (1.0 - 1.0 / config.tp)
     memory_rate = spec.memory_bandwidth * eff.memory
     forward_memory = eff.memory_traffic * saved / memory_rate
     overhead = eff.op_s * block.ops  # per pass; the backward's autograd nodes go to B
@@ -234,11 +239,21 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
     grad_accumulate = 2 * params * dtype_bytes(dtype) / memory_rate
     weight_share = min(1.0, weight_flops / listed_flops) if listed_flops else 0.0
 
-    fwd_comm = bwd_comm = 0.0
+    fwd_comm = bwd_comm = regather = 0.0
     for region, on in zip(regions, sharded):
         if not on:
             continue
         payload = region.comm_bytes * byte_scale
+        if config.sp and region.kind in ("attention", "mlp"):
+            # the entry all-gathers and the exit reduce-scatters, forward and backward (one
+            # all-reduce's volume each way); the backward gathers the entry again for the
+            # weight gradient, overlapped with it
+            both = (collective_time(cluster, "all_gather", payload, t)
+                    + collective_time(cluster, "reduce_scatter", payload, t))
+            fwd_comm += both
+            bwd_comm += both
+            regather += collective_time(cluster, "all_gather", payload, t)
+            continue
         fwd_comm += collective_time(cluster, region.forward_collective, payload, t)
         bwd_comm += collective_time(cluster, region.backward_collective, payload, t)
 
@@ -246,18 +261,20 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
     # computing at once cost it (calibrated CPUs; 1 elsewhere).
     sharing = eff.node_sharing if config.devices > 1 and cluster.devices_per_node > 1 else 1.0
     fwd_scale, bwd_scale = eff.block_forward * sharing, eff.block_backward * sharing
+    weight_s = bwd_scale * (weight_flops * seconds_per_flop + launches * (weight_flops > 0)
+                            + grad_accumulate)
+    regather = max(0.0, regather - weight_s)  # what the weight gradient does not hide
     return BlockCost(
         forward_s=fwd_scale * (forward_compute + launches + forward_memory + overhead)
         + fwd_comm,
         backward_input_s=bwd_scale * ((backward_flops - weight_flops) * seconds_per_flop
                                       + launches + 2 * forward_memory + overhead) + bwd_comm,
-        backward_weight_s=bwd_scale * (weight_flops * seconds_per_flop
-                                       + launches * (weight_flops > 0) + grad_accumulate),
+        backward_weight_s=weight_s + regather,
         saved_bytes=int(saved),
         input_bytes=int(input_bytes),
         output_bytes=int(block.output_bytes * byte_scale),
         params=int(params),
-        tp_comm_s=fwd_comm + bwd_comm,
+        tp_comm_s=fwd_comm + bwd_comm + regather,
         weight_grad_bytes=int(weight_share * operands * dtype_bytes(dtype)),
         param_tensors=len(block.param_names),
         selective_bytes=int(selective_bytes),
@@ -338,7 +355,7 @@ def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
                        else _region_key(r) in chosen for r in mine)
         if not any(on):
             mine, on = [], ()
-        key = (block.signature, tuple((r.kind, r.forward_collective, r.backward_collective,
+        key = (block.signature, config.sp, tuple((r.kind, r.forward_collective, r.backward_collective,
                                        r.comm_bytes, len(r.column), len(r.row), x)
                                       for r, x in zip(mine, on)))
         if key not in cache:

@@ -33,6 +33,8 @@ class ShardedCosts(NamedTuple):
     tp: int
     micro_batch_size: int
     shard: frozenset[str]
+    sp: bool = False
+    """Sequence parallelism on (``ParallelConfig.sp``)."""
 
 
 class ScheduleKey(NamedTuple):
@@ -79,13 +81,14 @@ class BlockCostCache:
         self.graph, self.cluster, self.dtype = graph, cluster, dtype
         self._costs: dict[ShardedCosts, list[BlockCost]] = {}
 
-    def get(self, tp: int, micro_batch_size: int, shard: frozenset[str]) -> list[BlockCost]:
+    def get(self, tp: int, micro_batch_size: int, shard: frozenset[str], sp: bool = False
+            ) -> list[BlockCost]:
         """Block costs at degree ``tp`` and microbatch ``micro_batch_size`` with the
-        regions ``shard`` sharded."""
-        key = ShardedCosts(tp, micro_batch_size, shard)
+        regions ``shard`` sharded (and sequence parallelism when ``sp``)."""
+        key = ShardedCosts(tp, micro_batch_size, shard, sp and tp > 1)
         if key not in self._costs:
             cfg = ParallelConfig(dp=1, tp=tp, pp=1, micro_batch_size=micro_batch_size,
-                                 num_microbatches=1)
+                                 num_microbatches=1, sp=key.sp)
             self._costs[key] = block_costs(self.graph, self.cluster, cfg, dtype=self.dtype,
                                            tp_regions=shard)
         return self._costs[key]

@@ -66,6 +66,10 @@ class Pins:
     cheaper)."""
     zero: int | None = None
     """1: optimizer state sharded over data-parallel ranks (ZeRO-1); 0: replicated."""
+    sp: bool | None = None
+    """Sequence parallelism: True runs the token-wise parts between tensor-parallel
+    regions on a 1/tp slice of the sequence (needs tp > 1 and a sequence length divisible
+    by tp), False never; None lets the search decide."""
 
     def pinned(self) -> dict[str, Any]:
         """The fields that are set, in field order."""
@@ -151,6 +155,7 @@ def check_pins(pins: Pins, devices: int, global_batch: int, *,
                           f"choose one of {', '.join(RECOMPUTE)}")
     if pins.zero is not None and pins.zero not in (0, 1):
         raise ConfigError(f"{s.name('zero')} must be 0 or 1, got {pins.zero!r}")
+    _check_sp(pins, graph, devices, s)
     if pins.vpp is not None and pins.vpp > 1 and pins.schedule not in (None,
                                                                        "interleaved-1f1b"):
         raise ConfigError(f"{s.of('vpp', pins.vpp)} needs schedule interleaved-1f1b, but "
@@ -204,6 +209,40 @@ def _check_chimera(pins: Pins, devices: int, s: Spelling) -> None:
                           f"{s.of('num_microbatches', m)}: each of its two pipelines takes "
                           f"half; use {s.of('num_microbatches', max(2, m - 1))} or "
                           f"{s.of('num_microbatches', m + 1)}")
+
+
+def _check_sp(pins: Pins, graph: ProxyGraph | None, devices: int, s: Spelling) -> None:
+    """sp=True needs a tensor-parallel degree > 1 that divides the sequence."""
+    if pins.sp is None:
+        return
+    if not isinstance(pins.sp, bool):
+        raise ConfigError(f"{s.name('sp')} must be True or False, got {pins.sp!r}"
+                          if s is Spelling.API else f"--sp takes no value, got {pins.sp!r}")
+    if not pins.sp:
+        return
+    on = "sp=True" if s is Spelling.API else "--sp"
+    off = "sp=False" if s is Spelling.API else "--no-sp"
+    if pins.tp == 1 or devices == 1:
+        raise ConfigError(f"{on} (sequence parallelism) splits the sequence over the "
+                          f"tensor-parallel ranks, but {s.of('tp', 1)}"
+                          + (" (one device)" if devices == 1 else "")
+                          + f"; pin {s.name('tp')} > 1 or use {off}")
+    if graph is None:
+        return
+    seq = graph.seq_len
+    degrees = [pins.tp] if pins.tp else sorted({d for r in graph.tp_regions for d in r.degrees
+                                               if devices % d == 0})
+    fit = [d for d in degrees if d > 1 and seq % d == 0]
+    if not fit:
+        shown = ", ".join(map(str, degrees)) or "none"
+        raise ConfigError(f"{on} (sequence parallelism) splits the sequence of {seq} tokens "
+                          f"over the tensor-parallel ranks, but no tensor-parallel degree "
+                          f"({'pinned' if pins.tp else 'proven'}: {shown}) divides it; use a "
+                          f"sequence length divisible by the degree, or {off}")
+    if not any(b.sequence_saved_bytes for b in graph.blocks):
+        raise ConfigError(f"{on}: the model has no token-wise part between its "
+                          "tensor-parallel regions (no norm, dropout or residual add runs "
+                          f"token-wise on their outputs); use {off}")
 
 
 def _check_degrees(pins: Pins, devices: int, s: Spelling) -> None:

@@ -3,10 +3,12 @@ configuration with the runners-up and why each lost."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tripar.graph.proxy import ProxyGraph
+from tripar.partitioner.cost.blocks import block_costs
 from tripar.partitioner.cost.blocks import shardable_regions as _shardable
 from tripar.partitioner.hardware import Cluster
 from tripar.partitioner.plan_search.evaluate import Evaluated
@@ -24,7 +26,7 @@ from tripar.plan import (
     TPShard,
     model_fingerprint,
 )
-from tripar.plan.units import fmt_time
+from tripar.plan.units import fmt_bytes, fmt_time
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +151,9 @@ def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluat
                          f"; replicated: {', '.join(left[:6])}"
                          + (f" and {len(left) - 6} more" if len(left) > 6 else "")
                          if left else ""))
+    note = _sequence_note(graph, cluster, dtype, best, evaluated, bounds)
+    if note:
+        notes.append(note)
     plan = Plan(
         model=ModelInfo(spec or "model", model_fingerprint(graph.blocks), tuple(names),
                         sum(b.params for b in graph.blocks)),
@@ -164,3 +169,29 @@ def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluat
                            best.partition_objective, part_time)),
         solve_time_s=stats.seconds, alternatives=tuple(alts), notes=tuple(notes))
     return plan.validate()
+
+
+def _sequence_note(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluated,
+                   evaluated: list[Evaluated], bounds: Sequence[int]) -> str:
+    """What sequence parallelism saves on stage 0 per microbatch, and whether it was
+    chosen (and, beside it, the same configuration the other way)."""
+    cfg = best.config
+    if cfg.tp == 1 or not any(b.sequence_saved_bytes for b in graph.blocks):
+        return ""
+    on, off = (block_costs(graph, cluster, dataclasses.replace(cfg, sp=sp), dtype=dtype,
+                           tp_regions=best.tp_regions)[:bounds[1]] for sp in (True, False))
+    kept_on, kept_off = sum(c.saved_bytes for c in on), sum(c.saved_bytes for c in off)
+    other = next((e for e in evaluated
+                  if e.config == dataclasses.replace(cfg, sp=not cfg.sp)), None)
+    versus = ""
+    if other is not None and best.step_time_s > 0:
+        versus = (f"; the step with sp={'off' if cfg.sp else 'on'} takes "
+                  f"{other.step_time_s / best.step_time_s - 1:+.1%}")
+    saved = (f"the token-wise parts between the regions run on 1/{cfg.tp} of the sequence; "
+             f"stage 0 keeps {fmt_bytes(kept_on)} of activations per microbatch with it, "
+             f"{fmt_bytes(kept_off)} without")
+    if graph.seq_len % cfg.tp:
+        return (f"sequence parallelism off: the sequence of {graph.seq_len} tokens does not "
+                f"divide by tp={cfg.tp}")
+    return (f"sequence parallelism {'on' if cfg.sp else 'off'}: {saved} "
+            f"(saves {fmt_bytes(kept_off - kept_on)}){versus}")

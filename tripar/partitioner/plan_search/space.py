@@ -9,6 +9,7 @@ rules out a configuration whose weights alone do not fit (``static_overflow``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -53,7 +54,7 @@ def config_key(cfg: ParallelConfig) -> tuple:
     (2, 4, 1, 1, 1, 0, 'none')
     """
     return (cfg.tp, cfg.pp, cfg.vpp, cfg.micro_batch_size, SCHEDULES.index(cfg.schedule),
-            cfg.zero, cfg.recompute)
+            cfg.zero, cfg.recompute) + ((1,) if cfg.sp else ())
 
 
 class SearchSpace:
@@ -72,11 +73,25 @@ class SearchSpace:
         self._work: dict[CostPoint, float] = {}
         self._balance: dict[tuple[int, int, int], float] = {}
         self._static: dict[tuple[int, ...], tuple[int, str]] = {}
+        self._least: dict[CostPoint, list[BlockCost]] = {}
 
     def least_work_costs(self, tp: int, b: int) -> list[BlockCost]:
         """Block costs with the time-optimal regions sharded (``free_choice``): the least
-        work a configuration at ``tp`` and microbatch ``b`` can do."""
-        return self.costs.get(tp, b, self.regions.free_choice(tp, b))
+        work a configuration at ``tp`` and microbatch ``b`` can do (with sequence
+        parallelism where the search may choose it: it keeps the least activation bytes)."""
+        key = CostPoint(tp, b)
+        if key not in self._least:
+            shard = self.regions.free_choice(tp, b)
+            costs = self.costs.get(tp, b, shard)
+            if True in self.sequence_parallel(tp):  # each part at the less of sp and not
+                costs = [dataclasses.replace(
+                    c, forward_s=min(c.forward_s, s.forward_s),
+                    backward_input_s=min(c.backward_input_s, s.backward_input_s),
+                    backward_weight_s=min(c.backward_weight_s, s.backward_weight_s),
+                    saved_bytes=min(c.saved_bytes, s.saved_bytes))
+                    for c, s in zip(costs, self.costs.get(tp, b, shard, True))]
+            self._least[key] = costs
+        return self._least[key]
 
     # ---- enumeration -----------------------------------------------------------------
 
@@ -116,11 +131,22 @@ class SearchSpace:
                     for schedule, vpp in self._schedules_for(pp, m, n):
                         for zero in ([pins.zero] if pins.zero is not None else
                                      ([0, 1] if dp > 1 else [0])):
-                            out.append(ParallelConfig(
-                                dp=dp, tp=tp, pp=pp, micro_batch_size=b, num_microbatches=m,
-                                vpp=vpp, schedule=schedule,
-                                recompute=pins.recompute or "stage-aware", zero=zero))
+                            for sp in self.sequence_parallel(tp):
+                                out.append(ParallelConfig(
+                                    dp=dp, tp=tp, pp=pp, micro_batch_size=b,
+                                    num_microbatches=m, vpp=vpp, schedule=schedule,
+                                    recompute=pins.recompute or "stage-aware", zero=zero,
+                                    sp=sp))
         return sorted(out, key=config_key)
+
+    def sequence_parallel(self, tp: int) -> list[bool]:
+        """The sp values tried at degree ``tp``: both where the sequence divides by tp and
+        the graph has token-wise parts between its regions, else none (or the pin)."""
+        possible = tp > 1 and self.graph.seq_len % tp == 0 and any(
+            b.sequence_saved_bytes for b in self.graph.blocks)
+        if self.pins.sp is not None:
+            return [self.pins.sp] if possible or not self.pins.sp else []
+        return [False, True] if possible else [False]
 
     def _schedules_for(self, pp: int, m: int, blocks: int) -> list[tuple[str, int]]:
         pins = self.pins
@@ -196,7 +222,8 @@ class SearchSpace:
         with the time-optimal regions sharded (or, ``least_memory``, every proven one)."""
         key = (CostPoint(tp, b), least_memory)
         if key not in self._prefix:
-            costs = (self.costs.get(tp, b, self.regions.all_regions(tp)) if least_memory
+            costs = (self.costs.get(tp, b, self.regions.all_regions(tp),
+                                    True in self.sequence_parallel(tp)) if least_memory
                      else self.least_work_costs(tp, b))
 
             def cum(values) -> np.ndarray:
