@@ -2,8 +2,9 @@
 
 For each run of ``KORTHIKANTI_RUNS`` (A100-80GB, seq 2048, global batch = GPUs / t / p x
 the published one): the published model FLOPs utilization, the published configuration
-(t, p, dp 1, micro batch 1, 1F1B) simulated by tripar's cost model without recomputation
-(tripar models neither sequence parallelism nor selective recomputation), and tripar's own
+(t, p, dp 1, micro batch 1, 1F1B) simulated by tripar's cost model without recomputation,
+without and with sequence parallelism (as published; selective recomputation is
+``korthikanti_selective.py``'s), and tripar's own
 plan for the same GPUs and batch, nothing pinned, with its configuration, MFU and search
 time (wall and CPU seconds; the CPU ones hold up on a busy machine). MFU counts
 ``72 B s l h^2 (1 + s/(6h) + V/(12 l h))`` FLOPs per step (``megatron.model_flops``).
@@ -14,6 +15,7 @@ time (wall and CPU seconds; the CPU ones hold up on a busy machine). MFU counts
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -43,9 +45,14 @@ def row_report(row: tuple) -> str:
     published = ParallelConfig(dp=gpus // (t * p), tp=t, pp=p, micro_batch_size=1,
                                num_microbatches=batch // (gpus // (t * p)),
                                schedule="1f1b", recompute="none")
-    est = step_estimate(graph, cluster, published, record_timeline=False)
-    as_published = (f"{utilization(est.step_time_s):.1%}" if est.fits else
-                    f"does not fit: {max(est.rank_memory_bytes) / 2**30:.1f} GiB on a device")
+
+    def simulated(config: ParallelConfig) -> str:
+        est = step_estimate(graph, cluster, config, record_timeline=False)
+        return (f"{utilization(est.step_time_s):.1%}" if est.fits else
+                f"does not fit: {max(est.rank_memory_bytes) / 2**30:.1f} GiB on a device")
+
+    as_published = (f"{simulated(published)} | "
+                    f"{simulated(dataclasses.replace(published, sp=True))}")
     wall, cpu = time.perf_counter(), time.process_time()
     plan, _stats = search_with_stats(graph, cluster, batch)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -53,7 +60,7 @@ def row_report(row: tuple) -> str:
     recomputing = sum(1 for st in plan.stages if st.recompute)
     chosen = (f"dp{par.dp} tp{par.tp} pp{par.pp} v{par.vpp} b{par.micro_batch_size} "
               f"{par.schedule} {par.recompute} ({recomputing}/{len(plan.stages)} stages "
-              f"recompute) z{par.zero}")
+              f"recompute) z{par.zero}" + (" sp" if par.sp else ""))
     return (f"| {name}, {gpus} | {mfu:.1f}% | {as_published} | "
             f"{utilization(plan.estimate.step_time_s):.1%} | {chosen} | "
             f"{plan.estimate.peak_memory_bytes / 2**30:.1f} | {wall:.1f} / {cpu:.1f} |")
@@ -65,8 +72,9 @@ def main() -> None:
     args = parser.parse_args()
     print(f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print("| model, GPUs | published MFU | published config, simulated (recompute none) | "
-          "tripar's plan MFU | tripar's plan | plan peak GiB | search s (wall / CPU) |")
-    print("|---|---:|---|---:|---|---:|---:|")
+          "the same with sequence parallelism | tripar's plan MFU | tripar's plan | "
+          "plan peak GiB | search s (wall / CPU) |")
+    print("|---|---:|---|---|---:|---|---:|---:|")
     for i in (int(x) for x in args.rows.split(",")):
         print(row_report(KORTHIKANTI_RUNS[i - 1]), flush=True)
 
