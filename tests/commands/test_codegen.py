@@ -19,7 +19,8 @@ MODEL = "gpt:layers=2,hidden=512,heads=8,vocab=32000,seq=128"
 def plan_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("plan") / "plan.json"
     code = main(["plan", MODEL, "--gpu", "a100-80g", "--nodes", "1", "--gpus-per-node", "4",
-                 "--global-batch", "8", "--tp", "2", "--pp", "2", "--out", str(path)])
+                 "--global-batch", "8", "--tp", "2", "--pp", "2", "--schedule", "1f1b",
+                 "--out", str(path)])
     assert code == 0 and path.exists()
     return path
 

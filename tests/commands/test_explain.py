@@ -36,7 +36,7 @@ def test_runners_up_never_blame_recomputation_when_recompute_is_none(capsys, tmp
     micro-batches), not recomputation, which none of them does."""
     out = tmp_path / "plan.json"
     assert main(["plan", MODEL, "--gpus-per-node", "4", "--global-batch", "16",
-                 "--recompute", "none", "--out", str(out)]) == 0
+                 "--recompute", "none", "--schedule", "1f1b", "--out", str(out)]) == 0
     capsys.readouterr()
     assert main(["explain", str(out), "--format", "json"]) == 0
     alternatives = json.loads(capsys.readouterr().out)["alternatives"]

@@ -35,8 +35,8 @@ regions, the set of token-wise nodes the sharded plan runs on the shard.
 >>> gm = torch.fx.symbolic_trace(Block())
 >>> from tripar.graph.values import node_values
 >>> values = node_values(gm, [torch.ones(2, 6, 4)])
->>> sorted(token_wise_nodes(gm, values, seq_len=6))
-['add', 'norm']
+>>> sorted(token_wise_nodes(gm, values, seq_len=6))  # the softmax over dim 1 mixes tokens
+['add', 'norm', 'sum_1']
 """
 
 from __future__ import annotations
