@@ -200,9 +200,9 @@ def _signature(region: TPRegion, grower: Grower, expected: dict | None) -> tuple
         target = repr(grower.modules[n.target]) if n.op == "call_module" else str(n.target)
         args = torch.fx.node.map_arg((n.args, n.kwargs), ext)
         items.append((n.op, target, repr(args), (expected or {}).get(name)))
-    shapes = {name: tuple(p.shape) for name, p in grower.gm.named_parameters()}
     return (
-        region.kind, tuple(items), tuple((shapes[f], d) for f, d in region.shards),
+        region.kind, tuple(items),
+        tuple((tuple(grower.gm.get_parameter(f).shape), d) for f, d in region.shards),
         tuple(p for _, p in region.parts), tuple((pos[n], i) for n, i in region.rewrites),
         tuple((pos[n], i, d) for n, i, d in region.narrows), tuple(pos[r] for r in region.row),
         pos.get(region.loss), region.heads, region.kv_heads,

@@ -14,9 +14,11 @@ Three forms are understood:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -193,6 +195,25 @@ def check_device(device: str | torch.device) -> torch.device:
         ) from None
 
 
+@contextlib.contextmanager
+def _initialisers_skipped() -> Iterator[None]:
+    """Make ``torch.nn.init``'s in-place initialisers return their tensor untouched.
+
+    A zoo model is built on the meta device, where an initialiser draws nothing, and
+    filled by ``init_weights()`` once it has storage; at GPT-3 175B the no-op calls
+    alone took 1.4 s of a 9 s ``tripar plan``.
+    """
+    names = [name for name in vars(nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(nn.init, name) for name in names}
+    try:
+        for name in names:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
 def load_model(
     spec: str, *, batch_size: int = 1, seq_len: int | None = None, device: str = "cpu",
     seed: int = 0,
@@ -229,7 +250,7 @@ def load_model(
     if seq_len is not None and "seq" in accepted_keys(config_cls):
         raw = {**raw, "seq": str(seq_len)}
     config = build_config(family, raw)
-    with torch.device("meta"):
+    with torch.device("meta"), _initialisers_skipped():
         model = model_cls(config)
     if target.type != "meta":
         model.to_empty(device=target)

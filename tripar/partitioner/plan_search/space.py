@@ -9,6 +9,7 @@ rules out a configuration whose weights alone do not fit (``static_overflow``).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 
@@ -307,15 +308,16 @@ class SearchSpace:
         contiguous stages (a bisection over that work, each test a greedy fill)."""
         key = (tp, b, k)
         if key not in self._balance:
-            work = self.prefix(tp, b)["work"]
+            prefix = self.prefix(tp, b)["work"]
+            work = prefix.tolist()  # bisect on a list: scalar searchsorted dominated the search
             n = len(work) - 1
-            lo = max(float(work[-1]) / k, float(np.diff(work).max()))
-            hi = float(work[-1])
+            lo = max(work[-1] / k, float(np.diff(prefix).max()))
+            hi = work[-1]
             for _ in range(40):
                 cap = (lo + hi) / 2
                 at, stages = 0, 0
                 while at < n and stages < k:
-                    at = int(np.searchsorted(work, work[at] + cap * (1 + 1e-12), "right")) - 1
+                    at = bisect.bisect_right(work, work[at] + cap * (1 + 1e-12)) - 1
                     stages += 1
                 lo, hi = (lo, cap) if at >= n else (cap, hi)
                 if hi - lo <= 1e-6 * hi:
