@@ -187,9 +187,10 @@ def _sequence_note(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evalua
     if other is not None and best.step_time_s > 0:
         versus = (f"; the step with sp={'off' if cfg.sp else 'on'} takes "
                   f"{other.step_time_s / best.step_time_s - 1:+.1%}")
-    saved = (f"the token-wise parts between the regions run on 1/{cfg.tp} of the sequence; "
-             f"stage 0 keeps {fmt_bytes(kept_on)} of activations per microbatch with it, "
-             f"{fmt_bytes(kept_off)} without")
+    would = "run" if cfg.sp else "would run"
+    saved = (f"the token-wise parts between the regions {would} on 1/{cfg.tp} of the "
+             f"sequence; stage 0 keeps {fmt_bytes(kept_on)} of activations per microbatch with "
+             f"it, {fmt_bytes(kept_off)} without")
     if graph.seq_len % cfg.tp:
         return (f"sequence parallelism off: the sequence of {graph.seq_len} tokens does not "
                 f"divide by tp={cfg.tp}")
