@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from tripar.cli import main
 
@@ -59,3 +60,22 @@ def test_plan_and_explain_show_each_device_with_its_virtual_stages(capsys, tmp_p
         assert "device memory at each rank's peak = its virtual stages' parts:" in text
         line = next(x for x in text.splitlines() if x.strip().startswith("rank 1 "))
         assert "stage 1 " in line and "+ stage 3 " in line
+
+
+def test_explain_names_sequence_parallelism_and_selective_recomputation_and_what_each_saved(
+        capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    model = "gpt:layers=2,hidden=128,heads=8,vocab=256,seq=64,attention=eager"
+    assert main(["plan", model, "--gpu", "cpu", "--gpus-per-node", "2", "--global-batch", "8",
+                 "--tp", "2", "--sp", "--recompute", "selective", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["explain", str(out)]) == 0
+    text = capsys.readouterr().out
+    sp = next(line for line in text.splitlines() if "sequence parallelism on" in line)
+    kept = re.search(r"keeps ([\d.]+) (\w+) of activations per microbatch with it, "
+                     r"([\d.]+) (\w+) without \(saves ([\d.]+) (\w+)\)", sp)
+    assert kept, sp
+    selective = next(line for line in text.splitlines()
+                     if line.startswith("note: selective recomputation"))
+    assert re.search(r"stage 0 drops [\d.]+ [kMG]?B per microbatch", selective), selective
+    assert "recompute selective" in text and "| sp" in text

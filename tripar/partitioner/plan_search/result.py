@@ -151,9 +151,10 @@ def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluat
                          f"; replicated: {', '.join(left[:6])}"
                          + (f" and {len(left) - 6} more" if len(left) > 6 else "")
                          if left else ""))
-    note = _sequence_note(graph, cluster, dtype, best, evaluated, bounds)
-    if note:
-        notes.append(note)
+    for note in (_sequence_note(graph, cluster, dtype, best, evaluated, bounds),
+                 _selective_note(graph, cluster, dtype, best, evaluated, bounds, stages)):
+        if note:
+            notes.append(note)
     plan = Plan(
         model=ModelInfo(spec or "model", model_fingerprint(graph.blocks), tuple(names),
                         sum(b.params for b in graph.blocks)),
@@ -169,6 +170,31 @@ def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluat
                            best.partition_objective, part_time)),
         solve_time_s=stats.seconds, alternatives=tuple(alts), notes=tuple(notes))
     return plan.validate()
+
+
+def _selective_note(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluated,
+                    evaluated: list[Evaluated], bounds: Sequence[int],
+                    stages: Sequence[StagePlan]) -> str:
+    """What selective recomputation drops on its first stage, per microbatch and at the
+    stage's peak, what it re-runs, and the same configuration without it."""
+    first = next((st for st in stages if st.selective), None)
+    if first is None:
+        return ""
+    costs = block_costs(graph, cluster, best.config, dtype=dtype,
+                        tp_regions=best.tp_regions)[bounds[first.index]:bounds[first.index + 1]]
+    dropped = sum(c.selective_bytes for c in costs)
+    rerun = sum(c.selective_s for c in costs)
+    other = next((e for e in evaluated
+                  if e.config == dataclasses.replace(best.config, recompute="none")), None)
+    versus = ""
+    if other is not None and best.step_time_s > 0:
+        versus = (f"; the step with recompute none takes "
+                  f"{other.step_time_s / best.step_time_s - 1:+.1%}")
+    return (f"selective recomputation: {sum(bool(st.selective) for st in stages)} of "
+            f"{len(stages)} stages re-run the parts of their blocks cheap to recompute and "
+            f"costly to keep; stage {first.index} drops {fmt_bytes(dropped)} per microbatch "
+            f"({fmt_bytes(dropped * first.in_flight)} at its peak, {first.in_flight} in "
+            f"flight) for {fmt_time(rerun)} of recomputation per microbatch{versus}")
 
 
 def _sequence_note(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluated,
