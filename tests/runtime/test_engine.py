@@ -143,6 +143,9 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 2, 2, "scp",    1, 0, 1, "fp32", ("bert",), ADAMW, None, True),
         (2, 2, 1, "1f1b",   1, 1, 1, "fp32", ("hf_gpt2",), ADAMW, None, True),
         (1, 2, 2, I1F1B,    2, 0, 1, "bf16", ("gpt",), SGD, None, True),
+        (1, 2, 2, "gpipe",  1, 0, 1, "fp32", ("gpt", "hf_gpt2"), ADAMW, None, True),
+        (1, 2, 2, "chimera", 1, 0, 1, "fp32", ("gpt", "llama"), SGD, None, True),
+        (1, 2, 2, "chimera", 1, 0, 1, "bf16", ("gpt",), SGD),
     ],
     "world8": [
         (2, 2, 2, "gpipe",  1, 0, 1, "fp32", ("gpt", "bert", "hf_gpt2"), ADAMW),
@@ -156,6 +159,7 @@ MATRIX: dict[str, list[tuple]] = {
         (2, 4, 1, "1f1b",   1, 0, 1, "fp32", ("gpt", "vit", "hf_gpt2"), ADAMW),
         (1, 4, 2, "1f1b",   1, 0, 1, "bf16", LM, SGD),
         (2, 1, 4, "chimera", 1, 1, 1, "fp32", ("gpt", "hf_gpt2"), SGD),
+        (2, 2, 2, "1f1b",   1, 1, 1, "fp32", ("llama", "bert"), ADAMW, None, True),
     ],
 }
 # AdamW's eps is 1e-6: a key projection's bias has an exactly zero gradient (softmax does not
