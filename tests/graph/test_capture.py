@@ -131,3 +131,28 @@ def test_flat_graph_inputs_take_defaults_and_raise_the_callers_error() -> None:
         flat_graph_inputs(gm, (x,), {"bias": 1})
     with pytest.raises(CaptureError, match="the inputs do not match the captured forward"):
         flat_graph_inputs(gm, (), {}, error=CaptureError)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_functional_dropout_follows_the_modules_mode_after_capture(method):
+    """transformers' attention calls ``F.dropout(..., training=self.training)``: traced in
+    training mode, the graph must still drop nothing in ``eval()`` and drop in ``train()``."""
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.nn.functional.dropout(self.proj(x), p=0.5, training=self.training)
+
+    model = Attention()
+    x = torch.randn(4, 16)
+    gm = capture(model, (x,), method=method)
+    assert gm.meta["tripar_tracer"] == method
+    # the flag itself: an exported module refuses eval() (the stages split from it do not)
+    gm.training = False
+    torch.testing.assert_close(gm(x), model.eval()(x), rtol=0, atol=0)
+    gm.training = True
+    dropped = gm(x)
+    assert (dropped == 0).sum() > 8  # about half of 64

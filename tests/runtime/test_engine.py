@@ -382,6 +382,27 @@ def _compare(run: Run, full: dict, refs: dict, start: dict) -> str:
     return ""
 
 
+@functools.cache
+def _eval_model(name: str) -> torch.nn.Module:
+    spec = MODELS[name]
+    return load_model(spec, batch_size=1, seq_len=8 if spec.startswith("hf:") else None).model
+
+
+def _compare_eval(run: Run, full: dict, batch, evaluated: float) -> None:
+    """``eval_step`` of the trained parallel model is one process's mean microbatch loss
+    with the same parameters (the same microbatches, no dropout, the same autocast)."""
+    model = _eval_model(run.model)
+    model.load_state_dict(full)
+    model.eval()
+    n = GLOBAL_BATCH // run.mbs
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                         enabled=run.precision == "bf16"):
+        want = sum(float(_forward(model, _micro(batch, k, run.mbs))) for k in range(n)) / n
+    tolerance = 1e-5 if run.precision == "fp32" else 2e-2
+    assert math.isclose(evaluated, want, rel_tol=tolerance, abs_tol=tolerance), (
+        f"{run}: eval_step {evaluated} vs one process {want}")
+
+
 def _compare_all(group: str, data: bytes) -> list[str]:
     """On every rank: each run of ``group`` trained and compared. ``data`` is ``torch.save``
     of (model -> step batches, reference key -> single-process result, model -> initial
@@ -418,10 +439,12 @@ def _compare_all(group: str, data: bytes) -> list[str]:
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, ((c.pp, c.dp, c.tp), _checksums(pm), losses))
         full = pm.full_state_dict()
+        evaluated = pm.eval_step(steps[run.model][0])
         pm.close()
         if rank == 0:
             _check_replicas(run, gathered)
             measured = _compare(run, full, refs, starts[run.model])
+            _compare_eval(run, full, steps[run.model][0], evaluated)
             done.append(f"{what} {time.perf_counter() - t0:.2f}s {measured}".rstrip())
     return done
 

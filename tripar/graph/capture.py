@@ -263,8 +263,61 @@ def capture(
         return _capture(model, args, kwargs, leaf_types, leaf_names, method)
 
 
+_DROPOUTS = {  # function -> position of its ``training`` argument (named ``training`` or ``train``)
+    torch.nn.functional.dropout: 2, torch.nn.functional.alpha_dropout: 2,
+    torch.nn.functional.feature_alpha_dropout: 2, torch.nn.functional.dropout1d: 2,
+    torch.nn.functional.dropout2d: 2, torch.nn.functional.dropout3d: 2, torch.dropout: 2,
+    torch.ops.aten.dropout.default: 2, torch.ops.aten.native_dropout.default: 2,
+}
+
+
+def dropouts_follow_mode(gm: torch.fx.GraphModule) -> int:
+    """Make each functional dropout traced in training mode read the module's mode.
+
+    A model that calls ``F.dropout(x, p, training=self.training)`` (transformers'
+    attention does) is traced with ``training=True`` written into the graph, so the
+    captured module would keep dropping in ``eval()``. Each such argument becomes a
+    ``get_attr`` of ``training``: the graph module's own mode, and each stage's once the
+    graph is split. Returns how many dropouts were rewired.
+
+    >>> import torch.nn.functional as F
+    >>> class Net(nn.Module):
+    ...     def forward(self, x):
+    ...         return F.dropout(x, 0.5, training=self.training)
+    >>> gm = torch.fx.symbolic_trace(Net())
+    >>> dropouts_follow_mode(gm), bool((gm.eval()(torch.ones(8)) == 1).all())
+    (1, True)
+    """
+    rewired = 0
+    for node in list(gm.graph.nodes):
+        index = _DROPOUTS.get(node.target) if node.op == "call_function" else None
+        if index is None:
+            continue
+        key = next((k for k in ("training", "train") if k in node.kwargs), None)
+        given = node.kwargs[key] if key else node.args[index] if len(node.args) > index else None
+        if given is not True:
+            continue  # left out (the function's default, as the model wrote it), or False
+        with gm.graph.inserting_before(node):
+            mode = gm.graph.create_node("get_attr", "training")  # a flag, not a tensor
+        if key:
+            node.update_kwarg(key, mode)
+        else:
+            node.update_arg(index, mode)
+        rewired += 1
+    if rewired:
+        gm.recompile()
+    return rewired
+
+
 def _capture(model: nn.Module, args: tuple, kwargs: dict, leaf_types: tuple[type, ...],
              leaf_names: frozenset[str], method: str) -> torch.fx.GraphModule:
+    gm = _traced(model, args, kwargs, leaf_types, leaf_names, method)
+    dropouts_follow_mode(gm)
+    return gm
+
+
+def _traced(model: nn.Module, args: tuple, kwargs: dict, leaf_types: tuple[type, ...],
+            leaf_names: frozenset[str], method: str) -> torch.fx.GraphModule:
     failures: list[str] = []
     details: list[str] = []
     if method in ("auto", "fx"):
