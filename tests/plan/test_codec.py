@@ -75,6 +75,11 @@ def test_corrupt_fields_name_their_path():
     with pytest.raises(PlanError, match=r"plan.parallel: unknown schedule 'fastest'"):
         Plan.from_dict(data)
     data = make_plan().to_dict()
+    data["parallel"]["zero"] = 3
+    with pytest.raises(PlanError, match=r"plan.parallel: zero must be one of 0, 1, 2 \(the ZeRO "
+                                        r"stage\), got 3"):
+        Plan.from_dict(data)
+    data = make_plan().to_dict()
     data["alternatives"][0]["binding"] = "luck"
     with pytest.raises(PlanError, match=r"'luck' is not one of 'memory'"):
         Plan.from_dict(data)
@@ -117,7 +122,7 @@ def parallel_configs(draw):
         num_microbatches=draw(pos) * even,
         vpp=draw(pos) if schedule == "interleaved-1f1b" else 1, schedule=schedule,
         recompute=draw(st.sampled_from(("none", "full", "stage-aware"))),
-        zero=draw(st.sampled_from((0, 1))))
+        zero=draw(st.sampled_from((0, 1, 2))))
 
 
 @st.composite

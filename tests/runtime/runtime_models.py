@@ -100,13 +100,14 @@ SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), (
 """(schedule, vpp) pairs every multi-rank test runs."""
 
 
-def train_and_compare(mesh, schedule: str, vpp: int, opt: str, *, zero: bool = False,
+def train_and_compare(mesh, schedule: str, vpp: int, opt: str, *, zero: int = 0,
                       clip: float | None = None, num_microbatches: int = 4,
                       global_batch: int = 16, steps: int = 3) -> dict:
     """Train the split MLP on ``mesh`` and assert it matches one process. Returns what a
     test may check further: ``compared`` (parameters this rank compared), ``params`` (this
     rank's trained parameters by name), ``state_numel``, ``overlapped`` (buckets reduced
-    inside the backward, summed over steps), ``norms`` (clipping's norms)."""
+    inside the backward, summed over steps), ``norms`` (clipping's norms), ``grad_numel``
+    (the most gradient values this rank held after a step's backward)."""
     from torch.testing import assert_close
 
     from tripar.partitioner.schedules import build_schedule
@@ -126,10 +127,11 @@ def train_and_compare(mesh, schedule: str, vpp: int, opt: str, *, zero: bool = F
     sync = DataParallel([p.module for p in programs], mesh, make_opt, zero=zero,
                         bucket_bytes=4096)
     ex = PipelineExecutor(programs, sched, mesh, loss_fn=loss_fn, grad_sync=sync)
-    losses, norms, overlapped = [], [], 0
+    losses, norms, overlapped, grad_numel = [], [], 0, 0
     for batch in batches:
         losses.append(ex.step(local_batch(batch, mesh)))
         overlapped += sync.overlapped
+        grad_numel = max(grad_numel, sync.grad_numel())
         if clip is not None:
             norms.append(sync.clip_grad_norm_(clip))
         sync.step()
@@ -152,5 +154,5 @@ def train_and_compare(mesh, schedule: str, vpp: int, opt: str, *, zero: bool = F
     assert compared == len(held) > 0, (compared, len(held))
     params = {name: p.detach().clone() for name, p in par.named_parameters() if id(p) in held}
     return {"compared": compared, "params": params, "state_numel": sync.optimizer_state_numel(),
-            "overlapped": overlapped, "norms": norms,
+            "overlapped": overlapped, "norms": norms, "grad_numel": grad_numel,
             "padded": sum(b.padded for b in sync.buckets)}

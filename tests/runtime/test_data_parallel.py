@@ -1,4 +1,5 @@
-"""Data parallelism on gloo ranks: overlapped buckets, ZeRO-1 = plain dp, global-norm clipping."""
+"""Data parallelism on gloo ranks: overlapped buckets, ZeRO-2 = plain dp holding 1/dp of the
+gradients, global-norm clipping."""
 
 from __future__ import annotations
 
@@ -23,18 +24,23 @@ def _zero_and_clip(layouts: list[tuple[int, int]]) -> list[str]:
             if pp == 1 and vpp > 1:
                 continue
             plain = train_and_compare(mesh, schedule, vpp, opt)
-            zero = train_and_compare(mesh, schedule, vpp, opt, zero=True)
+            zero = train_and_compare(mesh, schedule, vpp, opt, zero=2)
             what = f"pp={pp} dp={dp} {schedule} {opt}"
-            # ZeRO-1 against plain dp directly (both also matched one process above)
+            # ZeRO-2 against plain dp directly (both also matched one process above)
             for name, p in plain["params"].items():
                 assert_close(zero["params"][name], p, rtol=1e-5, atol=1e-5,
-                             msg=lambda m, n=name, w=what: f"{w}: ZeRO-1 differs at {n}: {m}")
+                             msg=lambda m, n=name, w=what: f"{w}: ZeRO-2 differs at {n}: {m}")
+            # after the backward a ZeRO-2 rank holds its 1/dp shard of each bucket and
+            # nothing else; plain dp holds every gradient
+            held = sum(p.numel() for p in plain["params"].values())
+            assert plain["grad_numel"] == held, what
+            assert zero["grad_numel"] == zero["padded"] // dp < held, what
             assert plain["overlapped"] > 0 and zero["overlapped"] > 0, what
             if opt == "adamw":  # exp_avg and exp_avg_sq: 2 values per (padded) element
                 assert plain["state_numel"] == 2 * sum(p.numel() for p in plain["params"].values())
                 assert zero["state_numel"] == 2 * zero["padded"] // dp < plain["state_numel"], what
             if not clipped:  # clipping once per layout, with and without ZeRO
-                for use_zero in (False, True):
+                for use_zero in (0, 2):
                     train_and_compare(mesh, schedule, vpp, opt, zero=use_zero, clip=0.5)
                 clipped = True
             done.append(what)
@@ -42,7 +48,7 @@ def _zero_and_clip(layouts: list[tuple[int, int]]) -> list[str]:
 
 
 @pytest.mark.parametrize("world, layouts", [(4, [(2, 2), (1, 4)])], ids=["pp2xdp2+dp4"])
-def test_zero1_and_clipping_match_single_process(world, layouts):
+def test_zero2_and_clipping_match_single_process(world, layouts):
     results = run_ranks(_zero_and_clip, world, layouts, timeout_s=120)
     assert all(len(r) == 3 for r in results), results
 
@@ -62,7 +68,7 @@ def _pipeline_only(schedules: list[str]) -> list[str]:
     sync = DataParallel([torch.nn.Linear(2, 2)], mesh, lambda ps: torch.optim.SGD(ps, lr=0.1))
     assert sync._hooks == [], "dp=1 without ZeRO must register no gradient hooks"
     zero = DataParallel([torch.nn.Linear(2, 2)], mesh, lambda ps: torch.optim.SGD(ps, lr=0.1),
-                        zero=True)
+                        zero=2)
     assert len(zero._hooks) == 2  # ZeRO at dp=1 still flattens into its shards
     zero.remove_hooks()
     return done

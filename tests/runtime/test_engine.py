@@ -105,6 +105,8 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 2, 1, "1f1b",   1, 0, 1, "fp32", SP, SGD, None, True),
         (1, 2, 1, "1f1b",   1, 0, 2, "fp32", ("hf_gpt2_dropout",), SGD, None, True),
         (1, 2, 1, "1f1b",   1, 0, 1, "bf16", ("gpt",), SGD, None, True),
+        (2, 1, 1, "1f1b",   1, 2, 1, "fp32", ("gpt", "hf_gpt2"), BOTH),
+        (2, 1, 1, "1f1b",   1, 2, 1, "bf16", ("llama",), SGD),
     ],
     "world4-dp-pp": [
         (1, 1, 4, "gpipe",  1, 0, 1, "fp32", ALL, ADAMW),
@@ -123,6 +125,9 @@ MATRIX: dict[str, list[tuple]] = {
         (2, 1, 2, "chimera", 1, 1, 1, "fp32", ("gpt", "hf_gpt2"), ADAMW),
         (1, 1, 4, "chimera", 1, 0, 1, "bf16", ("llama",), SGD),
         (2, 1, 2, "chimera", 1, 0, 1, "bf16", ("gpt",), SGD),
+        (2, 1, 2, "1f1b",   1, 2, 1, "fp32", ("gpt", "llama"), ADAMW),
+        (2, 1, 2, I1F1B,    2, 2, 1, "fp32", ("gpt",), SGD),
+        (2, 1, 2, "chimera", 1, 2, 1, "fp32", ("hf_gpt2",), SGD),
     ],
     "world4-tp": [
         (1, 2, 2, "gpipe",  1, 0, 1, "fp32", ALL, ADAMW),
@@ -146,6 +151,8 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 2, 2, "gpipe",  1, 0, 1, "fp32", ("gpt", "hf_gpt2"), ADAMW, None, True),
         (1, 2, 2, "chimera", 1, 0, 1, "fp32", ("gpt", "llama"), SGD, None, True),
         (1, 2, 2, "chimera", 1, 0, 1, "bf16", ("gpt",), SGD),
+        (2, 2, 1, "1f1b",   1, 2, 1, "fp32", ("gpt", "hf_gpt2"), ADAMW),
+        (2, 2, 1, "zb-h1",  1, 2, 1, "bf16", ("gpt",), SGD),
     ],
     "world8": [
         (2, 2, 2, "gpipe",  1, 0, 1, "fp32", ("gpt", "bert", "hf_gpt2"), ADAMW),

@@ -55,7 +55,7 @@ def bindings(plan: Plan) -> list[tuple[Binding, str]]:
         out.append((comm * 2, Binding.COMMUNICATION,
                     f"{fmt_time(est.communication_s)} ({comm:.1%} of the step) after the "
                     f"pipeline: gradient reduction over dp={par.dp}"
-                    + (", ZeRO-1 gathers" if par.zero else "") + ", optimizer step"))
+                    + (f", ZeRO-{par.zero} gathers" if par.zero else "") + ", optimizer step"))
         busy = est.compute_s / est.step_time_s
         out.append((busy, Binding.COMPUTE, f"the busiest device computes {fmt_time(est.compute_s)}"
                                            f" ({busy:.0%} of the step)"))

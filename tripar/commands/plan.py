@@ -13,7 +13,7 @@ from typing import Any
 
 from tripar.commands._cluster_args import add_cluster_args, cluster_from_args
 from tripar.commands._model_args import add_model_args, check_model_args, proxy_graph_for
-from tripar.plan.config import SCHEDULES
+from tripar.plan.config import SCHEDULES, ZERO_STAGES
 
 
 def add_parser(subparsers: Any) -> None:
@@ -36,8 +36,9 @@ def add_parser(subparsers: Any) -> None:
     group.add_argument("--recompute", choices=("auto", "none", "selective", "full", "stage-aware"),
                        default="auto",
                        help="auto recomputes per stage only what does not fit (stage-aware)")
-    group.add_argument("--zero", choices=("auto", "0", "1"), default="auto",
-                       help="1: shard optimizer state across data-parallel ranks")
+    group.add_argument("--zero", choices=("auto", *map(str, ZERO_STAGES)), default="auto",
+                       help="ZeRO stage: 1 shards optimizer state across data-parallel ranks, 2 "
+                            "the gradients too")
     group.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
                        help="sequence parallelism: the token-wise parts between "
                             "tensor-parallel regions on a 1/tp slice of the sequence "

@@ -14,7 +14,7 @@ from tripar.commands._cluster_args import add_cluster_args, cluster_from_args
 from tripar.commands._model_args import add_model_args, load_proxy_graph
 from tripar.errors import InfeasibleError
 from tripar.plan import fmt_bytes
-from tripar.plan.config import RECOMPUTE, SCHEDULES, ParallelConfig
+from tripar.plan.config import RECOMPUTE, SCHEDULES, ZERO_STAGES, ParallelConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -36,8 +36,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="pipeline schedule (default 1f1b, interleaved-1f1b when --vpp > 1)")
     group.add_argument("--recompute", choices=RECOMPUTE, default="none",
                        help="activation recomputation (default none)")
-    group.add_argument("--zero", type=int, choices=(0, 1), default=0,
-                       help="1: shard optimizer state across data-parallel ranks")
+    group.add_argument("--zero", type=int, choices=ZERO_STAGES, default=0,
+                       help="ZeRO stage: 1 shards optimizer state across data-parallel ranks, 2 "
+                            "the gradients too")
     group.add_argument("--sp", action=argparse.BooleanOptionalAction, default=False,
                        help="sequence parallelism: the token-wise parts between "
                             "tensor-parallel regions on a 1/tp slice of the sequence "

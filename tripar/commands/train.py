@@ -37,7 +37,7 @@ from typing import Any
 
 from tripar.commands._model_args import MODEL_HELP
 from tripar.errors import ConfigError
-from tripar.plan.config import SCHEDULES
+from tripar.plan.config import SCHEDULES, ZERO_STAGES
 
 TEXT_FAMILIES = ("gpt", "llama")
 
@@ -81,7 +81,8 @@ def add_parser(subparsers: Any) -> None:
     group.add_argument("--schedule", choices=("auto", *SCHEDULES), default="auto")
     group.add_argument("--recompute", choices=("auto", "none", "selective", "full", "stage-aware"),
                        default="auto")
-    group.add_argument("--zero", choices=("auto", "0", "1"), default="auto")
+    group.add_argument("--zero", choices=("auto", *map(str, ZERO_STAGES)), default="auto",
+                       help="ZeRO stage (auto: the planner decides)")
     group.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
                        help="sequence parallelism (default: the planner decides)")
     data = parser.add_argument_group("data (default: a generated text corpus)")

@@ -15,6 +15,10 @@ the parts of its blocks that are cheap to recompute and costly to keep, such as 
 attention core); ``full`` (every block); ``stage-aware`` (per stage, the cheapest of none,
 selective, and selective or not with some blocks recomputed whole, that fits)."""
 
+ZERO_STAGES = (0, 1, 2)
+"""ZeRO stages tripar runs: 0 replicates optimizer state and gradients over data-parallel
+ranks, 1 shards the optimizer state (ZeRO-1), 2 the gradients too (ZeRO-2)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
@@ -41,7 +45,9 @@ class ParallelConfig:
     recompute: str = "none"
     """One of RECOMPUTE."""
     zero: int = 0
-    """1 shards optimizer state across data-parallel ranks (ZeRO-1); 0 keeps it whole."""
+    """One of ZERO_STAGES: 1 shards optimizer state across data-parallel ranks (ZeRO-1),
+    2 also the gradients (ZeRO-2: each rank keeps only its reduce-scattered shard); 0
+    keeps both whole."""
     sp: bool = False
     """Sequence parallelism: the token-wise parts between tensor-parallel regions (norms,
     dropouts, residual adds) run on a 1/tp slice of the sequence; needs tp > 1."""
@@ -59,8 +65,9 @@ class ParallelConfig:
             raise ConfigError(
                 f"unknown recompute policy {self.recompute!r}; choose one of {', '.join(RECOMPUTE)}"
             )
-        if self.zero not in (0, 1):
-            raise ConfigError(f"zero must be 0 or 1, got {self.zero!r}")
+        if self.zero not in ZERO_STAGES or isinstance(self.zero, bool):
+            raise ConfigError(f"zero must be one of {', '.join(map(str, ZERO_STAGES))} "
+                              f"(the ZeRO stage), got {self.zero!r}")
         if not isinstance(self.sp, bool):
             raise ConfigError(f"sp must be True or False, got {self.sp!r}")
         if self.sp and self.tp == 1:

@@ -17,7 +17,7 @@ holds the average gradient and steps the same optimizer. With dp = 1 and no ZeRO
 there is nothing to reduce: no hooks are registered and no bucket is copied (the
 pipeline-only case pays nothing per microbatch for data parallelism).
 
-ZeRO-1 (``zero=True``): each bucket is padded to a multiple of dp and dp rank k
+ZeRO (``zero`` 1 or 2): each bucket is padded to a multiple of dp and dp rank k
 owns slice k. The gradient is reduce-scattered, so each rank holds the averaged
 gradient of its slice only; the optimizer holds one flat fp32 copy of each owned
 slice (so its state is 1/dp of plain dp's), steps it, and the updated slices are
@@ -95,18 +95,19 @@ class DataParallel:
     """Gradient synchronisation across dp and the optimizer of one rank's stage modules."""
 
     def __init__(self, modules: Sequence[nn.Module], mesh: Mesh,
-                 make_optimizer: OptimizerFactory, *, zero: bool = False,
+                 make_optimizer: OptimizerFactory, *, zero: int = 0,
                  bucket_bytes: int = 25 * 2**20,
                  norm_duplicates: Collection[nn.Parameter] = (),
                  isolate: Collection[nn.Parameter] = ()) -> None:
         """``modules``: this rank's stage modules; ``make_optimizer(params)``: builds the
         optimizer (given the parameters, or with ``zero`` the flat owned shards).
+        ``zero``: the ZeRO stage, 0, 1 or 2 (see the module docstring).
         ``isolate``: parameters that get a bucket of their own, so that their reduced
         gradient (``reduced_grad``; with ZeRO the owned slice of it) is laid out the same
         on every rank holding a replica (tied weights summed across pipeline stages)."""
         if bucket_bytes < 1:
             raise ConfigError(f"bucket_bytes must be positive, got {bucket_bytes}")
-        self.mesh, self.zero = mesh, bool(zero)
+        self.mesh, self.zero = mesh, int(zero)
         self._uses: dict[int, int] = {}
         params: dict[int, nn.Parameter] = {}
         for module in modules:
@@ -365,6 +366,16 @@ class DataParallel:
             shard.grad = None
         for b in self.buckets:
             b.shard_grad = None
+
+    def grad_numel(self) -> int:
+        """Gradient values this rank holds now, counted by the storage that holds them: the
+        parameters' ``.grad`` (views of their bucket's buffer after a plain reduction), the
+        flat bucket buffers and the owned gradient shards (ZeRO-2 after ``finish``: the
+        shards only)."""
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() // t.element_size()
+                for t in ([p.grad for p in self.params] + [b.buffer for b in self.buckets]
+                          + [b.shard_grad for b in self.buckets]) if t is not None}
+        return sum(held.values())
 
     def optimizer_state_numel(self) -> int:
         """Values held in the optimizer's state on this rank (ZeRO-1 holds 1/dp of plain dp's)."""

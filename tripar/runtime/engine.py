@@ -119,7 +119,7 @@ class ParallelModel:
             return torch.optim.SGD([nn.Parameter(torch.zeros(0))], lr=0.0)
 
         self.data_parallel = DataParallel(
-            [p.module for p in self.programs], mesh, optimizer_for, zero=bool(plan.parallel.zero),
+            [p.module for p in self.programs], mesh, optimizer_for, zero=plan.parallel.zero,
             norm_duplicates=duplicates, isolate=self.tied.parameters)
         self.executor = PipelineExecutor(self.programs, plan.to_schedule(), mesh,
                                          loss_fn=loss_fn, grad_sync=self.data_parallel)

@@ -41,6 +41,19 @@ def test_static_memory_adam_and_zero():
     assert zero.static_bytes == pytest.approx((4 + 12 / 4) * params + bucket, abs=2)
 
 
+def test_zero_stages_bytes_per_param_follow_megatron():
+    # bf16 weights (2) and gradients (2), 12 bytes of fp32 optimizer state (master copy and two
+    # moments); ZeRO-1 shards the 12 over dp, ZeRO-2 the gradients' 2 too
+    assert [bytes_per_param("bf16", zero, 4) for zero in (0, 1, 2)] == \
+        [(4.0, 12.0), (4.0, 3.0), (2.5, 3.0)]
+    assert bytes_per_param("fp32", 2, 4) == (5.0, 2.0)  # fp32: no master copy
+    graph = example_graph(layers=4)
+    params = sum(b.params for b in graph.blocks)
+    one, two = (stage_costs(graph, A100, cfg(dp=4, num_microbatches=2, zero=z))[0]
+                for z in (1, 2))
+    assert one.static_bytes - two.static_bytes == pytest.approx(2 * params * 3 / 4, abs=2)
+
+
 def test_recompute_fraction_blends_memory_and_time():
     graph = example_graph(layers=4)
     config = cfg(pp=2, num_microbatches=4)

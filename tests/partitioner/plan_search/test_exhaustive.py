@@ -24,6 +24,7 @@ from tripar.plan import ParallelConfig
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "scp")
 RECOMPUTE = ("none", "full", "stage-aware")
+ZERO_STAGES = (0, 1, 2)
 BATCH = 16
 
 
@@ -43,7 +44,7 @@ def reference(graph, cluster, batch: int) -> tuple[float, ParallelConfig]:
         for mbs in _divisors(batch // dp):
             m = batch // (dp * mbs)
             for schedule, vpp, zero, recompute in itertools.product(
-                    SCHEDULES, (1, 2, 4), (0, 1), RECOMPUTE):
+                    SCHEDULES, (1, 2, 4), ZERO_STAGES, RECOMPUTE):
                 interleaved = schedule == "interleaved-1f1b"
                 if (interleaved != (vpp > 1) or pp * vpp > blocks or (zero and dp == 1)
                         or (interleaved and (pp == 1 or m % pp))

@@ -50,6 +50,8 @@ def test_contradicting_pins_and_infeasible_models():
      "schedule='chimera' needs an even number of microbatches, but num_microbatches=3: each "
      "of its two pipelines takes half; use num_microbatches=2 or num_microbatches=4",
      "--schedule chimera needs an even number of microbatches, but --microbatches 3"),
+    (Pins(zero=3), "zero must be one of 0, 1, 2 (the ZeRO stage), got 3",
+     "--zero must be one of 0, 1, 2 (the ZeRO stage), got 3"),
     (Pins(micro_batch_size=2, num_microbatches=2, dp=2),
      "micro_batch_size x num_microbatches = 2 x 2 = 4 samples",
      "--micro-batch x --microbatches = 2 x 2 = 4 samples"),
@@ -98,3 +100,15 @@ def test_sequence_parallel_pin_is_checked_and_planned():
     sides = {a.parallel.sp for a in auto.alternatives} | {auto.parallel.sp}
     assert sides == {True, False}
     assert not search(odd, small_cluster(80), 16, pins=Pins(tp=2)).parallel.sp
+
+
+def test_zero2_pin_is_planned_and_noted():
+    graph = example_graph(layers=4, hidden=512, seq=256, vocab=4000, heads=4)
+    plan = search(graph, small_cluster(80), 16, pins=Pins(dp=8, tp=1, pp=1, zero=2))
+    assert plan.parallel.zero == 2 and "| ZeRO-2" in plan.render()
+    assert type(plan).from_json(plan.to_json()) == plan
+    note = next(n for n in plan.notes if n.startswith("ZeRO-2 "))
+    assert "optimizer state and gradients sharded over 8 ranks" in note and "saves" in note
+    # unpinned, the search weighs every stage where dp > 1
+    auto = search(graph, small_cluster(80), 16, pins=Pins(dp=8, tp=1, pp=1), alternatives=8)
+    assert {a.parallel.zero for a in auto.alternatives} | {auto.parallel.zero} == {0, 1, 2}

@@ -29,17 +29,22 @@ weight); ``Efficiency.optimizer_bytes`` defaults to it."""
 
 
 def bytes_per_param(dtype: str, zero: int, dp: int) -> tuple[float, float]:
-    """(weights + gradients, optimizer state) bytes per parameter for Adam.
+    """(weights + gradients, optimizer state) bytes per parameter for Adam, as Megatron's
+    distributed optimizer counts them: ZeRO-1 divides the optimizer state (fp32 master
+    copy under mixed precision, two fp32 moments) over the ``dp`` shards, ZeRO-2 the
+    gradients too.
 
-    >>> bytes_per_param("bf16", 0, 8), bytes_per_param("bf16", 1, 8)
-    ((4.0, 12.0), (4.0, 1.5))
+    >>> [bytes_per_param("bf16", zero, 8) for zero in (0, 1, 2)]
+    [(4.0, 12.0), (4.0, 1.5), (2.25, 1.5)]
     """
     width = dtype_bytes(dtype)
-    model = 2.0 * width
-    optimizer = 16.0 - model  # fp32 master copy (mixed precision only) + two fp32 moments
-    if zero:
+    grads = float(width)
+    optimizer = 16.0 - 2.0 * width  # fp32 master copy (mixed precision only) + two fp32 moments
+    if zero >= 1:
         optimizer /= dp
-    return model, optimizer
+    if zero >= 2:
+        grads /= dp
+    return width + grads, optimizer
 
 
 def uniform_boundaries(graph: ProxyGraph, stages: int) -> tuple[int, ...]:

@@ -31,7 +31,7 @@ from typing import Any
 from tripar.errors import ConfigError
 from tripar.graph.proxy import ProxyGraph
 from tripar.partitioner.hardware import Cluster
-from tripar.plan.config import RECOMPUTE, SCHEDULES
+from tripar.plan.config import RECOMPUTE, SCHEDULES, ZERO_STAGES
 
 __all__ = ["Pins", "Spelling", "check_pins", "divisors", "no_config_message"]
 
@@ -65,7 +65,8 @@ class Pins:
     which recomputes per stage only what does not fit, selectively where that is
     cheaper)."""
     zero: int | None = None
-    """1: optimizer state sharded over data-parallel ranks (ZeRO-1); 0: replicated."""
+    """1: optimizer state sharded over data-parallel ranks (ZeRO-1); 2: gradients too
+    (ZeRO-2); 0: replicated; None lets the search decide."""
     sp: bool | None = None
     """Sequence parallelism: True runs the token-wise parts between tensor-parallel
     regions on a 1/tp slice of the sequence (needs tp > 1 and a sequence length divisible
@@ -153,8 +154,10 @@ def check_pins(pins: Pins, devices: int, global_batch: int, *,
     if pins.recompute is not None and pins.recompute not in RECOMPUTE:
         raise ConfigError(f"unknown recompute {pins.recompute!r} ({s.name('recompute')}); "
                           f"choose one of {', '.join(RECOMPUTE)}")
-    if pins.zero is not None and pins.zero not in (0, 1):
-        raise ConfigError(f"{s.name('zero')} must be 0 or 1, got {pins.zero!r}")
+    if pins.zero is not None and pins.zero not in ZERO_STAGES:
+        raise ConfigError(f"{s.name('zero')} must be one of "
+                          f"{', '.join(map(str, ZERO_STAGES))} (the ZeRO stage), got "
+                          f"{pins.zero!r}")
     _check_sp(pins, graph, devices, s)
     if pins.vpp is not None and pins.vpp > 1 and pins.schedule not in (None,
                                                                        "interleaved-1f1b"):

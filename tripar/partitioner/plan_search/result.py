@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from tripar.graph.proxy import ProxyGraph
 from tripar.partitioner.cost.blocks import block_costs
 from tripar.partitioner.cost.blocks import shardable_regions as _shardable
+from tripar.partitioner.cost.stages import bytes_per_param
 from tripar.partitioner.hardware import Cluster
 from tripar.partitioner.plan_search.evaluate import Evaluated
 from tripar.partitioner.plan_search.space import config_key
@@ -152,7 +153,8 @@ def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluat
                          + (f" and {len(left) - 6} more" if len(left) > 6 else "")
                          if left else ""))
     for note in (_sequence_note(graph, cluster, dtype, best, evaluated, bounds),
-                 _selective_note(graph, cluster, dtype, best, evaluated, bounds, stages)):
+                 _selective_note(graph, cluster, dtype, best, evaluated, bounds, stages),
+                 _zero_note(graph, cluster, dtype, best, bounds)):
         if note:
             notes.append(note)
     plan = Plan(
@@ -222,3 +224,23 @@ def _sequence_note(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evalua
                 f"divide by tp={cfg.tp}")
     return (f"sequence parallelism {'on' if cfg.sp else 'off'}: {saved} "
             f"(saves {fmt_bytes(kept_off - kept_on)}){versus}")
+
+
+def _zero_note(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluated,
+               bounds: Sequence[int]) -> str:
+    """The ZeRO stage chosen and the bytes of weights, gradients and optimizer state it
+    leaves on a stage-0 rank, beside ZeRO-0's."""
+    cfg = best.config
+    copies = cfg.dp * cfg.pipelines
+    if copies == 1:
+        return ""
+    params = sum(c.params for c in block_costs(graph, cluster, cfg, dtype=dtype,
+                                               tp_regions=best.tp_regions)[:bounds[1]])
+    held, whole = (params * sum(bytes_per_param(dtype, zero, copies))
+                   for zero in (cfg.zero, 0))
+    what = {0: "optimizer state and gradients replicated",
+            1: "optimizer state sharded", 2: "optimizer state and gradients sharded"}
+    return (f"ZeRO-{cfg.zero} ({what[cfg.zero]} over {copies} ranks): a stage-0 rank holds "
+            f"{fmt_bytes(held)} of weights, gradients and optimizer state, "
+            f"{fmt_bytes(whole)} at ZeRO-0" + (f" (saves {fmt_bytes(whole - held)})"
+                                                if whole > held else ""))

@@ -35,7 +35,7 @@ from tripar.partitioner.plan_search.cache import BlockCostCache, CostPoint, Unif
 from tripar.partitioner.plan_search.pins import Pins, divisors
 from tripar.partitioner.plan_search.regions import RegionChooser
 from tripar.partitioner.schedules import warmup_in_flight
-from tripar.plan.config import SCHEDULES, ParallelConfig
+from tripar.plan.config import SCHEDULES, ZERO_STAGES, ParallelConfig
 
 
 def virtual_stages(pp: int, blocks: int) -> range:
@@ -131,7 +131,7 @@ class SearchSpace:
                         continue
                     for schedule, vpp in self._schedules_for(pp, m, n):
                         for zero in ([pins.zero] if pins.zero is not None else
-                                     ([0, 1] if dp > 1 else [0])):
+                                     (list(ZERO_STAGES) if dp > 1 else [0])):
                             for sp in self.sequence_parallel(tp):
                                 out.append(ParallelConfig(
                                     dp=dp, tp=tp, pp=pp, micro_batch_size=b,
