@@ -389,6 +389,10 @@ def _build(graph_module: torch.fx.GraphModule, plan: Any, example_inputs: Sequen
            device: torch.device | str = "cpu",
            values: Mapping[str, Any] | None = None) -> tuple[RankProgram, ...]:
     table = check_plan(graph_module, plan, fingerprint=fingerprint)
+    if plan.parallel.tp_overlap > 1:
+        raise PlanError(f"the plan has tp_overlap={plan.parallel.tp_overlap} (sub-pipelined "
+                        "tensor parallelism), which codegen does not build yet; use a plan "
+                        "with tp_overlap=1")
     if source is not None and meta_model is not None:
         raise PlanError("build takes source= (a real model) or meta_model= (built on the meta "
                         "device), not both")

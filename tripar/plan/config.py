@@ -20,6 +20,27 @@ ZERO_STAGES = (0, 1, 2)
 ranks, 1 shards the optimizer state (ZeRO-1), 2 the gradients too (ZeRO-2)."""
 
 
+def _check_tp_overlap(cfg: ParallelConfig) -> None:
+    """tp_overlap=k splits a microbatch into k parts along the batch inside a TP stage."""
+    k = cfg.tp_overlap
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"tp_overlap must be a positive integer, got {k!r}")
+    if k == 1:
+        return
+    if cfg.tp == 1:
+        raise ConfigError(f"tp_overlap={k} overlaps tensor-parallel collectives with compute "
+                          "and needs tp > 1; use tp_overlap=1 at tp=1")
+    if cfg.micro_batch_size == 1:
+        raise ConfigError(f"tp_overlap={k} splits a microbatch along the batch, but "
+                          "micro_batch_size=1 has one sample (splitting the sequence is not "
+                          "exact under causal attention and is not supported); use "
+                          "tp_overlap=1 or a micro_batch_size divisible by it")
+    if cfg.micro_batch_size % k:
+        raise ConfigError(f"tp_overlap={k} splits each microbatch into {k} parts along the "
+                          f"batch, but micro_batch_size={cfg.micro_batch_size} is not "
+                          f"divisible by {k}; use a tp_overlap that divides it")
+
+
 @dataclass(frozen=True, slots=True)
 class ParallelConfig:
     """How one training step is split across devices.
@@ -51,6 +72,10 @@ class ParallelConfig:
     sp: bool = False
     """Sequence parallelism: the token-wise parts between tensor-parallel regions (norms,
     dropouts, residual adds) run on a 1/tp slice of the sequence; needs tp > 1."""
+    tp_overlap: int = 1
+    """Sub-pipelined tensor parallelism (Merak): each microbatch runs as this many parts
+    along the batch inside a tensor-parallel stage, so that one part's collectives overlap
+    the next part's compute; 1 means disabled. Needs tp > 1 and divides micro_batch_size."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "micro_batch_size", "num_microbatches", "vpp"):
@@ -73,6 +98,7 @@ class ParallelConfig:
         if self.sp and self.tp == 1:
             raise ConfigError("sp=True (sequence parallelism) shards the sequence over the "
                               "tensor-parallel ranks and needs tp > 1; use sp=False at tp=1")
+        _check_tp_overlap(self)
         if self.vpp > 1 and self.schedule != "interleaved-1f1b":
             raise ConfigError(
                 f"vpp={self.vpp} needs schedule 'interleaved-1f1b', not {self.schedule!r}"

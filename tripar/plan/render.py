@@ -49,10 +49,13 @@ def fmt_parallel(par: ParallelConfig) -> str:
 
     >>> fmt_parallel(ParallelConfig(dp=2, tp=4, pp=8, micro_batch_size=1, num_microbatches=16))
     'dp=2 tp=4 pp=8 vpp=1 | micro-batch 1 x 16 | 1f1b | recompute none | ZeRO-0'
+    >>> fmt_parallel(ParallelConfig(1, 2, 1, 4, 8, sp=True, tp_overlap=2))[-26:]
+    'ZeRO-0 | sp | tp-overlap 2'
     """
     return (f"dp={par.dp} tp={par.tp} pp={par.pp} vpp={par.vpp} | micro-batch "
             f"{par.micro_batch_size} x {par.num_microbatches} | {par.schedule} | recompute "
-            f"{par.recompute} | ZeRO-{par.zero}" + (" | sp" if par.sp else ""))
+            f"{par.recompute} | ZeRO-{par.zero}" + (" | sp" if par.sp else "")
+            + (f" | tp-overlap {par.tp_overlap}" if par.tp_overlap > 1 else ""))
 
 
 def fmt_estimate(est: Estimate, device_memory: int | None = None) -> str:
