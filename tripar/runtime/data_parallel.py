@@ -120,6 +120,11 @@ class DataParallel:
         self._dup = [p for p in self.params if id(p) in dup_ids]
         self.buckets = self._make_buckets(bucket_bytes, dup_ids, {id(p) for p in isolate})
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self._scatter_by_all_reduce = (self.zero > 0 and mesh.grad_size > 1
+                                       and dist.get_backend(mesh.grad_group) == "gloo")
+        """gloo reduce-scatters with no ring: on 2 CPU processes 20 MB take 53 ms to
+        reduce-scatter and 24 ms to all-reduce, so ZeRO on gloo all-reduces the bucket
+        and keeps its slice (the same values; the full buffer is freed at ``finish``)."""
         self._local = mesh.grad_size == 1 and not self.zero
         """Nothing to reduce (dp = 1, no ZeRO, one pipeline): no hooks, no flat copies; the
         gradients autograd accumulates in ``.grad`` are the step's."""
@@ -238,7 +243,9 @@ class DataParallel:
         if self.zero:
             for p in b.params:
                 p.grad = None
-            if copies > 1:
+            if copies > 1 and self._scatter_by_all_reduce:
+                b.works.append(dist.all_reduce(flat, group=self.mesh.grad_group, async_op=True))
+            elif copies > 1:
                 b.shard_grad = torch.empty(b.padded // copies, dtype=flat.dtype,
                                            device=flat.device)
                 b.works.append(reduce_scatter_flat(b.shard_grad, flat,
@@ -266,6 +273,8 @@ class DataParallel:
                 for p, off in zip(b.params, b.offsets):
                     p.grad = b.buffer[off:off + p.numel()].view_as(p)
             if self.zero:
+                if self.mesh.grad_size > 1 and self._scatter_by_all_reduce:
+                    b.shard_grad = b.buffer[self._shard_slice(b)].clone()
                 b.buffer = None
 
     def _grads(self) -> Iterable[tuple[torch.Tensor, torch.Tensor | bool]]:
