@@ -87,6 +87,7 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
                   vpp: int | None = None, num_microbatches: int | None = None,
                   schedule: str | None = None, recompute: str | None = None,
                   zero: int | bool | None = None, sp: bool | None = None,
+                  tp_overlap: int | None = None,
                   plan: Plan | None = None,
                   max_grad_norm: float | None = None, precision: str = "fp32", seed: int = 0,
                   timeout_s: float = 300.0, model_spec: str = "",
@@ -102,7 +103,7 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     ``loss_fn(outputs, microbatch)``; None uses the model's own loss (a scalar output, or
     ``.loss``). ``optimizer(params)`` builds the optimizer (default AdamW, lr 1e-3).
     ``pins`` (a :class:`tripar.Pins`), or the keywords of its fields (dp, tp, pp, vpp,
-    num_microbatches, schedule, recompute, zero, sp) as a convenience, fix what they name; the
+    num_microbatches, schedule, recompute, zero, sp, tp_overlap) as a convenience, fix what they name; the
     search chooses the rest, or ``plan`` (from ``tripar plan``) is used as is. A model on the
     meta device is initialised stage by stage under ``seed``. ``precision="bf16"`` runs the
     stages under bf16 autocast with fp32 master weights (:mod:`tripar.runtime.precision`);
@@ -116,7 +117,8 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     """
     pins = _merge(pins, {"dp": dp, "tp": tp, "pp": pp, "vpp": vpp,
                          "num_microbatches": num_microbatches, "schedule": schedule,
-                         "recompute": recompute, "zero": zero, "sp": sp})
+                         "recompute": recompute, "zero": zero, "sp": sp,
+                         "tp_overlap": tp_overlap})
     check_precision(precision)
     pretrained = None if init_from is None else match_pretrained(model, init_from)
     world = ensure_process_group(None if isinstance(devices, Cluster) else devices,

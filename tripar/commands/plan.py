@@ -43,6 +43,10 @@ def add_parser(subparsers: Any) -> None:
                        help="sequence parallelism: the token-wise parts between "
                             "tensor-parallel regions on a 1/tp slice of the sequence "
                             "(default: the planner decides)")
+    group.add_argument("--tp-overlap", type=int, default=None, metavar="K",
+                       help="sub-pipelined tensor parallelism: each microbatch in K parts "
+                            "along the batch, one part's collectives overlapping the next "
+                            "part's compute (needs --tp > 1; default: the planner decides)")
     group.add_argument("--dtype", default=None,
                        help="training dtype (default bf16 on GPUs, fp32 on cpu)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -60,7 +64,8 @@ def pins_from_args(args: argparse.Namespace):
                 micro_batch_size=args.micro_batch,
                 schedule=None if args.schedule == "auto" else args.schedule,
                 recompute=None if args.recompute == "auto" else args.recompute,
-                zero=None if args.zero == "auto" else int(args.zero), sp=args.sp)
+                zero=None if args.zero == "auto" else int(args.zero), sp=args.sp,
+                tp_overlap=args.tp_overlap)
 
 
 def run(args: argparse.Namespace) -> int:

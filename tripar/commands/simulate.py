@@ -43,6 +43,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="sequence parallelism: the token-wise parts between "
                             "tensor-parallel regions on a 1/tp slice of the sequence "
                             "(default off)")
+    group.add_argument("--tp-overlap", type=int, default=1, metavar="K",
+                       help="sub-pipelined tensor parallelism: each microbatch in K parts "
+                            "along the batch, one part's collectives overlapping the next "
+                            "part's compute (needs --tp > 1; default: 1, off)")
     group.add_argument("--dtype", default=None,
                        help="training dtype (default bf16 on GPUs, fp32 on cpu)")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -58,7 +62,8 @@ def _pins(args: argparse.Namespace):
     return Pins(dp=args.dp, tp=args.tp, pp=args.pp, vpp=args.vpp,
                 micro_batch_size=args.micro_batch,
                 schedule=args.schedule or ("interleaved-1f1b" if args.vpp > 1 else "1f1b"),
-                recompute=args.recompute, zero=args.zero, sp=args.sp)
+                recompute=args.recompute, zero=args.zero, sp=args.sp,
+                tp_overlap=args.tp_overlap)
 
 
 def parallel_config(args: argparse.Namespace, devices: int) -> ParallelConfig:
@@ -72,7 +77,7 @@ def parallel_config(args: argparse.Namespace, devices: int) -> ParallelConfig:
                           micro_batch_size=args.micro_batch,
                           num_microbatches=args.global_batch // (args.dp * args.micro_batch),
                           vpp=args.vpp, schedule=pins.schedule, recompute=args.recompute,
-                          zero=args.zero, sp=args.sp)
+                          zero=args.zero, sp=args.sp, tp_overlap=args.tp_overlap)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,7 +156,8 @@ def to_report(model: str, graph, cluster, config: ParallelConfig, estimate) -> d
                    "num_microbatches": config.num_microbatches,
                    "global_batch_size": config.global_batch_size,
                    "schedule": config.schedule, "recompute": config.recompute,
-                   "zero": config.zero, "sp": config.sp, "seq_len": graph.seq_len},
+                   "zero": config.zero, "sp": config.sp, "tp_overlap": config.tp_overlap,
+                   "seq_len": graph.seq_len},
         "estimate": {"step_time_s": estimate.step_time_s,
                      "tokens_per_s": estimate.tokens_per_s,
                      "samples_per_s": estimate.samples_per_s,
@@ -177,7 +183,8 @@ def _print(report: dict, timeline: str | None) -> None:
         f"{cfg['num_microbatches']} microbatches of {cfg['micro_batch_size']} "
         f"(global batch {cfg['global_batch_size']}, seq {cfg['seq_len']}), {cfg['schedule']}, "
         f"recompute {cfg['recompute']}, zero {cfg['zero']}"
-        + (", sequence parallel" if cfg.get("sp") else ""))
+        + (", sequence parallel" if cfg.get("sp") else "")
+        + (f", tp-overlap {cfg['tp_overlap']}" if cfg.get("tp_overlap", 1) > 1 else ""))
     fits = "[green]fits[/]" if est["fits"] else "[red]DOES NOT FIT[/]"
     console.print(
         f"step {est['step_time_s'] * 1e3:.1f} ms | {est['tokens_per_s']:,.0f} tokens/s | "

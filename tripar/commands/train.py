@@ -85,6 +85,10 @@ def add_parser(subparsers: Any) -> None:
                        help="ZeRO stage (auto: the planner decides)")
     group.add_argument("--sp", action=argparse.BooleanOptionalAction, default=None,
                        help="sequence parallelism (default: the planner decides)")
+    group.add_argument("--tp-overlap", type=int, default=None, metavar="K",
+                       help="sub-pipelined tensor parallelism: each microbatch in K parts "
+                            "along the batch, one part's collectives overlapping the next "
+                            "part's compute (needs --tp > 1; default: the planner decides)")
     data = parser.add_argument_group("data (default: a generated text corpus)")
     data.add_argument("--data", default=None, metavar="PATH",
                       help="text (a file or a directory of files), a token file (.npy, or .bin "
@@ -168,6 +172,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "schedule": None if args.schedule == "auto" else args.schedule,
         "recompute": None if args.recompute == "auto" else args.recompute,
         "zero": None if args.zero == "auto" else int(args.zero), "sp": args.sp,
+        "tp_overlap": args.tp_overlap,
         "save": args.save, "load": args.load, "timeout": args.timeout,
         "precision": args.precision, "tokenizer": args.tokenizer, "data_dtype": args.data_dtype,
         "text_column": args.text_column, "metrics": args.metrics,
@@ -341,6 +346,7 @@ def train_rank(opts: dict[str, Any]) -> dict[str, Any]:
         global_batch_size=opts["global_batch"], dp=opts["dp"], tp=opts["tp"], pp=opts["pp"],
         vpp=opts["vpp"], num_microbatches=opts["num_microbatches"], schedule=opts["schedule"],
         recompute=opts["recompute"], zero=opts["zero"], sp=opts.get("sp"),
+        tp_overlap=opts.get("tp_overlap"),
         max_grad_norm=opts["clip"] or math.inf,  # inf: the norm is measured, nothing clipped
         precision=opts.get("precision", "fp32"), seed=opts["seed"], timeout_s=opts["timeout"],
         model_spec=loaded.spec, captured=captured, init_from=opts.get("init_from"))
@@ -351,7 +357,8 @@ def train_rank(opts: dict[str, Any]) -> dict[str, Any]:
         report({"event": "plan", "build_s": build_s,
                 "text": f"dp={par.dp} tp={par.tp} pp={par.pp} vpp={par.vpp} | micro-batch "
                         f"{par.micro_batch_size} x {par.num_microbatches} | {par.schedule} | "
-                        f"ZeRO-{par.zero}" + (" | sp" if par.sp else "")})
+                        f"ZeRO-{par.zero}" + (" | sp" if par.sp else "")
+                        + (f" | tp-overlap {par.tp_overlap}" if par.tp_overlap > 1 else "")})
     if opts["load"]:
         model.load(opts["load"])
     position, note = _data_position(opts, windows, model.steps)
@@ -477,7 +484,7 @@ def _check_before_launch(opts: dict[str, Any], nproc: int) -> None:
     loaded = load_model(_spec(opts["model"], data["vocab"] if data else None),
                         seq_len=opts["seq"], device="meta")
     pins = Pins(**{k: opts[k] for k in ("dp", "tp", "pp", "vpp", "num_microbatches",
-                                        "schedule", "recompute", "zero", "sp")
+                                        "schedule", "recompute", "zero", "sp", "tp_overlap")
                      if k in opts})
     check_pins(pins, nproc, opts["global_batch"], heads=loaded.config.get("heads"),
                hidden=loaded.config.get("hidden"), spelling=Spelling.CLI)

@@ -112,3 +112,38 @@ def test_zero2_pin_is_planned_and_noted():
     # unpinned, the search weighs every stage where dp > 1
     auto = search(graph, small_cluster(80), 16, pins=Pins(dp=8, tp=1, pp=1), alternatives=8)
     assert {a.parallel.zero for a in auto.alternatives} | {auto.parallel.zero} == {0, 1, 2}
+
+
+@pytest.mark.parametrize(("pins", "api", "cli"), [
+    (Pins(tp=1, tp_overlap=2), "tp_overlap=2 overlaps tensor-parallel collectives with "
+     "compute, but tp=1; pin tp > 1 or use tp_overlap=1", "--tp-overlap 2 overlaps "
+     "tensor-parallel collectives with compute, but --tp 1; pin --tp > 1 or use "
+     "--tp-overlap 1"),
+    (Pins(tp=2, micro_batch_size=6, tp_overlap=4), "micro_batch_size=6 is not divisible by 4",
+     "--micro-batch 6 is not divisible by 4; use a --tp-overlap that divides it"),
+    (Pins(tp=2, micro_batch_size=1, tp_overlap=2), "micro_batch_size=1 has one sample",
+     "--micro-batch 1 has one sample"),
+    (Pins(tp=2, tp_overlap=0), "tp_overlap must be a positive integer",
+     "--tp-overlap must be a positive integer"),
+])
+def test_tp_overlap_pin_errors_name_it_in_the_callers_language(pins, api, cli):
+    for spelling, want in ((Spelling.API, api), (Spelling.CLI, cli)):
+        with pytest.raises(ConfigError) as info:
+            check_pins(pins, 8, 48, spelling=spelling)
+        assert want in str(info.value), (spelling, str(info.value))
+
+
+def test_tp_overlap_pin_is_planned_and_weighed_where_collectives_are_slow():
+    graph = example_graph(layers=4, hidden=1024, seq=512, vocab=4000, heads=8)
+    cluster = small_cluster(80, nodes=1)
+    plan = search(graph, cluster, 16, pins=Pins(tp=2, micro_batch_size=4, tp_overlap=2))
+    assert (plan.parallel.tp, plan.parallel.tp_overlap) == (2, 2)
+    assert "tp-overlap 2" in plan.render()
+    slow = dataclasses.replace(cluster, intra_bandwidth=cluster.intra_bandwidth / 5)
+    two = search(graph, slow, 16, pins=Pins(tp=4, micro_batch_size=4, tp_overlap=2))
+    ones = search(graph, slow, 16, pins=Pins(tp=4, micro_batch_size=4, tp_overlap=1))
+    assert two.estimate.step_time_s < ones.estimate.step_time_s
+    # unpinned, one part until codegen builds more
+    assert search(graph, slow, 16, pins=Pins(tp=4, micro_batch_size=4)).parallel.tp_overlap == 1
+    # never at tp=1: the search lists no part count there
+    assert search(graph, cluster, 16, pins=Pins(tp=1)).parallel.tp_overlap == 1

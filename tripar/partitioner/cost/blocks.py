@@ -10,11 +10,12 @@ GPT-like proxy graph of ``tests/partitioner/example_graphs.py``, which
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tripar.errors import ConfigError
 from tripar.graph.proxy import Block, ProxyGraph, TPRegion
 from tripar.partitioner.cost.collectives import collective_time
+from tripar.partitioner.cost.overlap import overlapped
 from tripar.partitioner.hardware import Cluster, canonical_dtype, dtype_bytes
 from tripar.plan.config import ParallelConfig
 
@@ -35,7 +36,12 @@ class BlockCost:
     params: int
     """Parameters held by this device."""
     tp_comm_s: float = 0.0
-    """Tensor-parallel collective time included in forward_s and backward_input_s."""
+    """Tensor-parallel collective time included in forward_s, backward_input_s and
+    backward_weight_s (under ``tp_overlap`` > 1: the part not hidden behind compute)."""
+    tp_forward_comm_s: float = 0.0
+    """The forward's share of ``tp_comm_s``: its collectives, all exposed at tp_overlap=1."""
+    tp_backward_comm_s: float = 0.0
+    """The input gradient's (B's) share of ``tp_comm_s``."""
     weight_grad_bytes: int = 0
     """Bytes a split backward (B) leaves for its W: the weight products' inputs and
     output gradients."""
@@ -275,6 +281,8 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
         output_bytes=int(block.output_bytes * byte_scale),
         params=int(params),
         tp_comm_s=fwd_comm + bwd_comm + regather,
+        tp_forward_comm_s=fwd_comm,
+        tp_backward_comm_s=bwd_comm,
         weight_grad_bytes=int(weight_share * operands * dtype_bytes(dtype)),
         param_tensors=len(block.param_names),
         selective_bytes=int(selective_bytes),
@@ -308,6 +316,10 @@ def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
                 dtype: str | None = None,
                 tp_regions: Collection[str] | None = None) -> list[BlockCost]:
     """Cost of every block for one microbatch; blocks of equal signature are costed once.
+
+    With ``config.tp_overlap`` = k > 1 each block with a sharded region runs as k parts
+    of ``micro_batch_size / k`` whose collectives overlap the next part's compute
+    (:func:`~tripar.partitioner.cost.overlap.overlapped`).
 
     ``tp_regions`` names the regions (``block:kind:index``) sharded at ``config.tp``; default:
     every region proven at that degree. A region not proven at ``config.tp`` cannot be
@@ -344,6 +356,10 @@ def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
             for node in block.nodes:
                 if node in owner_of_loss:
                     loss_owner[block.name] = owner_of_loss[node]
+    part = None   # one of the tp_overlap parts a block's microbatch runs as
+    if config.tp_overlap > 1:
+        part = replace(config, micro_batch_size=config.micro_batch_size // config.tp_overlap,
+                       tp_overlap=1)
     cache: dict[tuple, BlockCost] = {}
     costs = []
     for block in graph.blocks:
@@ -355,10 +371,14 @@ def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
                        else _region_key(r) in chosen for r in mine)
         if not any(on):
             mine, on = [], ()
-        key = (block.signature, config.sp, tuple((r.kind, r.forward_collective, r.backward_collective,
+        key = (block.signature, tuple((r.kind, r.forward_collective, r.backward_collective,
                                        r.comm_bytes, len(r.column), len(r.row), x)
                                       for r, x in zip(mine, on)))
         if key not in cache:
             cache[key] = _block_cost(block, mine, on, graph, cluster, config, dtype)
+            if part is not None and any(on):
+                cache[key] = overlapped(
+                    cache[key], _block_cost(block, mine, on, graph, cluster, part, dtype),
+                    config.tp_overlap)
         costs.append(cache[key])
     return costs

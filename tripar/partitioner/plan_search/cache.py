@@ -25,6 +25,7 @@ class CostPoint(NamedTuple):
 
     tp: int
     micro_batch_size: int
+    tp_overlap: int = 1
 
 
 class ShardedCosts(NamedTuple):
@@ -35,6 +36,8 @@ class ShardedCosts(NamedTuple):
     shard: frozenset[str]
     sp: bool = False
     """Sequence parallelism on (``ParallelConfig.sp``)."""
+    tp_overlap: int = 1
+    """Parts a microbatch runs as inside a tensor-parallel block (``ParallelConfig.tp_overlap``)."""
 
 
 class ScheduleKey(NamedTuple):
@@ -81,14 +84,16 @@ class BlockCostCache:
         self.graph, self.cluster, self.dtype = graph, cluster, dtype
         self._costs: dict[ShardedCosts, list[BlockCost]] = {}
 
-    def get(self, tp: int, micro_batch_size: int, shard: frozenset[str], sp: bool = False
-            ) -> list[BlockCost]:
+    def get(self, tp: int, micro_batch_size: int, shard: frozenset[str], sp: bool = False,
+            tp_overlap: int = 1) -> list[BlockCost]:
         """Block costs at degree ``tp`` and microbatch ``micro_batch_size`` with the
-        regions ``shard`` sharded (and sequence parallelism when ``sp``)."""
-        key = ShardedCosts(tp, micro_batch_size, shard, sp and tp > 1)
+        regions ``shard`` sharded (and sequence parallelism when ``sp``; the microbatch
+        in ``tp_overlap`` parts inside tensor-parallel blocks)."""
+        key = ShardedCosts(tp, micro_batch_size, shard, sp and tp > 1,
+                           tp_overlap if tp > 1 else 1)
         if key not in self._costs:
             cfg = ParallelConfig(dp=1, tp=tp, pp=1, micro_batch_size=micro_batch_size,
-                                 num_microbatches=1, sp=key.sp)
+                                 num_microbatches=1, sp=key.sp, tp_overlap=key.tp_overlap)
             self._costs[key] = block_costs(self.graph, self.cluster, cfg, dtype=self.dtype,
                                            tp_regions=shard)
         return self._costs[key]

@@ -125,7 +125,7 @@ class Evaluator:
         ``reference=()``, evenly (``1 / vpp`` each). With ``selective`` every block keeps
         its saved bytes less its selective segments' and its backward re-runs them; a
         block recomputed whole re-runs the rest of its forward instead."""
-        costs = self.costs.get(cfg.tp, cfg.micro_batch_size, shard, cfg.sp)
+        costs = self.costs.get(cfg.tp, cfg.micro_batch_size, shard, cfg.sp, cfg.tp_overlap)
         k = cfg.pp * cfg.vpp
         crosses = cfg.dp * cfg.tp >= self.cluster.devices_per_node
         cut = [p2p_time(self.cluster, c.output_bytes / cfg.tp, crosses) for c in costs[:-1]]

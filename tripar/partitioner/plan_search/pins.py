@@ -71,6 +71,11 @@ class Pins:
     """Sequence parallelism: True runs the token-wise parts between tensor-parallel
     regions on a 1/tp slice of the sequence (needs tp > 1 and a sequence length divisible
     by tp), False never; None lets the search decide."""
+    tp_overlap: int | None = None
+    """Sub-pipelined tensor parallelism: each microbatch runs as this many parts along the
+    batch inside tensor-parallel stages, one part's collectives overlapping the next
+    part's compute (needs tp > 1 and a microbatch size divisible by it); 1 disables it;
+    None lets the search choose among 1, 2 and 4."""
 
     def pinned(self) -> dict[str, Any]:
         """The fields that are set, in field order."""
@@ -159,6 +164,7 @@ def check_pins(pins: Pins, devices: int, global_batch: int, *,
                           f"{', '.join(map(str, ZERO_STAGES))} (the ZeRO stage), got "
                           f"{pins.zero!r}")
     _check_sp(pins, graph, devices, s)
+    _check_tp_overlap(pins, devices, s)
     if pins.vpp is not None and pins.vpp > 1 and pins.schedule not in (None,
                                                                        "interleaved-1f1b"):
         raise ConfigError(f"{s.of('vpp', pins.vpp)} needs schedule interleaved-1f1b, but "
@@ -246,6 +252,32 @@ def _check_sp(pins: Pins, graph: ProxyGraph | None, devices: int, s: Spelling) -
         raise ConfigError(f"{on}: the model has no token-wise part between its "
                           "tensor-parallel regions (no norm, dropout or residual add runs "
                           f"token-wise on their outputs); use {off}")
+
+
+def _check_tp_overlap(pins: Pins, devices: int, s: Spelling) -> None:
+    """tp_overlap=k > 1 needs tensor parallelism and k dividing the microbatch size."""
+    k = pins.tp_overlap
+    if k is None:
+        return
+    if not _positive(k):
+        raise ConfigError(f"{s.name('tp_overlap')} must be a positive integer, got {k!r}")
+    if k == 1:
+        return
+    on = s.of("tp_overlap", k)
+    if pins.tp == 1 or devices == 1:
+        raise ConfigError(f"{on} overlaps tensor-parallel collectives with compute, but "
+                          f"{s.of('tp', 1)}" + (" (one device)" if devices == 1 else "")
+                          + f"; pin {s.name('tp')} > 1 or use {s.of('tp_overlap', 1)}")
+    b = pins.micro_batch_size
+    if b == 1:
+        raise ConfigError(f"{on} splits each microbatch along the batch, but "
+                          f"{s.of('micro_batch_size', 1)} has one sample (splitting the "
+                          f"sequence is not supported); pin a micro-batch size divisible "
+                          f"by {k} or use {s.of('tp_overlap', 1)}")
+    if b is not None and b % k:
+        raise ConfigError(f"{on} splits each microbatch into {k} parts along the batch, but "
+                          f"{s.of('micro_batch_size', b)} is not divisible by {k}; use a "
+                          f"{s.name('tp_overlap')} that divides it")
 
 
 def _check_degrees(pins: Pins, devices: int, s: Spelling) -> None:

@@ -37,6 +37,9 @@ from tripar.partitioner.plan_search.regions import RegionChooser
 from tripar.partitioner.schedules import warmup_in_flight
 from tripar.plan.config import SCHEDULES, ZERO_STAGES, ParallelConfig
 
+TP_OVERLAPS = (1, 2, 4)
+"""The tp_overlap values the search tries (where they divide the microbatch)."""
+
 
 def virtual_stages(pp: int, blocks: int) -> range:
     """vpp values tried for interleaved-1f1b: every one that leaves each of the
@@ -55,7 +58,8 @@ def config_key(cfg: ParallelConfig) -> tuple:
     (2, 4, 1, 1, 1, 0, 'none')
     """
     return (cfg.tp, cfg.pp, cfg.vpp, cfg.micro_batch_size, SCHEDULES.index(cfg.schedule),
-            cfg.zero, cfg.recompute) + ((1,) if cfg.sp else ())
+            cfg.zero, cfg.recompute) + ((1,) if cfg.sp else ()) + (
+            (cfg.tp_overlap,) if cfg.tp_overlap > 1 else ())
 
 
 class SearchSpace:
@@ -72,25 +76,34 @@ class SearchSpace:
         self._chain_share: dict[CostPoint, float] = {}
         self._prefix: dict[tuple[CostPoint, bool], dict[str, np.ndarray]] = {}
         self._work: dict[CostPoint, float] = {}
-        self._balance: dict[tuple[int, int, int], float] = {}
+        self._balance: dict[tuple[int, int, int, int], float] = {}
         self._static: dict[tuple[int, ...], tuple[int, str]] = {}
         self._least: dict[CostPoint, list[BlockCost]] = {}
+        self._pays: dict[tuple[int, int, int], bool] = {}
+        self.choose_overlap = False
+        """Whether an unpinned tp_overlap is searched (off until codegen builds k > 1
+        parts: a plan the runtime cannot run is never chosen unasked)."""
 
-    def least_work_costs(self, tp: int, b: int) -> list[BlockCost]:
+    def least_work_costs(self, tp: int, b: int, k: int = 1) -> list[BlockCost]:
         """Block costs with the time-optimal regions sharded (``free_choice``): the least
         work a configuration at ``tp`` and microbatch ``b`` can do (with sequence
-        parallelism where the search may choose it: it keeps the least activation bytes)."""
-        key = CostPoint(tp, b)
+        parallelism where the search may choose it: it keeps the least activation bytes),
+        the microbatch in ``k`` parts (``tp_overlap``)."""
+        key = CostPoint(tp, b, k)
         if key not in self._least:
             shard = self.regions.free_choice(tp, b)
-            costs = self.costs.get(tp, b, shard)
-            if True in self.sequence_parallel(tp):  # each part at the less of sp and not
+            costs = self.costs.get(tp, b, shard, False, k)
+            every = self.regions.all_regions(tp)  # overlapped, sharding may pay where it did not
+            others = [self.costs.get(tp, b, s, sp, k)
+                      for s in ((shard, every) if k > 1 else (shard,))
+                      for sp in self.sequence_parallel(tp) if (s, sp) != (shard, False)]
+            for other in others:   # each part at the least of sp or not, shards or not
                 costs = [dataclasses.replace(
                     c, forward_s=min(c.forward_s, s.forward_s),
                     backward_input_s=min(c.backward_input_s, s.backward_input_s),
                     backward_weight_s=min(c.backward_weight_s, s.backward_weight_s),
                     saved_bytes=min(c.saved_bytes, s.saved_bytes))
-                    for c, s in zip(costs, self.costs.get(tp, b, shard, True))]
+                    for c, s in zip(costs, other)]
             self._least[key] = costs
         return self._least[key]
 
@@ -133,11 +146,12 @@ class SearchSpace:
                         for zero in ([pins.zero] if pins.zero is not None else
                                      (list(ZERO_STAGES) if dp > 1 else [0])):
                             for sp in self.sequence_parallel(tp):
-                                out.append(ParallelConfig(
-                                    dp=dp, tp=tp, pp=pp, micro_batch_size=b,
-                                    num_microbatches=m, vpp=vpp, schedule=schedule,
-                                    recompute=pins.recompute or "stage-aware", zero=zero,
-                                    sp=sp))
+                                for k in self.tp_overlaps(tp, b):
+                                    out.append(ParallelConfig(
+                                        dp=dp, tp=tp, pp=pp, micro_batch_size=b,
+                                        num_microbatches=m, vpp=vpp, schedule=schedule,
+                                        recompute=pins.recompute or "stage-aware",
+                                        zero=zero, sp=sp, tp_overlap=k))
         return sorted(out, key=config_key)
 
     def sequence_parallel(self, tp: int) -> list[bool]:
@@ -148,6 +162,34 @@ class SearchSpace:
         if self.pins.sp is not None:
             return [self.pins.sp] if possible or not self.pins.sp else []
         return [False, True] if possible else [False]
+
+    def tp_overlaps(self, tp: int, b: int) -> list[int]:
+        """The tp_overlap values tried at degree ``tp`` and microbatch ``b``: the pin where
+        it divides ``b``, else one part (with ``choose_overlap``: those of TP_OVERLAPS that
+        divide ``b`` and pay, one part at tp=1)."""
+        if self.pins.tp_overlap is not None:
+            k = self.pins.tp_overlap
+            return [k] if k == 1 or (tp > 1 and b > 1 and b % k == 0) else []
+        if tp == 1 or not self.choose_overlap:
+            return [1]
+        return [k for k in TP_OVERLAPS if b % k == 0 and (k == 1 or self._overlap_pays(tp, b, k))]
+
+    def _overlap_pays(self, tp: int, b: int, k: int) -> bool:
+        """Whether ``k`` parts take less block work than one with the time-optimal regions
+        sharded, with or without sequence parallelism: memory and schedule are the same
+        at every k, so where the parts' compute loses more than the overlap hides, no
+        configuration at ``k`` can win."""
+        key = (tp, b, k)
+        if key not in self._pays:
+            shard = self.regions.free_choice(tp, b) or self.regions.all_regions(tp)
+
+            def work(sp: bool, parts: int) -> float:
+                return sum(c.forward_s + c.backward_input_s + c.backward_weight_s
+                           for c in self.costs.get(tp, b, shard, sp, parts))
+
+            self._pays[key] = any(
+                work(sp, k) < work(sp, 1) for sp in self.sequence_parallel(tp))
+        return self._pays[key]
 
     def _schedules_for(self, pp: int, m: int, blocks: int) -> list[tuple[str, int]]:
         pins = self.pins
@@ -172,13 +214,14 @@ class SearchSpace:
 
     # ---- bounds and screening --------------------------------------------------------
 
-    def chain_share(self, tp: int, b: int) -> float:
+    def chain_share(self, tp: int, b: int, k: int = 1) -> float:
         """Least share of a block's work on the F ... B chain under zb-h1 (W off it), over
         the region choices a configuration may end with."""
-        key = CostPoint(tp, b)
+        key = CostPoint(tp, b, k)
         if key not in self._chain_share:
-            extremes = [self.least_work_costs(tp, b), self.costs.get(tp, b, frozenset()),
-                        self.costs.get(tp, b, self.regions.all_regions(tp))]
+            extremes = [self.least_work_costs(tp, b, k), self.costs.get(tp, b, frozenset()),
+                        self.costs.get(tp, b, self.regions.all_regions(tp), False, k),
+                        self.costs.get(tp, b, self.regions.all_regions(tp), True, k)]
             self._chain_share[key] = min(
                 ((c.forward_s + c.backward_input_s)
                  / (c.forward_s + c.backward_input_s + c.backward_weight_s)
@@ -187,10 +230,10 @@ class SearchSpace:
         return self._chain_share[key]
 
     def lower_bound(self, cfg: ParallelConfig) -> float:
-        key = CostPoint(cfg.tp, cfg.micro_batch_size)
+        key = CostPoint(cfg.tp, cfg.micro_batch_size, cfg.tp_overlap)
         if key not in self._work:
             self._work[key] = sum(c.forward_s + c.backward_input_s + c.backward_weight_s
-                                  for c in self.least_work_costs(cfg.tp, cfg.micro_batch_size))
+                                  for c in self.least_work_costs(*key))
         work = self._work[key]
         m, p, v = cfg.num_microbatches, cfg.pp, cfg.vpp
         # share of each block's work that is forward: the chain before a stage's first F
@@ -198,7 +241,7 @@ class SearchSpace:
         if cfg.schedule in ("gpipe", "1f1b", "scp"):
             phi = 1.0
         elif cfg.schedule == "zb-h1":  # W is off the chain
-            phi = self.chain_share(cfg.tp, cfg.micro_batch_size)
+            phi = self.chain_share(cfg.tp, cfg.micro_batch_size, cfg.tp_overlap)
         bound = m * work / p
         if p > 1 and 0 < phi / m < 1 and v == 1:
             bound = max(bound, phi * work / (1.0 - (1.0 - phi / m) ** p))
@@ -218,14 +261,16 @@ class SearchSpace:
         reduce = reduce_scatter_time if cfg.zero else all_reduce_time
         return optimizer + reduce(self.cluster, grad, cfg.dp, cfg.tp)
 
-    def prefix(self, tp: int, b: int, *, least_memory: bool = False) -> dict[str, np.ndarray]:
+    def prefix(self, tp: int, b: int, k: int = 1, *, least_memory: bool = False
+               ) -> dict[str, np.ndarray]:
         """Prefix sums over blocks of forward, total work, saved, input bytes and params,
-        with the time-optimal regions sharded (or, ``least_memory``, every proven one)."""
-        key = (CostPoint(tp, b), least_memory)
+        with the time-optimal regions sharded (or, ``least_memory``, every proven one),
+        the microbatch in ``k`` parts."""
+        key = (CostPoint(tp, b, k), least_memory)
         if key not in self._prefix:
             costs = (self.costs.get(tp, b, self.regions.all_regions(tp),
-                                    True in self.sequence_parallel(tp)) if least_memory
-                     else self.least_work_costs(tp, b))
+                                    True in self.sequence_parallel(tp), k) if least_memory
+                     else self.least_work_costs(tp, b, k))
 
             def cum(values) -> np.ndarray:
                 return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
@@ -247,7 +292,7 @@ class SearchSpace:
         """A quick step-time estimate (uniform split by layers, the recompute share each
         stage needs to fit, the partition objective, the gradient reduction and optimizer
         step of an average stage); it only orders the candidates."""
-        pre = self.prefix(cfg.tp, cfg.micro_batch_size)
+        pre = self.prefix(cfg.tp, cfg.micro_batch_size, cfg.tp_overlap)
         k = cfg.pp * cfg.vpp
         firsts = self.uniform(k)
         if firsts is None:
@@ -267,7 +312,8 @@ class SearchSpace:
                                                cfg.vpp), dtype=np.float64)
         share = self._recompute_share(cfg, span, inflight, model + optimizer)
         if share is None:   # try the memory of every proven region sharded
-            least = self.prefix(cfg.tp, cfg.micro_batch_size, least_memory=True)
+            least = self.prefix(cfg.tp, cfg.micro_batch_size, cfg.tp_overlap,
+                                least_memory=True)
             share = self._recompute_share(cfg, lambda name: least[name][hi] - least[name][lo],
                                           inflight, model + optimizer)
             if share is None:
@@ -278,7 +324,8 @@ class SearchSpace:
         m, v = cfg.num_microbatches, cfg.vpp
         # the partition moves layers off a stage that holds a heavy embedding or head:
         # the slowest stage of the most even split, plus the most recomputation
-        slowest = min(float(times.max()), self._balanced(cfg.tp, cfg.micro_batch_size, k)
+        slowest = min(float(times.max()), self._balanced(cfg.tp, cfg.micro_batch_size,
+                                                         cfg.tp_overlap, k)
                       + float((share * fwd).max()))
         pipeline = float(times.sum()) / v + (m * v - 1) * slowest
         if cfg.pipelines == 2:  # rank r runs m / 2 of stages r and pp-1-r; Chimera's bubble
@@ -303,12 +350,12 @@ class SearchSpace:
                 tail += all_gather_time(self.cluster, grad, copies, cfg.tp)
         return pipeline + tail
 
-    def _balanced(self, tp: int, b: int, k: int) -> float:
+    def _balanced(self, tp: int, b: int, parts: int, k: int) -> float:
         """The least work of the slowest stage over every split of the blocks into ``k``
         contiguous stages (a bisection over that work, each test a greedy fill)."""
-        key = (tp, b, k)
+        key = (tp, b, parts, k)
         if key not in self._balance:
-            prefix = self.prefix(tp, b)["work"]
+            prefix = self.prefix(tp, b, parts)["work"]
             work = prefix.tolist()  # bisect on a list: scalar searchsorted dominated the search
             n = len(work) - 1
             lo = max(work[-1] / k, float(np.diff(prefix).max()))

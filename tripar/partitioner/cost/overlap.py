@@ -1,0 +1,61 @@
+"""Sub-pipelined tensor parallelism (Merak): a block run as k parts whose collectives
+overlap the next part's compute.
+
+With ``tp_overlap`` = k a block's microbatch runs as k parts of ``b / k`` samples. Part
+i's collectives (the regions' all-reduces, or all-gathers and reduce-scatters under
+sequence parallelism) run while part i+1 computes, in the forward and in the input
+gradient (B). Each part computes at its own, smaller, products' efficiency and pays its
+own launches and per-operator overheads (the part's cost is the block's cost at ``b /
+k``). With part compute c and part collectives x, a pass takes the two-stage pipeline's
+``c + x + (k - 1) max(c, x)``: one part's collectives stay exposed, and beyond that only
+what the collectives take longer than the compute. The weight gradient (W) runs k parts
+back to back. Memory is the whole microbatch's: the parts' saved tensors add up to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tripar.partitioner.cost.blocks import BlockCost
+
+
+def pipelined(compute_s: float, comm_s: float, parts: int) -> float:
+    """A pass of ``parts`` parts, each computing ``compute_s`` then communicating
+    ``comm_s``, the collectives of one overlapping the compute of the next.
+
+    >>> pipelined(2.0, 1.0, 1), pipelined(1.0, 0.5, 2), pipelined(1.0, 3.0, 2)
+    (3.0, 2.5, 7.0)
+    """
+    return compute_s + comm_s + (parts - 1) * max(compute_s, comm_s)
+
+
+def overlapped(whole: BlockCost, part: BlockCost, parts: int) -> BlockCost:
+    """``whole`` (the block at the full microbatch) run as ``parts`` parts, each costing
+    ``part`` (the block at ``1 / parts`` of the microbatch, collectives not overlapped).
+
+    >>> from tripar.partitioner.cost.blocks import BlockCost
+    >>> part = BlockCost(forward_s=1.5, backward_input_s=2.5, backward_weight_s=1.0,
+    ...                  saved_bytes=50, input_bytes=10, output_bytes=10, params=4,
+    ...                  tp_comm_s=1.0, tp_forward_comm_s=0.5, tp_backward_comm_s=0.5)
+    >>> whole = replace(part, saved_bytes=100, input_bytes=20, output_bytes=20)
+    >>> two = overlapped(whole, part, 2)
+    >>> two.forward_s, two.backward_input_s, two.backward_weight_s, two.tp_comm_s
+    (2.5, 4.5, 2.0, 1.0)
+    >>> two.saved_bytes
+    100
+    """
+    fwd_compute = part.forward_s - part.tp_forward_comm_s
+    bwd_compute = part.backward_input_s - part.tp_backward_comm_s
+    forward = pipelined(fwd_compute, part.tp_forward_comm_s, parts)
+    backward = pipelined(bwd_compute, part.tp_backward_comm_s, parts)
+    fwd_exposed = forward - parts * fwd_compute
+    bwd_exposed = backward - parts * bwd_compute
+    regather = part.tp_comm_s - part.tp_forward_comm_s - part.tp_backward_comm_s
+    return replace(
+        whole, forward_s=forward, backward_input_s=backward,
+        backward_weight_s=parts * part.backward_weight_s,
+        tp_comm_s=fwd_exposed + bwd_exposed + parts * regather,
+        tp_forward_comm_s=fwd_exposed, tp_backward_comm_s=bwd_exposed,
+        selective_s=parts * part.selective_s)
