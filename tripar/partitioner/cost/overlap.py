@@ -15,10 +15,10 @@ back to back. Memory is the whole microbatch's: the parts' saved tensors add up 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
-if TYPE_CHECKING:
-    from tripar.partitioner.cost.blocks import BlockCost
+BlockCost = TypeVar("BlockCost")
+"""A :class:`~tripar.partitioner.cost.blocks.BlockCost` (blocks.py imports this module)."""
 
 
 def pipelined(compute_s: float, comm_s: float, parts: int) -> float:
