@@ -15,9 +15,7 @@ and log-sum-exp). Nothing is estimated from shapes:
 - Saved bytes come from ``torch.autograd.graph.saved_tensors_hooks``: each
   storage saved for backward is counted once, in the node whose operator saved
   it first; storages of parameters and buffers are not activations and are
-  not counted. A second forward under bf16 autocast with CUDA's policy
-  (:mod:`tripar.graph.autocast`) gives ``saved_bytes_amp``: what a ``precision="bf16"``
-  stage saves on the GPU.
+  not counted.
 - A parameter (or a tied/shared one) is counted once, in the first node that
   reads it, under its first registered name.
 
@@ -40,7 +38,6 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from tripar.errors import CaptureError
-from tripar.graph.autocast import CudaAutocast
 from tripar.graph.blocks import node_module
 from tripar.graph.capture import flat_graph_inputs
 from tripar.graph.params import canonical_names, read_params
@@ -99,9 +96,6 @@ class NodeInfo:
     """(m, k, n) of each forward matrix product; a batch dimension is folded into m."""
     reads_params: bool = False
     """Whether the node reads a parameter (first reader or not)."""
-    saved_bytes_amp: int = 0
-    """``saved_bytes`` under bf16 autocast with CUDA's policy (:mod:`tripar.graph.autocast`):
-    what a ``precision="bf16"`` stage saves on the GPU."""
 
 
 def _as_meta(tensor: torch.Tensor) -> torch.Tensor:
@@ -282,7 +276,6 @@ def annotate(
     keep_val = gm.meta.get("tripar_tracer") != "export"
     counter = _NodeFlopCounter()
     runner = _Annotator(gm, counter)
-    flat_inputs = flat
     flat = runner.fake(flat)
     with runner.fake_weights():
         with runner.mode, counter, torch.enable_grad():
@@ -295,7 +288,6 @@ def annotate(
                 grads = [None if t.dim() == 0 else torch.ones_like(t) for t in roots]
                 torch.autograd.backward(roots, grads)
             del output, roots
-    amp = _saved_amp(gm, flat_inputs, reuse)
     for node in gm.graph.nodes:
         source = runner.copied.get(node.name, node.name)
         shapes, dtypes, nbytes = runner.layouts.get(source, ((), (), 0))
@@ -310,7 +302,6 @@ def annotate(
             param_bytes=sum(p.numel() * p.element_size() for _, p in reads),
             param_names=tuple(fqn for fqn, _ in reads),
             saved_bytes=int(runner.saved_by_node.get(source, 0)),
-            saved_bytes_amp=int(amp.get(source, 0)),
             module=_attr_module(node) if node.op == "get_attr" else node_module(node),
             matmuls=tuple(counter.matmuls.get(source, ())),
             reads_params=node.name in readers,
@@ -320,18 +311,6 @@ def annotate(
     infos = [n.meta["tripar"] for n in gm.graph.nodes]
     gm.meta["tripar_flops"] = (sum(i.forward_flops for i in infos),
                                sum(i.backward_flops for i in infos))
-
-
-def _saved_amp(gm: torch.fx.GraphModule, flat: list, reuse: bool) -> dict[str, int]:
-    """Per node, the bytes autograd saves in a forward under bf16 autocast with CUDA's
-    policy (a second fake forward; its FLOPs are the fp32 run's)."""
-    runner = _Annotator(gm, _NodeFlopCounter())
-    fake = runner.fake(flat)
-    with runner.fake_weights(), runner.mode, torch.enable_grad(), \
-            CudaAutocast(torch.bfloat16):
-        with torch.autograd.graph.saved_tensors_hooks(runner.pack, runner.unpack):
-            runner.execute(fake, ReusePlan.of(gm) if reuse else None)
-    return dict(runner.saved_by_node)
 
 
 def _attr_module(node: torch.fx.Node) -> str:

@@ -65,9 +65,6 @@ class Block:
     """Forward FLOPs of ``selective_nodes`` (re-run in the backward)."""
     selective_ops: int = 0
     """Tensor operators among ``selective_nodes``."""
-    saved_bytes_amp: int = 0
-    """``saved_bytes`` under bf16 autocast with CUDA's policy (``tripar.graph.autocast``):
-    fp32 norms, softmaxes and losses, bf16 matmul inputs, an fp32 residual stream."""
     sequence_saved_bytes: int = 0
     """Of ``saved_bytes``, what the token-wise nodes between tensor-parallel regions save
     (norms, dropouts, residual adds: ``tripar.graph.sequence``): what sequence
