@@ -65,6 +65,9 @@ SELECTIVE = ("gpt_eager", "llama_eager", "hf_gpt2")
 """Models with selective segments: the written-out attention cores, GPT-2's tanh GELU."""
 SP = ("gpt", "llama", "bert", "hf_gpt2")
 """The models with a sequence (vit's first input is an image): sequence parallelism's rows."""
+MB = ("gpt", "bert", "hf_gpt2")
+"""The rows of microbatches of several samples: bert's loss (a mean over a microbatch's
+masked tokens) tells which samples shared one; the others are plain means."""
 SEED = 4321
 """The default random stream's seed before training, in one process and on every rank."""
 SGD, ADAMW, BOTH = ("sgd",), ("adamw",), ("sgd", "adamw")
@@ -83,16 +86,17 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 1, 2, I1F1B,    2, 0, 1, "fp32", ALL, SGD),
         (1, 1, 2, "zb-h1",  1, 0, 1, "fp32", ALL, ADAMW),
         (1, 1, 2, "scp",    1, 0, 1, "fp32", ALL, SGD),
-        (1, 1, 2, "1f1b",   1, 0, 2, "fp32", ALL, SGD),
-        (1, 1, 2, I1F1B,    2, 0, 2, "fp32", ALL, ADAMW),
-        (1, 1, 2, "gpipe",  1, 0, 4, "fp32", ALL, SGD),
+        (1, 1, 2, "1f1b",   1, 0, 2, "fp32", MB, SGD),
+        (1, 1, 2, I1F1B,    2, 0, 2, "fp32", MB, ADAMW),
+        (1, 1, 2, "gpipe",  1, 0, 4, "fp32", MB, SGD),
         (1, 1, 2, I1F1B,    5, 0, 1, "fp32", DEEP, SGD),
         (1, 1, 2, I1F1B,    7, 0, 1, "fp32", DEEP, ADAMW),
-        (2, 1, 1, "1f1b",   1, 0, 1, "fp32", ALL, BOTH),
-        (2, 1, 1, "1f1b",   1, 1, 1, "fp32", ALL, BOTH),
-        (2, 1, 1, "1f1b",   1, 0, 2, "fp32", ALL, SGD),
+        (2, 1, 1, "1f1b",   1, 0, 1, "fp32", ALL, SGD),
+        (2, 1, 1, "1f1b",   1, 0, 1, "fp32", LM, ADAMW),
+        (2, 1, 1, "1f1b",   1, 1, 1, "fp32", ALL, ADAMW),
+        (2, 1, 1, "1f1b",   1, 0, 2, "fp32", MB, SGD),
         (1, 2, 1, "1f1b",   1, 0, 1, "fp32", ALL, ADAMW),
-        (1, 2, 1, "1f1b",   1, 0, 4, "fp32", ALL, SGD),
+        (1, 2, 1, "1f1b",   1, 0, 4, "fp32", MB, SGD),
         (1, 1, 2, "gpipe",  1, 0, 1, "bf16", LM, SGD),
         (1, 1, 2, "1f1b",   1, 0, 1, "bf16", LM, SGD),
         (1, 1, 2, I1F1B,    2, 0, 1, "bf16", LM, SGD),
@@ -113,13 +117,13 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 1, 4, "1f1b",   1, 0, 1, "fp32", ALL, SGD),
         (1, 1, 4, "zb-h1",  1, 0, 1, "fp32", ALL, SGD),
         (1, 1, 4, "scp",    1, 0, 1, "fp32", ALL, ADAMW),
-        (1, 1, 4, "1f1b",   1, 0, 2, "fp32", ALL, ADAMW),
+        (1, 1, 4, "1f1b",   1, 0, 2, "fp32", MB, ADAMW),
         (2, 1, 2, "gpipe",  1, 0, 1, "fp32", ALL, SGD),
-        (2, 1, 2, "1f1b",   1, 1, 1, "fp32", ALL, BOTH),
+        (2, 1, 2, "1f1b",   1, 1, 1, "fp32", ALL, ADAMW),
         (2, 1, 2, I1F1B,    2, 0, 1, "fp32", ALL, ADAMW),
         (2, 1, 2, "zb-h1",  1, 0, 1, "fp32", ALL, SGD),
         (2, 1, 2, "scp",    1, 0, 1, "fp32", ALL, ADAMW),
-        (2, 1, 2, "zb-h1",  1, 0, 2, "fp32", ALL, ADAMW),
+        (2, 1, 2, "zb-h1",  1, 0, 2, "fp32", MB, ADAMW),
         (2, 1, 2, "1f1b",   1, 0, 1, "bf16", LM, SGD),
         (1, 1, 4, "chimera", 1, 0, 1, "fp32", ("llama", "hf_gpt2"), ADAMW),
         (2, 1, 2, "chimera", 1, 1, 1, "fp32", ("gpt", "hf_gpt2"), ADAMW),
@@ -136,8 +140,8 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 2, 2, "zb-h1",  1, 0, 1, "fp32", ALL, SGD),
         (1, 2, 2, "scp",    1, 0, 1, "fp32", ALL, ADAMW),
         (1, 2, 2, "1f1b",   1, 0, 2, "fp32", ALL, ADAMW),
-        (2, 2, 1, "1f1b",   1, 0, 1, "fp32", ALL, BOTH),
-        (2, 2, 1, "1f1b",   1, 1, 1, "fp32", ALL, BOTH),
+        (2, 2, 1, "1f1b",   1, 0, 1, "fp32", ALL, SGD),
+        (2, 2, 1, "1f1b",   1, 1, 1, "fp32", ALL, ADAMW),
         (1, 2, 2, "gpipe",  1, 0, 1, "bf16", LM, SGD),
         (1, 2, 2, "1f1b",   1, 0, 1, "bf16", LM, SGD),
         (1, 2, 2, I1F1B,    2, 0, 1, "bf16", LM, SGD),
