@@ -116,13 +116,13 @@ def _summary(out: dict) -> dict:
 
 
 @pytest.mark.parametrize("world, name, first, second", [
-    (2, "gpt", (1, 1, 2, "1f1b", 0), (2, 1, 1, "1f1b", 1)),   # pipeline -> dp with ZeRO-1
+    (2, "gpt", (1, 1, 2, "chimera", 0), (2, 1, 1, "1f1b", 1)),  # chimera -> dp with ZeRO-1
     (2, "gpt", (2, 1, 1, "1f1b", 2), (1, 1, 2, "zb-h1", 0)),  # ZeRO-2 -> another schedule
     # tensor-parallel slices (a fused QKV cut per part, with ZeRO-2) -> whole tensors
     (4, "gpt", (2, 2, 1, "1f1b", 2), (1, 1, 4, "1f1b", 0)),
     # HF GPT-2's fused QKV is cut along dim 1 (Conv1D); pipeline x tensor -> dp x tensor
     (4, "hf_gpt2", (1, 2, 2, "gpipe", 0), (2, 2, 1, "1f1b", 1)),
-], ids=["pp2-to-dp2zero", "dp2zero2-to-pp2", "dp2tp2zero2-to-pp4", "hf-pp2tp2-to-dp2tp2zero"])
+], ids=["chimera-pp2-to-dp2zero", "dp2zero2-to-pp2", "dp2tp2zero2-to-pp4", "hf-pp2tp2-to-dp2tp2zero"])
 def test_save_under_one_plan_load_under_another(world, name, first, second):
     with tempfile.TemporaryDirectory() as directory:
         results = run_ranks(_resume, world, directory, first, second, name, timeout_s=180,
