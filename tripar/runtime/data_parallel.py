@@ -273,7 +273,7 @@ class DataParallel:
                 for p, off in zip(b.params, b.offsets):
                     p.grad = b.buffer[off:off + p.numel()].view_as(p)
             if self.zero:
-                if self.mesh.grad_size > 1 and self._scatter_by_all_reduce:
+                if self._scatter_by_all_reduce:
                     b.shard_grad = b.buffer[self._shard_slice(b)].clone()
                 b.buffer = None
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tripar.graph.proxy import ProxyGraph
-from tripar.partitioner.cost.blocks import block_costs
+from tripar.partitioner.cost.blocks import BlockCost, block_costs
 from tripar.partitioner.cost.blocks import shardable_regions as _shardable
 from tripar.partitioner.cost.stages import bytes_per_param
 from tripar.partitioner.hardware import Cluster
@@ -152,9 +152,10 @@ def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluat
                          f"; replicated: {', '.join(left[:6])}"
                          + (f" and {len(left) - 6} more" if len(left) > 6 else "")
                          if left else ""))
+    costs = block_costs(graph, cluster, cfg, dtype=dtype, tp_regions=best.tp_regions)
     for note in (_sequence_note(graph, cluster, dtype, best, evaluated, bounds),
-                 _selective_note(graph, cluster, dtype, best, evaluated, bounds, stages),
-                 _zero_note(graph, cluster, dtype, best, bounds)):
+                 _selective_note(costs, best, evaluated, bounds, stages),
+                 _zero_note(costs, dtype, best, bounds)):
         if note:
             notes.append(note)
     plan = Plan(
@@ -174,18 +175,17 @@ def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluat
     return plan.validate()
 
 
-def _selective_note(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluated,
-                    evaluated: list[Evaluated], bounds: Sequence[int],
-                    stages: Sequence[StagePlan]) -> str:
+def _selective_note(costs: Sequence[BlockCost], best: Evaluated, evaluated: list[Evaluated],
+                    bounds: Sequence[int], stages: Sequence[StagePlan]) -> str:
     """What selective recomputation drops on its first stage, per microbatch and at the
-    stage's peak, what it re-runs, and the same configuration without it."""
+    stage's peak, what it re-runs, and the same configuration without it (``costs``: the
+    plan's block costs)."""
     first = next((st for st in stages if st.selective), None)
     if first is None:
         return ""
-    costs = block_costs(graph, cluster, best.config, dtype=dtype,
-                        tp_regions=best.tp_regions)[bounds[first.index]:bounds[first.index + 1]]
-    dropped = sum(c.selective_bytes for c in costs)
-    rerun = sum(c.selective_s for c in costs)
+    mine = costs[bounds[first.index]:bounds[first.index + 1]]
+    dropped = sum(c.selective_bytes for c in mine)
+    rerun = sum(c.selective_s for c in mine)
     other = next((e for e in evaluated
                   if e.config == dataclasses.replace(best.config, recompute="none")), None)
     versus = ""
@@ -226,16 +226,15 @@ def _sequence_note(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evalua
             f"(saves {fmt_bytes(kept_off - kept_on)}){versus}")
 
 
-def _zero_note(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluated,
+def _zero_note(costs: Sequence[BlockCost], dtype: str, best: Evaluated,
                bounds: Sequence[int]) -> str:
     """The ZeRO stage chosen and the bytes of weights, gradients and optimizer state it
-    leaves on a stage-0 rank, beside ZeRO-0's."""
+    leaves on a stage-0 rank, beside ZeRO-0's (``costs``: the plan's block costs)."""
     cfg = best.config
     copies = cfg.dp * cfg.pipelines
     if copies == 1:
         return ""
-    params = sum(c.params for c in block_costs(graph, cluster, cfg, dtype=dtype,
-                                               tp_regions=best.tp_regions)[:bounds[1]])
+    params = sum(c.params for c in costs[:bounds[1]])
     held, whole = (params * sum(bytes_per_param(dtype, zero, copies))
                    for zero in (cfg.zero, 0))
     what = {0: "optimizer state and gradients replicated",
