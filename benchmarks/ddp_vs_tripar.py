@@ -18,7 +18,7 @@ them alike; the median over rounds is reported. ``--repeats N`` runs the whole
 measurement N times (fresh processes) and reports the median and the spread of the
 ratios; ``--out`` writes the markdown report (default ``benchmarks/results/DDP.md``).
 
-    python benchmarks/ddp_vs_tripar.py [--quick] [--repeats 3] [--out FILE]
+    python benchmarks/ddp_vs_tripar.py [--quick] [--repeats 3] [--out FILE] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -119,7 +119,7 @@ def _rank_main(cfg: DDPConfig) -> dict:
     captured = capture_model(model, (example[0],))
     cluster = Cluster.from_file(cfg.profile)
 
-    steppers, plans = {}, {}
+    steppers, plans, simulated = {}, {}, {}
     for name in cfg.systems:
         if name in TRIPAR_SYSTEMS:
             pm = auto_parallel(model, cluster=cluster, example_inputs=(example[0],),
@@ -128,8 +128,9 @@ def _rank_main(cfg: DDPConfig) -> dict:
                                optimizer=lambda ps: torch.optim.SGD(ps, lr=1e-2))
             steppers[name] = pm
             par = pm.plan.parallel
+            simulated[name] = pm.plan.estimate.step_time_s
             plans[name] = (f"ZeRO-{par.zero}, {par.num_microbatches} x {par.micro_batch_size}"
-                           f" samples, simulated {pm.plan.estimate.step_time_s * 1e3:.0f} ms")
+                           f" samples, simulated {simulated[name] * 1e3:.0f} ms")
     default = steppers["tripar default"].plan.parallel
     if DDP in cfg.systems:
         steppers[DDP] = _DDP(model, default.num_microbatches)
@@ -157,8 +158,8 @@ def _rank_main(cfg: DDPConfig) -> dict:
             losses[name].append(loss)
     if dist.get_rank() != 0:
         return {}
-    return {"step_s": times, "losses": losses, "plans": plans, "torch": torch.__version__,
-            "tokens": cfg.global_batch * cfg.seq}
+    return {"step_s": times, "losses": losses, "plans": plans, "simulated_s": simulated,
+            "torch": torch.__version__, "tokens": cfg.global_batch * cfg.seq}
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +170,19 @@ class Run:
     plans: dict[str, str]
     load: tuple[float, float]
     torch_version: str
+    simulated_s: dict[str, float] = field(default_factory=dict)
+    """The simulator's step time of each tripar system's plan on the calibrated profile."""
 
     def ratio(self, name: str) -> float:
         return self.tokens_per_s[name] / self.tokens_per_s[DDP]
+
+    def simulated_ratio(self, name: str) -> float | None:
+        """The simulator's tokens/s of ``name``'s plan over the same plan at ZeRO-0 (the
+        algorithm DDP runs: bucketed all-reduce, every rank steps every parameter); None
+        when either was not measured."""
+        if name not in self.simulated_s or "tripar zero=0" not in self.simulated_s:
+            return None
+        return self.simulated_s["tripar zero=0"] / self.simulated_s[name]
 
 
 def measure(cfg: DDPConfig, *, timeout_s: float = 900.0) -> Run:
@@ -187,32 +198,38 @@ def measure(cfg: DDPConfig, *, timeout_s: float = 900.0) -> Run:
     # same weights, same batch, same microbatches: the same first loss everywhere
     assert max(first.values()) - min(first.values()) < 1e-4, first
     tps = {n: out["tokens"] / statistics.median(v) for n, v in out["step_s"].items()}
-    return Run(tps, out["plans"], (before, os.getloadavg()[0]), out["torch"])
+    return Run(tps, out["plans"], (before, os.getloadavg()[0]), out["torch"],
+               out["simulated_s"])
 
 
-def markdown(cfg: DDPConfig, runs: list[Run]) -> str:
+def markdown(cfg: DDPConfig, runs: list[Run], *, title: str = "#",
+             command: str = "python benchmarks/ddp_vs_tripar.py --repeats 3") -> str:
     """The report: per system the median over runs of tokens/s and of the ratio to DDP,
-    with the spread (min..max) of the ratio."""
+    with the spread (min..max) of the ratio, and the simulator's ratio to ZeRO-0.
+    ``title``: the heading's level (``""``: no heading); ``command``: what regenerates it."""
     lines = [
-        "# tripar data parallelism against torch DistributedDataParallel",
-        "",
+        *([f"{title} tripar data parallelism against torch DistributedDataParallel", ""]
+          if title else []),
         f"2 CPU processes (gloo, 1 thread each), zoo gpt {cfg.layers} layers, hidden "
         f"{cfg.hidden}, seq {cfg.seq}, global batch {cfg.global_batch}, SGD; dp=2 pinned, "
-        f"the rest planned on the calibrated CPU profile. {len(runs)} runs (fresh processes),"
-        f" {cfg.rounds} timed rounds each (median), systems interleaved in each round. "
-        f"torch {runs[0].torch_version}; 1-minute load before/after each run: "
+        f"the rest planned on the calibrated CPU profile. {len(runs)} run(s) (fresh "
+        f"processes), {cfg.rounds} timed rounds each (median), systems interleaved in each "
+        f"round. torch {runs[0].torch_version}; 1-minute load before/after each run: "
         + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in (r.load for r in runs)) + ".",
         "",
-        "Regenerate: `python benchmarks/ddp_vs_tripar.py --repeats 3`",
+        f"Regenerate: `{command}`",
         "",
-        "| system | plan | tokens/s (median of runs) | / DDP, median | / DDP, min..max |",
-        "|---|---|---|---|---|",
+        "| system | plan | tokens/s (median of runs) | / DDP, median | / DDP, min..max "
+        "| simulated / ZeRO-0 |",
+        "|---|---|---|---|---|---|",
     ]
     for name in cfg.systems:
         tps = statistics.median(r.tokens_per_s[name] for r in runs)
         ratios = [r.ratio(name) for r in runs]
+        sim = runs[0].simulated_ratio(name)
         lines.append(f"| {name} | {runs[0].plans.get(name, '')} | {tps:,.0f} | "
-                     f"{statistics.median(ratios):.3f} | {min(ratios):.3f}..{max(ratios):.3f} |")
+                     f"{statistics.median(ratios):.3f} | {min(ratios):.3f}..{max(ratios):.3f} "
+                     f"| {'-' if sim is None else f'{sim:.3f}'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -221,8 +238,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "DDP.md"))
+    parser.add_argument("--profile", default=str(PROFILE),
+                        help="the calibrated CPU profile (`tripar calibrate`) to plan on")
     args = parser.parse_args(argv)
-    cfg = QUICK if args.quick else DDPConfig()
+    cfg = replace(QUICK if args.quick else DDPConfig(), profile=args.profile)
     runs = []
     for k in range(args.repeats):
         runs.append(measure(cfg))

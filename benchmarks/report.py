@@ -5,9 +5,11 @@ Runs, in order (the measured part first, on a machine left otherwise idle):
 1. ``pipeline_vs_torch.run_all``: ``tripar calibrate`` (the CPU profile), then tripar's
    runtime against ``torch.distributed.pipelining`` and single-process training on 2 CPU
    processes, and one transformer block against the cost model;
-2. ``simulated_at_scale.run_all``: tripar's plans against Megatron-LM's published
+2. ``ddp_vs_tripar.measure``: tripar's data parallelism (the default plan at dp=2, and
+   each ZeRO stage pinned) against torch's ``DistributedDataParallel``, on the same profile;
+3. ``simulated_at_scale.run_all``: tripar's plans against Megatron-LM's published
    configurations and naive baselines, GPT 1.7B to 1T; the schedules at fixed degrees;
-3. ``plan_scaling.py`` (planner cost against layers and devices), in a subprocess.
+4. ``plan_scaling.py`` (planner cost against layers and devices), in a subprocess.
 
 Every figure in the report has, above it, the one command that regenerates it.
 ``tripar bench [--quick] [--out DIR]`` calls :func:`generate`.
@@ -26,12 +28,14 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 sys.path.insert(0, str(HERE))
 
+import ddp_vs_tripar as ddp_bench  # noqa: E402
 import pipeline_vs_torch as measured_bench  # noqa: E402
 import simulated_at_scale as scale_bench  # noqa: E402
 
@@ -39,6 +43,8 @@ WITHIN = 0.20
 """Measured step time must be within this share of the simulated one."""
 IDEAL_SHARE = 0.85
 """tripar's pp=2 tokens/s must reach this share of the ideal."""
+DDP_SHARE = 0.98
+"""tripar's default data-parallel plan must reach this share of torch DDP's tokens/s."""
 
 
 def _rel(path: Path) -> str:
@@ -169,9 +175,40 @@ def _chimera_rows(m, run: str) -> list[str]:
     ]
 
 
+def _ddp_rows(run, where: str) -> list[str]:
+    """The default data-parallel plan against torch DDP: measured tokens/s ratio and the
+    simulator's ratio of that plan to the same plan at ZeRO-0 (DDP's algorithm)."""
+    measured = run.ratio("tripar default")
+    simulated = run.simulated_ratio("tripar default")
+    return [
+        f"| tripar default plan / torch DistributedDataParallel, dp=2, same model and "
+        f"microbatches (tokens/s): measured; simulated against the plan at ZeRO-0 ({where}: "
+        f"{run.plans['tripar default']}) | {where} | {measured:.3f}; "
+        f"{'-' if simulated is None else f'{simulated:.3f}'} | >= {DDP_SHARE} | "
+        f"{_verdict(measured >= DDP_SHARE)} |",
+    ]
+
+
+def _ddp_section(out: Path, ddp, quick: bool) -> list[str]:
+    """Section 2: the data-parallel table (``ddp``: (DDPConfig, Run), or None: not run)."""
+    if ddp is None:
+        return []
+    cfg, run = ddp
+    flags = " --quick" if quick else ""
+    if out.resolve() != RESULTS.resolve():
+        flags += f" --profile {_rel(out / 'cpu_profile.json')} --out {_rel(out / 'DDP.md')}"
+    return ["## 2. Measured: data parallelism against torch DistributedDataParallel", "",
+            ddp_bench.__doc__.split("\n\n", 1)[1].split("\n    python")[0].strip(), "",
+            ddp_bench.markdown(cfg, [run], title="", command=(
+                f"python {_rel(HERE / 'ddp_vs_tripar.py')} --repeats 1{flags}")),
+            f"More runs, each a fresh launch: "
+            f"[DDP.md]({os.path.relpath(RESULTS / 'DDP.md', out.resolve())}).", ""]
+
+
 def write_report(out: Path, *, quick: bool, measurement, check, rows_md: str, sched_md: str,
-                 scaling_md: str, scaling_cmd: str, wall_s: float) -> Path:
-    """Assemble REPORT.md from the parts (pure formatting: nothing is measured here)."""
+                 scaling_md: str, scaling_cmd: str, wall_s: float, ddp=None) -> Path:
+    """Assemble REPORT.md from the parts (pure formatting: nothing is measured here).
+    ``ddp``: (DDPConfig, Run) of the data-parallel measurement, or None."""
     m = measurement
     flag = _out_flag(out)
     quick_flag = " --quick" if quick else ""
@@ -192,6 +229,7 @@ def write_report(out: Path, *, quick: bool, measurement, check, rows_md: str, sc
         "## Headline", "",
         "| claim | run | number | target | met |", "|---|---|---:|---:|---|",
         *_headline_rows(m, "this machine"),
+        *(_ddp_rows(ddp[1], "this machine") if ddp is not None else []),
         *(row for name, kept in _quiet_runs(out)
           for row in _headline_rows(kept, f"quiet machine, `{name}`")),
         "", "## 1. Measured: tripar's runtime against torch.distributed.pipelining", "",
@@ -207,7 +245,8 @@ def write_report(out: Path, *, quick: bool, measurement, check, rows_md: str, sc
         "`BlockCost` on the calibrated profile:", "",
         measured_bench.markdown_block(check),
         _cost_model_note(check), "",
-        "## 2. Simulated at scale: plans against Megatron-LM and naive baselines", "",
+        *_ddp_section(out, ddp, quick),
+        "## 3. Simulated at scale: plans against Megatron-LM and naive baselines", "",
         scale_bench.__doc__.split("\n\n", 1)[1].split("\n    python")[0].strip(), "",
         rows_md,
         _figure(f"python benchmarks/simulated_at_scale.py{quick_flag}{flag}", "at_scale.png",
@@ -215,7 +254,7 @@ def write_report(out: Path, *, quick: bool, measurement, check, rows_md: str, sc
         "### Schedules at fixed degrees", "", sched_md,
         _figure(f"python benchmarks/simulated_at_scale.py{quick_flag}{flag}",
                 "schedules.png", "simulated step time per schedule"), "",
-        "## 3. Planner cost", "",
+        "## 4. Planner cost", "",
         "Search time of `tripar.partitioner.search` against the number of identical layers "
         "and of devices (GPT-like graph, hidden 4096, sequence 2048).", "",
         scaling_md,
@@ -302,11 +341,15 @@ def generate(out: Path = RESULTS, *, quick: bool = False, calibrate: bool = True
     start = time.perf_counter()
     measurement, check = measured_bench.run_all(out, quick=quick,
                                                 recalibrate=calibrate and not quick)
+    ddp_cfg = replace(ddp_bench.QUICK if quick else ddp_bench.DDPConfig(),
+                      profile=str(out / "cpu_profile.json"))
+    ddp = (ddp_cfg, ddp_bench.measure(ddp_cfg))
     rows_md, sched_md = scale_bench.run_all(out, quick=quick)
     scaling_md, scaling_cmd = planner_cost(out, quick)
     return write_report(out, quick=quick, measurement=measurement, check=check,
                         rows_md=rows_md, sched_md=sched_md, scaling_md=scaling_md,
-                        scaling_cmd=scaling_cmd, wall_s=time.perf_counter() - start)
+                        scaling_cmd=scaling_cmd, wall_s=time.perf_counter() - start,
+                        ddp=ddp)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ FOLDER = bench.benchmarks_dir()
 report = bench.load_report(FOLDER)
 measured = report.measured_bench
 scale = report.scale_bench
+ddp = report.ddp_bench
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,7 +81,8 @@ def test_report_puts_a_command_above_every_figure(tiny_measurement, tmp_path: Pa
         rows_md=scale.markdown_rows([row]), sched_md=scale.markdown_schedules(
             1, scale.megatron_table()[0], schedules),
         scaling_md="| layers | search s |\n|---:|---:|\n| 12 | 0.1 |\n",
-        scaling_cmd="python benchmarks/plan_scaling.py --quick", wall_s=1.0)
+        scaling_cmd="python benchmarks/plan_scaling.py --quick", wall_s=1.0,
+        ddp=(ddp.QUICK, _ddp_run()))
     text = path.read_text()
     lines = text.splitlines()
     figures = [i for i, line in enumerate(lines) if line.startswith("![")]
@@ -93,6 +95,26 @@ def test_report_puts_a_command_above_every_figure(tiny_measurement, tmp_path: Pa
     assert "load average" in text.lower()
     assert "| 1 | 1.7 | 32 | 512 | 2.00 | 3.00 | over memory |" in text
     assert "| gpipe | - | - | - |  | does not fit |" in text
+    # the data-parallel headline: measured 990 / 1000, simulated 0.60 / 0.50 s; target 0.98
+    row = next(line for line in lines if line.startswith("| tripar default plan / torch Dis"))
+    assert "| this machine | 0.990; 0.833 | >= 0.98 | **yes** |" in row, row
+    section = lines.index("## 2. Measured: data parallelism against torch DistributedDataParallel")
+    assert lines.index("## 3. Simulated at scale: plans against Megatron-LM and naive "
+                       "baselines") > section
+    table = [line for line in lines[section:] if line.startswith("| tripar zero=1 |")]
+    assert table == ["| tripar zero=1 | ZeRO-1 | 950 | 0.950 | 0.950..0.950 | 1.000 |"]
+    assert "| torch DDP | 1 microbatches | 1,000 | 1.000 | 1.000..1.000 | - |" in text
+
+
+def _ddp_run():
+    """A data-parallel measurement made up for the report's structure (no processes)."""
+    tps = {"tripar default": 990.0, "tripar zero=0": 990.0, "tripar zero=1": 950.0,
+           "tripar zero=2": 940.0, ddp.DDP: 1000.0}
+    plans = {name: f"ZeRO-{zero}" for name, zero in ddp.TRIPAR_SYSTEMS.items()}
+    plans["tripar default"], plans[ddp.DDP] = "ZeRO-1", "1 microbatches"
+    simulated = {"tripar default": 0.6, "tripar zero=0": 0.5, "tripar zero=1": 0.5,
+                 "tripar zero=2": 0.5}
+    return ddp.Run(tps, plans, (1.0, 1.0), "2.x", simulated)
 
 
 def test_plots_are_written(tiny_measurement, tmp_path: Path) -> None:
