@@ -98,10 +98,23 @@ def test_doctest_example_runs_in_one_process():
 
 
 def _one_process() -> float:
+    from tripar.runtime import job_cluster
+
     loaded = load_model("gpt:layers=1,hidden=16,heads=2,vocab=32,seq=8", batch_size=2)
     pm = api.auto_parallel(loaded.model, example_inputs=loaded.example_inputs)
     assert pm.plan.parallel.devices == 1
-    return pm.train_step(loaded.example_inputs)
+    loss = pm.train_step(loaded.example_inputs)
+    pm.close()
+    # the planner costs the optimizer it is given: SGD's step moves 12 B per parameter,
+    # the default AdamW's 28
+    sgd = api.auto_parallel(loaded.model, example_inputs=loaded.example_inputs,
+                            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    captured = api.capture_model(loaded.model, loaded.example_inputs)
+    expected = api.make_plan(captured, job_cluster(1).with_optimizer(12.0), 2)
+    assert sgd.plan.estimate.step_time_s == pytest.approx(expected.estimate.step_time_s)
+    assert sgd.plan.estimate.step_time_s < pm.plan.estimate.step_time_s
+    sgd.close()
+    return loss
 
 
 def _per_block_recompute() -> dict:

@@ -45,6 +45,7 @@ from tripar.runtime import (
     ensure_process_group,
     job_cluster,
     match_pretrained,
+    optimizer_step_bytes,
     short_cause,
 )
 
@@ -101,7 +102,8 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     ``example_kwargs`` (dict) is one batch; train batches take its form (extra fields are
     passed to ``loss_fn`` only). ``global_batch_size`` defaults to the example's batch size.
     ``loss_fn(outputs, microbatch)``; None uses the model's own loss (a scalar output, or
-    ``.loss``). ``optimizer(params)`` builds the optimizer (default AdamW, lr 1e-3).
+    ``.loss``). ``optimizer(params)`` builds the optimizer (default AdamW, lr 1e-3); the
+    planner costs its step by the state it keeps (``optimizer_step_bytes``).
     ``pins`` (a :class:`tripar.Pins`), or the keywords of its fields (dp, tp, pp, vpp,
     num_microbatches, schedule, recompute, zero, sp, tp_overlap) as a convenience, fix what they name; the
     search chooses the rest, or ``plan`` (from ``tripar plan``) is used as is. A model on the
@@ -130,9 +132,13 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     if captured.model is not model:
         raise ConfigError("captured= was made from another model; pass the same model")
     batch = global_batch_size or captured.batch_size
+    optimizer = optimizer or default_optimizer
     if plan is None:
-        plan = make_plan(captured, job_cluster(world, devices if isinstance(devices, Cluster)
-                                               else cluster), batch, pins,
+        planned = job_cluster(world, devices if isinstance(devices, Cluster) else cluster)
+        step_bytes = optimizer_step_bytes(optimizer)
+        if step_bytes is not None:  # the step costed for this optimizer, not the profile's Adam
+            planned = planned.with_optimizer(step_bytes)
+        plan = make_plan(captured, planned, batch, pins,
                          model_spec=model_spec, dtype="bf16" if precision == "bf16" else "fp32")
     else:
         plan.validate()
@@ -145,7 +151,7 @@ def auto_parallel(model: nn.Module, devices: int | Cluster | None = None, *,
     mesh = build_mesh(par.pp, par.dp, par.tp, timeout_s=timeout_s, vpp=par.vpp,
                       pipelines=par.pipelines)
     return assemble(captured, plan, mesh, loss_fn=loss_fn,
-                    make_optimizer=optimizer or default_optimizer, max_grad_norm=max_grad_norm,
+                    make_optimizer=optimizer, max_grad_norm=max_grad_norm,
                     precision=precision, seed=seed, pretrained=pretrained)
 
 

@@ -83,6 +83,7 @@ def test_quick_calibration_measures_and_fits(profile, capsys):
     assert len(measured["matmul"]) == 2 * len(QUICK_SIZES)
     assert all(s["flops_per_s"] > 0 for s in measured["matmul"])
     assert len(measured["p2p"]) == 4 and len(measured["all_reduce"]) == 4
+    assert len(measured["all_gather"]) == len(measured["reduce_scatter"]) == 4
     spec = cluster.device
     eff = spec.efficiency
     assert spec.peak("fp32") >= 0.5 * max(s["flops_per_s"] for s in measured["matmul"])
@@ -90,6 +91,7 @@ def test_quick_calibration_measures_and_fits(profile, capsys):
     assert eff.source.startswith("tripar calibrate --quick")
     assert spec.memory_bandwidth > 1e8 and cluster.intra_bandwidth > 1e6
     assert 0 < eff.link <= 1
+    assert 0 < eff.link_all_gather <= 1 and 0 < eff.link_reduce_scatter <= 1
     # The fitted times follow the measured ones (to the quick profile's spread, above).
     for s in measured["matmul"]:
         flops = 2.0 * s["m"] * s["k"] * s["n"]

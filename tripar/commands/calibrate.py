@@ -2,8 +2,10 @@
 
 Measures matrix-product FLOP/s across sizes (and fits the efficiency curve
 ``e_max x / (x + x_half)`` to them), memory bandwidth (a large copy), and
-the gloo p2p and all-reduce latency and bandwidth between two local
-processes started with ``torch.multiprocessing``. The profile it writes is
+the gloo p2p, all-reduce, all-gather and reduce-scatter latency and bandwidth
+between two local processes started with ``torch.multiprocessing`` (gloo's
+all-gather and reduce-scatter are slower than half its all-reduce, so each
+gets its own link fraction). The profile it writes is
 read by every command through ``--cluster FILE``.
 
 Each product is timed as a training step runs it: the forward ``x @ w.T`` and the
@@ -470,9 +472,10 @@ def _comm_worker(rank: int, world: int, port: int, timeout_s: float, payloads: l
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
-        results = {"p2p": [], "all_reduce": []}
+        results = {"p2p": [], "all_reduce": [], "all_gather": [], "reduce_scatter": []}
         for payload in payloads:
-            buf = torch.zeros(max(1, payload // 4), dtype=torch.float32)
+            buf = torch.zeros(max(world, payload // 4 // world * world), dtype=torch.float32)
+            part = torch.zeros(buf.numel() // world, dtype=torch.float32)
 
             def ping_pong(buf=buf) -> None:
                 if rank == 0:
@@ -485,12 +488,20 @@ def _comm_worker(rank: int, world: int, port: int, timeout_s: float, payloads: l
             def all_reduce(buf=buf) -> None:
                 dist.all_reduce(buf)
 
+            def all_gather(buf=buf, part=part) -> None:
+                dist.all_gather_into_tensor(buf, part)
+
+            def reduce_scatter(buf=buf, part=part) -> None:
+                dist.reduce_scatter_tensor(part, buf)
+
             dist.barrier()
             one_way = _timed(ping_pong, "cpu", repeats) / 2
-            dist.barrier()
-            reduce = _timed(all_reduce, "cpu", repeats)
             results["p2p"].append({"bytes": buf.numel() * 4, "seconds": one_way})
-            results["all_reduce"].append({"bytes": buf.numel() * 4, "seconds": reduce})
+            for name, collective in (("all_reduce", all_reduce), ("all_gather", all_gather),
+                                     ("reduce_scatter", reduce_scatter)):
+                dist.barrier()  # bytes: the whole buffer (gathered, or to scatter)
+                results[name].append({"bytes": buf.numel() * 4,
+                                      "seconds": _timed(collective, "cpu", repeats)})
         if block_sizes:  # every process computes at once, as a node's pipeline stages do
             torch.set_num_threads(threads)
             dist.barrier()
@@ -504,9 +515,9 @@ def _comm_worker(rank: int, world: int, port: int, timeout_s: float, payloads: l
 
 def measure_links(payloads: tuple[int, ...], repeats: int, timeout_s: float,
                   block_sizes: tuple[tuple[int, int], ...] = ()) -> dict:
-    """gloo p2p (one way) and all-reduce times between 2 local processes; with
-    ``block_sizes``, also ``shared_blocks``: ``time_blocks`` in one process while the other
-    runs the same blocks (they share the caches and the memory bandwidth)."""
+    """gloo p2p (one way), all-reduce, all-gather and reduce-scatter times between 2 local
+    processes; with ``block_sizes``, also ``shared_blocks``: ``time_blocks`` in one process
+    while the other runs the same blocks (they share the caches and the memory bandwidth)."""
     import torch
     import torch.multiprocessing as mp
 
@@ -599,6 +610,10 @@ def calibrate(*, quick: bool, device: str, dtype: str | None, devices_per_node: 
     # fraction of the link collectives reach.
     ar_alpha, ar_beta = fit_alpha_beta(links["all_reduce"])
     link_eff = min(1.0, max(0.05, ar_beta / p2p_beta))
+    # all-gather and reduce-scatter: alpha + (M / 2) / (beta x fraction) on 2 ranks
+    halves = {name: fit_alpha_beta(links[name]) for name in ("all_gather", "reduce_scatter")}
+    overheads.update({f"link_{name}": min(1.0, max(0.01, beta / (2 * p2p_beta)))
+                      for name, (_, beta) in halves.items()})
 
     if device == "cuda":
         per_node = devices_per_node or torch.cuda.device_count()
@@ -618,8 +633,10 @@ def calibrate(*, quick: bool, device: str, dtype: str | None, devices_per_node: 
                       memory_bandwidth=bandwidth, efficiency=efficiency, default_dtype=dtype)
     measured = {"dtype": dtype, "matmul": matmuls, "memory_bandwidth": bandwidth,
                 **host, "p2p": links["p2p"], "all_reduce": links["all_reduce"],
+                "all_gather": links["all_gather"], "reduce_scatter": links["reduce_scatter"],
                 "p2p_alpha_beta": [p2p_alpha, p2p_beta],
                 "all_reduce_alpha_beta": [ar_alpha, ar_beta],
+                **{f"{name}_alpha_beta": list(fit) for name, fit in halves.items()},
                 "inter_node": "assumed (--inter-bandwidth/--inter-latency), not measured"}
     return Cluster(device=spec, nodes=1, devices_per_node=per_node,
                    intra_bandwidth=p2p_beta, intra_latency=p2p_alpha,
@@ -671,7 +688,9 @@ def _print_summary(cluster: Cluster, path: str) -> None:
         f"{eff.block_backward:.2f} backward; x {eff.node_sharing:.2f} with 2 processes "
         f"computing at once\n"
         f"gloo p2p: latency {cluster.intra_latency * 1e6:.1f} us, bandwidth "
-        f"{cluster.intra_bandwidth / 1e9:.2f} GB/s; all-reduce reaches {eff.link:.2f} of it\n"
+        f"{cluster.intra_bandwidth / 1e9:.2f} GB/s; all-reduce reaches {eff.link:.2f} of it, "
+        f"all-gather {eff.link_all_gather or eff.link:.2f}, reduce-scatter "
+        f"{eff.link_reduce_scatter or eff.link:.2f}\n"
         f"inter-node link assumed: {cluster.inter_bandwidth / 1e9:.2f} GB/s, "
         f"{cluster.inter_latency * 1e6:.0f} us\n"
         f"wrote {path} (use it with --cluster {path})")

@@ -26,6 +26,10 @@ from tripar.errors import ConfigError
 
 PROFILE_FORMAT = "tripar-cluster"
 PROFILE_VERSION = 1
+ADAM_STEP_BYTES = 28.0
+"""Bytes a fused Adam step reads and writes per parameter (gradient, master, moments,
+weight); ``Efficiency.optimizer_bytes`` defaults to it and ``tripar calibrate`` fits its
+optimizer terms to timed AdamW steps: both describe an Adam step."""
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "tf32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2,
                "float16": 2, "fp64": 8, "float64": 8}
@@ -86,6 +90,12 @@ class Efficiency:
     twice as many."""
     link: float = 0.8
     """Fraction of a link's bandwidth that collectives and p2p reach (bus bandwidth)."""
+    link_all_gather: float = 0.0
+    """Fraction of the link an all-gather reaches, where it differs from the all-reduce's
+    (gloo has no ring for it: on 2 CPU processes it is slower than half an all-reduce);
+    ``tripar calibrate`` measures it. 0: ``link`` (built-in GPUs, older profiles)."""
+    link_reduce_scatter: float = 0.0
+    """The same for a reduce-scatter."""
     launch_s: float = 0.0
     """Fixed seconds per matrix product that no size hides (kernel launch, dispatch);
     0 where launches overlap the previous kernel, as in large-model training."""
@@ -93,9 +103,10 @@ class Efficiency:
     """Fixed seconds per tensor operator (``Block.ops``) and pass, forward and backward
     alike: Python, dispatch and autograd bookkeeping that runs on the critical path of
     a CPU process; 0 on GPUs, where it overlaps the kernels."""
-    optimizer_bytes: float = 28.0
-    """Bytes an optimizer step moves per parameter, at ``memory`` x the bandwidth (a fused
-    Adam: 28; a per-tensor one reads and writes more)."""
+    optimizer_bytes: float = ADAM_STEP_BYTES
+    """Bytes an Adam step moves per parameter, at ``memory`` x the bandwidth (a fused
+    Adam: 28; a per-tensor one reads and writes more). Another optimizer is costed by
+    :meth:`Cluster.with_optimizer`."""
     optimizer_tensor_s: float = 0.0
     """Fixed seconds per parameter tensor and optimizer step (a per-tensor loop's kernel
     calls); 0 for fused or multi-tensor optimizers on GPUs."""
@@ -122,6 +133,11 @@ class Efficiency:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ConfigError(f"Efficiency.{name} must be in (0, 1], got {value}")
+        for name in ("link_all_gather", "link_reduce_scatter"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"Efficiency.{name} must be in [0, 1] (0: the all-reduce's "
+                                  f"link), got {value}")
         for name in ("matmul_half", "memory_traffic", "launch_s", "op_s", "optimizer_bytes",
                      "optimizer_tensor_s"):
             value = getattr(self, name)
@@ -317,12 +333,35 @@ class Cluster:
     def devices(self) -> int:
         return self.nodes * self.devices_per_node
 
-    def link(self, crosses_nodes: bool) -> tuple[float, float]:
-        """(latency s, achieved bandwidth B/s) of the link, efficiency applied."""
-        eff = self.device.efficiency.link
+    def link(self, crosses_nodes: bool, kind: str = "all_reduce") -> tuple[float, float]:
+        """(latency s, achieved bandwidth B/s) of the link, efficiency applied: the one of
+        the collective ``kind`` (``all_gather``, ``reduce_scatter``) where it was measured,
+        else the all-reduce's (and p2p's)."""
+        eff = self.device.efficiency
+        eff = {"all_gather": eff.link_all_gather,
+               "reduce_scatter": eff.link_reduce_scatter}.get(kind) or eff.link
         if crosses_nodes:
             return self.inter_latency, self.inter_bandwidth * eff
         return self.intra_latency, self.intra_bandwidth * eff
+
+    def with_optimizer(self, step_bytes: float) -> Cluster:
+        """The same cluster costing an optimizer whose fused step reads and writes
+        ``step_bytes`` per parameter (SGD 12, with momentum 20, Adam 28): the optimizer terms,
+        which describe an Adam step (fitted to AdamW steps, or a fused Adam's 28 B), scaled
+        by ``step_bytes / 28``, the bytes and the per-tensor calls alike.
+
+        >>> a100 = Cluster.builtin("a100-80g")
+        >>> a100.with_optimizer(12.0).device.efficiency.optimizer_bytes
+        12.0
+        """
+        if not (step_bytes > 0 and math.isfinite(step_bytes)):
+            raise ConfigError(f"an optimizer step moves a positive number of bytes per "
+                              f"parameter, got {step_bytes}")
+        eff = self.device.efficiency
+        scale = step_bytes / ADAM_STEP_BYTES
+        scaled = replace(eff, optimizer_bytes=eff.optimizer_bytes * scale,
+                         optimizer_tensor_s=eff.optimizer_tensor_s * scale)
+        return replace(self, device=replace(self.device, efficiency=scaled))
 
     def resized(self, *, nodes: int | None = None, devices_per_node: int | None = None) -> Cluster:
         """The same hardware with another node count or node size."""

@@ -8,6 +8,7 @@ errors a running job raises, and standard checkpoints out (:func:`export_checkpo
 
 from tripar.runtime.assemble import assemble
 from tripar.runtime.checkpoint import CheckpointError, read_manifest
+from tripar.runtime.data_parallel import optimizer_step_bytes
 from tripar.runtime.engine import BatchLayout, ParallelModel
 from tripar.runtime.export import export_checkpoint
 from tripar.runtime.launch import (
@@ -42,6 +43,7 @@ __all__ = [
     "launch_local",
     "load_pretrained",
     "match_pretrained",
+    "optimizer_step_bytes",
     "read_manifest",
     "report",
     "short_cause",

@@ -11,13 +11,12 @@ from tripar.errors import ConfigError
 from tripar.partitioner.cost.blocks import block_costs
 from tripar.partitioner.cost.collectives import all_gather_time, all_reduce_time, p2p_time
 from tripar.partitioner.cost.stages import (
-    ADAM_STEP_BYTES,
     BUCKET_BYTES,
     bytes_per_param,
     stage_costs,
     uniform_boundaries,
 )
-from tripar.partitioner.hardware import Cluster
+from tripar.partitioner.hardware import ADAM_STEP_BYTES, Cluster
 from tripar.plan.config import ParallelConfig
 
 A100 = Cluster.builtin("a100-80g", nodes=1, gpus_per_node=8)
@@ -155,5 +154,10 @@ def test_optimizer_step_counts_bytes_and_tensors():
     assert before.tail_s == pytest.approx(params * ADAM_STEP_BYTES / rate)
     tensors = sum(len(n) for n in names)
     assert after.tail_s == pytest.approx(params * 70.0 / rate + tensors * 2e-5)
+    # SGD's fused step moves 12 of Adam's 28 bytes: both fitted terms scale by 12/28
+    (sgd,) = stage_costs(graph, tuned.with_optimizer(12.0), cfg())
+    assert sgd.tail_s == pytest.approx((params * 70.0 / rate + tensors * 2e-5) * 12 / 28)
+    with pytest.raises(ConfigError, match="positive number of bytes"):
+        tuned.with_optimizer(0.0)
     two = stage_costs(graph, tuned, cfg(pp=2))
     assert sum(s.tail_s for s in two) == pytest.approx(after.tail_s)

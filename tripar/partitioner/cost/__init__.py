@@ -57,7 +57,8 @@ Conventions (all per device, per microbatch unless said otherwise):
   microbatch's backward runs; what does not fit in that backward (at least
   the last bucket) is exposed and goes to ``tail_s`` with the optimizer step
   (memory-bound, ``optimizer_bytes`` read + written per parameter: 28 for a fused Adam;
-  plus ``optimizer_tensor_s`` per parameter tensor, a per-tensor loop's calls). ZeRO-1
+  plus ``optimizer_tensor_s`` per parameter tensor, a per-tensor loop's calls; both
+  describe Adam, and ``Cluster.with_optimizer`` scales them for another optimizer). ZeRO-1
   reduce-scatters instead and all-gathers the updated parameters after the
   step, and divides the optimizer state by dp.
 * **Memory.** Static: weights + gradients + Adam state, 16 bytes per
@@ -78,7 +79,6 @@ Conventions (all per device, per microbatch unless said otherwise):
 
 from tripar.partitioner.cost.blocks import BlockCost, block_costs, shardable_regions
 from tripar.partitioner.cost.stages import (
-    ADAM_STEP_BYTES,
     BUCKET_BYTES,
     bytes_per_param,
     optimizer_s_per_param,
@@ -86,6 +86,7 @@ from tripar.partitioner.cost.stages import (
     uniform_boundaries,
 )
 from tripar.partitioner.cost.step import StepEstimate, step_estimate
+from tripar.partitioner.hardware import ADAM_STEP_BYTES
 
 __all__ = [
     "ADAM_STEP_BYTES",

@@ -2,7 +2,10 @@
 
 Ring formulas (shared/REFERENCE.md) on n ranks, payload M bytes, latency
 alpha, bandwidth beta: all-reduce ``2(n-1) alpha + 2 (n-1)/n M / beta``;
-all-gather and reduce-scatter ``(n-1) alpha + (n-1)/n M / beta``. A group
+all-gather and reduce-scatter ``(n-1) alpha + (n-1)/n M / beta``, beta the
+link's bandwidth times the fraction each kind reaches (``Efficiency.link``;
+all-gather and reduce-scatter their own where ``tripar calibrate`` measured
+them: gloo's are slower than its all-reduce). A group
 is laid out on consecutive ranks with stride ``stride`` (tp innermost, then
 dp, then pp). A group inside one node uses the intra-node link. A group
 that spans nodes is reduced hierarchically: reduce-scatter among the
@@ -72,29 +75,35 @@ def all_reduce_time(cluster: Cluster, payload: float, size: int, stride: int = 1
     return 2 * inner + outer  # + all-gather in the node
 
 
-def reduce_scatter_time(cluster: Cluster, payload: float, size: int, stride: int = 1) -> float:
-    """Seconds to reduce-scatter ``payload`` bytes (the whole buffer) over a group."""
+def _half_ring(cluster: Cluster, kind: str, payload: float, size: int, stride: int) -> float:
+    """A reduce-scatter's or all-gather's ring (one pass), at the link ``kind`` reaches."""
     layout = GroupLayout.of(cluster, size, stride)
     if layout.size <= 1:
         return 0.0
     if layout.nodes == 1:
-        lat, bw = cluster.link(False)
+        lat, bw = cluster.link(False, kind)
         return _ring(layout.size, 1.0, payload, lat, bw)
-    lat_in, bw_in = cluster.link(False)
-    lat_out, bw_out = cluster.link(True)
+    lat_in, bw_in = cluster.link(False, kind)
+    lat_out, bw_out = cluster.link(True, kind)
     return (_ring(layout.local, 1.0, payload, lat_in, bw_in)
             + _ring(layout.nodes, 1.0, payload / layout.local, lat_out, bw_out))
 
 
+def reduce_scatter_time(cluster: Cluster, payload: float, size: int, stride: int = 1) -> float:
+    """Seconds to reduce-scatter ``payload`` bytes (the whole buffer) over a group."""
+    return _half_ring(cluster, "reduce_scatter", payload, size, stride)
+
+
 def all_gather_time(cluster: Cluster, payload: float, size: int, stride: int = 1) -> float:
-    """Seconds to all-gather a ``payload``-byte buffer (the gathered size) over a group.
+    """Seconds to all-gather a ``payload``-byte buffer (the gathered size) over a group: on
+    the ring a reduce-scatter's time, unless the profile measured the two apart.
 
     >>> from tripar.partitioner.hardware import Cluster
     >>> c = Cluster.builtin("a100-80g", nodes=1, gpus_per_node=8)
     >>> all_gather_time(c, 1e9, 8) == reduce_scatter_time(c, 1e9, 8)
     True
     """
-    return reduce_scatter_time(cluster, payload, size, stride)
+    return _half_ring(cluster, "all_gather", payload, size, stride)
 
 
 def collective_time(cluster: Cluster, kind: str, payload: float, size: int,

@@ -23,9 +23,6 @@ from tripar.plan.config import ParallelConfig
 
 BUCKET_BYTES = 25 * 2**20
 """Gradient bucket size (PyTorch DDP's default 25 MiB)."""
-ADAM_STEP_BYTES = 28
-"""Bytes a fused Adam step reads and writes per parameter (gradient, master, moments,
-weight); ``Efficiency.optimizer_bytes`` defaults to it."""
 
 
 def bytes_per_param(dtype: str, zero: int, dp: int) -> tuple[float, float]:
