@@ -469,6 +469,10 @@ def _comm_worker(rank: int, world: int, port: int, timeout_s: float, payloads: l
     import torch
     import torch.distributed as dist
 
+    # flat-tensor collectives under their current names (torch 2.13 deprecates the older)
+    all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    reduce_scatter_flat = (getattr(dist, "reduce_scatter_single", None)
+                           or dist.reduce_scatter_tensor)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
@@ -489,10 +493,10 @@ def _comm_worker(rank: int, world: int, port: int, timeout_s: float, payloads: l
                 dist.all_reduce(buf)
 
             def all_gather(buf=buf, part=part) -> None:
-                dist.all_gather_into_tensor(buf, part)
+                all_gather_flat(buf, part)
 
             def reduce_scatter(buf=buf, part=part) -> None:
-                dist.reduce_scatter_tensor(part, buf)
+                reduce_scatter_flat(part, buf)
 
             dist.barrier()
             one_way = _timed(ping_pong, "cpu", repeats) / 2
