@@ -13,7 +13,13 @@ from tripar.commands._model_args import proxy_graph_for
 from tripar.errors import InfeasibleError
 from tripar.partitioner.cost import step_estimate
 from tripar.partitioner.hardware import Cluster
-from tripar.partitioner.plan_search import Pins, search, search_parts, search_with_stats
+from tripar.partitioner.plan_search import (
+    Evaluator,
+    Pins,
+    search,
+    search_parts,
+    search_with_stats,
+)
 
 GB = 10**9
 
@@ -127,3 +133,23 @@ def test_the_search_chooses_chimera_where_it_wins():
     assert min(plan.device_memory()) > max(one.rank_memory_bytes) / 2
     assert all(a.parallel.schedule != "chimera" or "bubble" in a.reason
                for a in plan.alternatives)
+
+
+def test_each_schedule_gets_its_best_screened_candidate_costed(monkeypatch):
+    """Past the screen's cut, a schedule none of whose candidates was costed still gets
+    its best-screened one costed (unless its bound prunes it): one schedule's optimistic
+    screen cannot crowd the others out of the simulated ones."""
+    costed = []
+    evaluate = Evaluator.evaluate
+
+    def recording(self, cfg):
+        costed.append(cfg.schedule)
+        return evaluate(self, cfg)
+
+    monkeypatch.setattr(Evaluator, "evaluate", recording)
+    graph = example_graph(layers=8, hidden=512, seq=1024)
+    cluster = Cluster.builtin("a100-80g", gpus_per_node=4)
+    plan, stats = search_with_stats(graph, cluster, 8, pins=Pins(pp=4, dp=1, tp=1),
+                                    min_evaluations=1, max_evaluations=1)
+    assert len(costed) == len(set(costed)) == stats.evaluated > 1, costed
+    assert plan.parallel.schedule == "chimera"   # what the full search chooses (above)

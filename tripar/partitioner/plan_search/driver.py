@@ -92,7 +92,9 @@ def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
     order; a candidate is skipped when its lower bound cannot beat the best, and the
     loop ends after ``max_evaluations`` costed candidates, or once at least
     ``min_evaluations`` are costed and the screening estimate exceeds the best's by
-    more than ``screen_slack``. For an exhaustive run pass ``max_evaluations`` and
+    more than ``screen_slack``; after that, each schedule none of whose candidates was
+    costed still gets its best-screened one costed (unless its bound prunes it). For an
+    exhaustive run pass ``max_evaluations`` and
     ``min_evaluations`` at least the number of candidates (or ``screen_slack=math.inf``):
     the plan's search status is ``optimal`` only when no candidate was left after
     screening (bound pruning is exact), ``screened`` otherwise.
@@ -127,17 +129,22 @@ def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
     pruned_bound = pruned_screen = 0
     best: Evaluated | None = None
     best_screen = math.inf
-    for i, cfg in enumerate(order):
+    screened_out = False
+    tried: set[str] = set()   # schedules with a candidate costed (or found not to fit)
+    for cfg in order:
         if best is not None and bounds[cfg] >= best.step_time_s:
             pruned_bound += 1
             continue
-        if len(evaluated) >= max_evaluations or (
-                len(evaluated) >= min_evaluations
-                and screens[cfg] > (1 + screen_slack) * best_screen):
-            pruned_screen = sum(1 for c in order[i:] if best is None
-                                or bounds[c] < best.step_time_s)
-            pruned_bound += len(order) - i - pruned_screen
-            break
+        screened_out = screened_out or len(evaluated) >= max_evaluations or (
+            len(evaluated) >= min_evaluations
+            and screens[cfg] > (1 + screen_slack) * best_screen)
+        if screened_out and cfg.schedule in tried:
+            pruned_screen += 1
+            continue
+        # past the screen, each schedule's best-screened candidate is still costed: the
+        # screen's error differs by schedule (memory in flight, bubble shape), so one
+        # schedule's optimism must not crowd another out of the simulated ones
+        tried.add(cfg.schedule)
         try:
             result = evaluator.evaluate(cfg)
         except InfeasibleError as error:

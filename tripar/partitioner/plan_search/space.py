@@ -74,30 +74,33 @@ class SearchSpace:
         self.limit = cluster.device.memory_bytes
         self.costs, self.regions, self.uniform = costs, regions, uniform
         self._chain_share: dict[CostPoint, float] = {}
-        self._prefix: dict[tuple[CostPoint, bool], dict[str, np.ndarray]] = {}
+        self._prefix: dict[tuple[CostPoint, bool | None, bool], dict[str, np.ndarray]] = {}
         self._work: dict[CostPoint, float] = {}
-        self._balance: dict[tuple[int, int, int, int], float] = {}
+        self._balance: dict[tuple[int, int, int, bool, int], float] = {}
         self._static: dict[tuple[int, ...], tuple[int, str]] = {}
-        self._least: dict[CostPoint, list[BlockCost]] = {}
+        self._least: dict[tuple[CostPoint, bool | None], list[BlockCost]] = {}
         self._pays: dict[tuple[int, int, int], bool] = {}
         self.choose_overlap = False
         """Whether an unpinned tp_overlap is searched (off until codegen builds k > 1
         parts: a plan the runtime cannot run is never chosen unasked)."""
 
-    def least_work_costs(self, tp: int, b: int, k: int = 1) -> list[BlockCost]:
+    def least_work_costs(self, tp: int, b: int, k: int = 1, sp: bool | None = None
+                         ) -> list[BlockCost]:
         """Block costs with the time-optimal regions sharded (``free_choice``): the least
         work a configuration at ``tp`` and microbatch ``b`` can do (with sequence
-        parallelism where the search may choose it: it keeps the least activation bytes),
-        the microbatch in ``k`` parts (``tp_overlap``)."""
-        key = CostPoint(tp, b, k)
+        parallelism where the search may choose it: it keeps the least activation bytes;
+        or, ``sp`` given, with sequence parallelism on or off as that says), the
+        microbatch in ``k`` parts (``tp_overlap``)."""
+        key = (CostPoint(tp, b, k), sp)
         if key not in self._least:
             shard = self.regions.free_choice(tp, b)
-            costs = self.costs.get(tp, b, shard, False, k)
-            every = self.regions.all_regions(tp)  # overlapped, sharding may pay where it did not
-            others = [self.costs.get(tp, b, s, sp, k)
-                      for s in ((shard, every) if k > 1 else (shard,))
-                      for sp in self.sequence_parallel(tp) if (s, sp) != (shard, False)]
-            for other in others:   # each part at the least of sp or not, shards or not
+            choices = [(s, on) for s in ((shard, self.regions.all_regions(tp)) if k > 1
+                                         else (shard,))   # overlapped, sharding may pay more
+                       for on in self.sequence_parallel(tp) if sp is None or on == sp
+                       ] or [(shard, False)]
+            costs = self.costs.get(tp, b, *choices[0], k)
+            for other in (self.costs.get(tp, b, s, on, k) for s, on in choices[1:]):
+                # each part at the least of sp or not, shards or not
                 costs = [dataclasses.replace(
                     c, forward_s=min(c.forward_s, s.forward_s),
                     backward_input_s=min(c.backward_input_s, s.backward_input_s),
@@ -261,16 +264,17 @@ class SearchSpace:
         reduce = reduce_scatter_time if cfg.zero else all_reduce_time
         return optimizer + reduce(self.cluster, grad, cfg.dp, cfg.tp)
 
-    def prefix(self, tp: int, b: int, k: int = 1, *, least_memory: bool = False
-               ) -> dict[str, np.ndarray]:
+    def prefix(self, tp: int, b: int, k: int = 1, sp: bool | None = None, *,
+               least_memory: bool = False) -> dict[str, np.ndarray]:
         """Prefix sums over blocks of forward, total work, saved, input bytes and params,
         with the time-optimal regions sharded (or, ``least_memory``, every proven one),
-        the microbatch in ``k`` parts."""
-        key = (CostPoint(tp, b, k), least_memory)
+        the microbatch in ``k`` parts, with sequence parallelism as ``sp`` says (None:
+        the least work and bytes of on or off, where the search may choose it)."""
+        key = (CostPoint(tp, b, k), sp, least_memory)
         if key not in self._prefix:
-            costs = (self.costs.get(tp, b, self.regions.all_regions(tp),
-                                    True in self.sequence_parallel(tp), k) if least_memory
-                     else self.least_work_costs(tp, b, k))
+            on = True in self.sequence_parallel(tp) if sp is None else sp
+            costs = (self.costs.get(tp, b, self.regions.all_regions(tp), on, k)
+                     if least_memory else self.least_work_costs(tp, b, k, sp))
 
             def cum(values) -> np.ndarray:
                 return np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
@@ -292,7 +296,7 @@ class SearchSpace:
         """A quick step-time estimate (uniform split by layers, the recompute share each
         stage needs to fit, the partition objective, the gradient reduction and optimizer
         step of an average stage); it only orders the candidates."""
-        pre = self.prefix(cfg.tp, cfg.micro_batch_size, cfg.tp_overlap)
+        pre = self.prefix(cfg.tp, cfg.micro_batch_size, cfg.tp_overlap, cfg.sp)
         k = cfg.pp * cfg.vpp
         firsts = self.uniform(k)
         if firsts is None:
@@ -312,7 +316,7 @@ class SearchSpace:
                                                cfg.vpp), dtype=np.float64)
         share = self._recompute_share(cfg, span, inflight, model + optimizer)
         if share is None:   # try the memory of every proven region sharded
-            least = self.prefix(cfg.tp, cfg.micro_batch_size, cfg.tp_overlap,
+            least = self.prefix(cfg.tp, cfg.micro_batch_size, cfg.tp_overlap, cfg.sp,
                                 least_memory=True)
             share = self._recompute_share(cfg, lambda name: least[name][hi] - least[name][lo],
                                           inflight, model + optimizer)
@@ -325,15 +329,15 @@ class SearchSpace:
         # the partition moves layers off a stage that holds a heavy embedding or head:
         # the slowest stage of the most even split, plus the most recomputation
         slowest = min(float(times.max()), self._balanced(cfg.tp, cfg.micro_batch_size,
-                                                         cfg.tp_overlap, k)
+                                                         cfg.tp_overlap, cfg.sp, k)
                       + float((share * fwd).max()))
         pipeline = float(times.sum()) / v + (m * v - 1) * slowest
         if cfg.pipelines == 2:  # rank r runs m / 2 of stages r and pp-1-r; Chimera's bubble
             rank = float((times + times[::-1]).max()) * m / 2
             pipeline = rank * (1 + (cfg.pp - 2) / (2 * m))
-        if cfg.schedule == "zb-h1":
+        if cfg.schedule == "zb-h1":  # its bubble is (p - 1)(F + B - W), 1F1B's (p - 1)(F + B + W)
             weight = float(pre["weight"][-1]) / k
-            pipeline -= min(weight, slowest) * (cfg.pp - 1)
+            pipeline -= min(2 * weight, slowest) * (cfg.pp - 1)
         params = float(pre["params"][-1]) / cfg.pp * cfg.pipelines
         tail = params * optimizer_s_per_param(self.cluster)
         if copies > 1:
@@ -350,12 +354,12 @@ class SearchSpace:
                 tail += all_gather_time(self.cluster, grad, copies, cfg.tp)
         return pipeline + tail
 
-    def _balanced(self, tp: int, b: int, parts: int, k: int) -> float:
+    def _balanced(self, tp: int, b: int, parts: int, sp: bool, k: int) -> float:
         """The least work of the slowest stage over every split of the blocks into ``k``
         contiguous stages (a bisection over that work, each test a greedy fill)."""
-        key = (tp, b, parts, k)
+        key = (tp, b, parts, sp, k)
         if key not in self._balance:
-            prefix = self.prefix(tp, b, parts)["work"]
+            prefix = self.prefix(tp, b, parts, sp)["work"]
             work = prefix.tolist()  # bisect on a list: scalar searchsorted dominated the search
             n = len(work) - 1
             lo = max(work[-1] / k, float(np.diff(prefix).max()))
