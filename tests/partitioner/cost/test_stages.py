@@ -9,7 +9,12 @@ from example_graphs import example_graph
 
 from tripar.errors import ConfigError
 from tripar.partitioner.cost.blocks import block_costs
-from tripar.partitioner.cost.collectives import all_gather_time, all_reduce_time, p2p_time
+from tripar.partitioner.cost.collectives import (
+    all_gather_time,
+    all_reduce_time,
+    p2p_time,
+    reduce_scatter_time,
+)
 from tripar.partitioner.cost.stages import (
     BUCKET_BYTES,
     bytes_per_param,
@@ -107,6 +112,29 @@ def test_data_parallel_tail_overlaps_all_but_the_rest():
     last = all_reduce_time(cluster, min(params * 2, BUCKET_BYTES), 32)
     assert last <= dp.tail_s - optimizer <= full
     assert zero.tail_s > optimizer / 32
+
+
+def test_zero_tail_reduce_scatters_gathers_and_copies_into_the_parameters():
+    graph = example_graph(layers=4, hidden=1024)
+    params = sum(b.params for b in graph.blocks)
+    grad = params * 2  # bf16
+    rate = A100.device.memory_bandwidth * A100.device.efficiency.memory
+    zero = stage_costs(graph, A100, cfg(dp=8, zero=1))[0]
+    backward = zero.backward_input_s + zero.backward_weight_s
+    hidden = max(reduce_scatter_time(A100, min(grad, BUCKET_BYTES), 8),
+                 reduce_scatter_time(A100, grad, 8) - backward)
+    # the step on 1/8, the exposed reduce-scatter, the all-gather of the updated shards and
+    # their copy out of the gathered buckets into the parameters (read and written)
+    assert zero.tail_s == pytest.approx(params * ADAM_STEP_BYTES / rate / 8 + hidden
+                                        + all_gather_time(A100, grad, 8) + 2 * grad / rate)
+    # a profile whose all-gather reaches a quarter of the all-reduce's link (gloo-like)
+    eff = dataclasses.replace(A100.device.efficiency,
+                              link_all_gather=A100.device.efficiency.link / 4)
+    gloo = dataclasses.replace(A100, device=dataclasses.replace(A100.device, efficiency=eff))
+    slow = stage_costs(graph, gloo, cfg(dp=8, zero=1))[0]
+    assert slow.tail_s - zero.tail_s == pytest.approx(
+        all_gather_time(gloo, grad, 8) - all_gather_time(A100, grad, 8))
+    assert slow.tail_s > stage_costs(graph, gloo, cfg(dp=8))[0].tail_s
 
 
 def test_uniform_boundaries_and_errors():

@@ -29,6 +29,7 @@ from tripar.partitioner.cost.stages import (
     mirror_stride,
     optimizer_s_per_param,
     uniform_boundaries,
+    zero_copy_time,
 )
 from tripar.partitioner.hardware import Cluster, dtype_bytes
 from tripar.partitioner.plan_search.cache import BlockCostCache, CostPoint, UniformSplits
@@ -348,10 +349,13 @@ class SearchSpace:
             if cfg.pipelines == 2:  # and the sum between the two holders of rank 0's stages
                 total += all_reduce_time(self.cluster, grad / (cfg.dp if cfg.zero else 1), 2,
                                          mirror_stride(self.cluster, cfg, 0))
-            exposed = total - m * float(times.min()) / 2
+            # overlapped with the last microbatch's backward of each of the rank's stages,
+            # as stage_costs has it (not m microbatches': the reduction runs once a step)
+            exposed = total - v * cfg.pipelines * float((times - fwd).min())
             tail += max(reduce(self.cluster, min(grad, BUCKET_BYTES), cfg.dp, cfg.tp), exposed)
             if cfg.zero:
-                tail += all_gather_time(self.cluster, grad, copies, cfg.tp)
+                tail += (all_gather_time(self.cluster, grad, copies, cfg.tp)
+                         + zero_copy_time(self.cluster, grad))
         return pipeline + tail
 
     def _balanced(self, tp: int, b: int, parts: int, sp: bool, k: int) -> float:
