@@ -16,6 +16,7 @@ winning schedule, and why it wins or loses.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from dataclasses import replace
 
@@ -38,15 +39,35 @@ def _without_chimera(graph, cluster, batch, spec):
         space.SCHEDULES = kept
 
 
-def _fmt(par) -> str:
+def fmt(par) -> str:
+    """A configuration in one short line (sequence parallelism and tp_overlap when on)."""
     return (f"dp{par.dp} tp{par.tp} pp{par.pp} v{par.vpp} b{par.micro_batch_size}x"
-            f"{par.num_microbatches} {par.schedule} {par.recompute} z{par.zero}")
+            f"{par.num_microbatches} {par.schedule} {par.recompute} z{par.zero}"
+            + (" sp" if par.sp else "") + (f" k{par.tp_overlap}" if par.tp_overlap > 1 else ""))
+
+
+def cases(rows: str, gpt3: bool) -> list[tuple[str, str, int, int]]:
+    """(name, model spec, GPUs, global batch) of the 1-based ``rows`` of Megatron-LM's
+    Table 1 (comma-separated) and, with ``gpt3``, of GPT-3 175B."""
+    out = []
+    for i in (int(x) for x in rows.split(",") if x):
+        params, heads, hidden, layers, _t, _p, gpus, batch = MEGATRON_TABLE[i - 1][:8]
+        out.append((f"row {i}: {params}B", f"gpt:layers={layers},hidden={hidden},heads="
+                    f"{heads},vocab={VOCAB},seq={SEQ}", gpus, batch))
+    return out + ([GPT3] if gpt3 else [])
+
+
+@functools.cache
+def graph_and_cluster(spec: str, gpus: int):
+    """The proxy graph of ``spec`` (batch 1, tp degrees 2, 4 and 8) and ``gpus`` A100-80G
+    in nodes of 8; built once per process."""
+    graph = proxy_graph_for(spec, batch_size=1, seq_len=SEQ, tp_degrees=(2, 4, 8))
+    return graph, Cluster.builtin("a100-80g", nodes=gpus // 8, gpus_per_node=8)
 
 
 def compare(name: str, spec: str, gpus: int, batch: int) -> dict:
     """Both searches and Chimera at the degrees of the plan without it."""
-    graph = proxy_graph_for(spec, batch_size=1, seq_len=SEQ, tp_degrees=(2, 4, 8))
-    cluster = Cluster.builtin("a100-80g", nodes=gpus // 8, gpus_per_node=8)
+    graph, cluster = graph_and_cluster(spec, gpus)
     start = time.perf_counter()
     now = search_with_stats(graph, cluster, batch, model_spec=spec)[0]
     before = _without_chimera(graph, cluster, batch, spec)
@@ -71,8 +92,8 @@ def row_markdown(got: dict) -> str:
               f"peak {there.peak_memory_bytes / 1e9:.1f} GB ({fits}) vs "
               f"{before.estimate.peak_memory_bytes / 1e9:.1f} GB, bubble "
               f"{there.bubble_fraction:.1%} vs {before.estimate.bubble_fraction:.1%}")
-    return (f"| {got['name']} | {got['gpus']} | {got['batch']} | {_fmt(now.parallel)} | "
-            f"{now.estimate.step_time_s:.3f} | {_fmt(before.parallel)} | "
+    return (f"| {got['name']} | {got['gpus']} | {got['batch']} | {fmt(now.parallel)} | "
+            f"{now.estimate.step_time_s:.3f} | {fmt(before.parallel)} | "
             f"{before.estimate.step_time_s:.3f} | {change:+.2%} | {at} | "
             f"{got['seconds']:.0f} |")
 
@@ -86,14 +107,7 @@ def main() -> None:
     print("| model | GPUs | batch | plan (chimera allowed) | step s | plan without chimera | "
           "step s | change | chimera at the degrees without it | search s |")
     print("|---|---:|---:|---|---:|---|---:|---:|---|---:|")
-    cases = []
-    for i in (int(x) for x in args.rows.split(",") if x):
-        params, heads, hidden, layers, _t, _p, gpus, batch = MEGATRON_TABLE[i - 1][:8]
-        cases.append((f"row {i}: {params}B", f"gpt:layers={layers},hidden={hidden},heads="
-                      f"{heads},vocab={VOCAB},seq={SEQ}", gpus, batch))
-    if not args.no_gpt3:
-        cases.append(GPT3)
-    for case in cases:
+    for case in cases(args.rows, not args.no_gpt3):
         print(row_markdown(compare(*case)), flush=True)
 
 

@@ -254,6 +254,12 @@ def write_report(out: Path, *, quick: bool, measurement, check, rows_md: str, sc
         "### Schedules at fixed degrees", "", sched_md,
         _figure(f"python benchmarks/simulated_at_scale.py{quick_flag}{flag}",
                 "schedules.png", "simulated step time per schedule"), "",
+        "Which plans at these scales choose Chimera or sub-pipelined tensor parallelism, "
+        "and what each changes in the predicted step: "
+        f"[CHIMERA.md]({os.path.relpath(RESULTS / 'CHIMERA.md', out.resolve())}) and "
+        f"[TP_OVERLAP.md]({os.path.relpath(RESULTS / 'TP_OVERLAP.md', out.resolve())}) "
+        "(`python benchmarks/chimera_at_scale.py`, `python benchmarks/tp_overlap_at_scale.py`"
+        "; not rerun by `tripar bench`).", "",
         "## 4. Planner cost", "",
         "Search time of `tripar.partitioner.search` against the number of identical layers "
         "and of devices (GPT-like graph, hidden 4096, sequence 2048).", "",

@@ -10,7 +10,7 @@ from example_graphs import example_graph
 from search_clusters import small_cluster
 
 from tripar.errors import ConfigError, InfeasibleError
-from tripar.partitioner.plan_search import Pins, Spelling, check_pins, search
+from tripar.partitioner.plan_search import Pins, Spelling, check_pins, search, search_with_stats
 
 
 def test_contradicting_pins_and_infeasible_models():
@@ -143,7 +143,11 @@ def test_tp_overlap_pin_is_planned_and_weighed_where_collectives_are_slow():
     two = search(graph, slow, 16, pins=Pins(tp=4, micro_batch_size=4, tp_overlap=2))
     ones = search(graph, slow, 16, pins=Pins(tp=4, micro_batch_size=4, tp_overlap=1))
     assert two.estimate.step_time_s < ones.estimate.step_time_s
-    # unpinned, one part until codegen builds more
+    # unpinned, one part until codegen builds more, unless the caller asks for the choice
     assert search(graph, slow, 16, pins=Pins(tp=4, micro_batch_size=4)).parallel.tp_overlap == 1
+    chosen, _ = search_with_stats(graph, slow, 16, pins=Pins(tp=4, micro_batch_size=4),
+                                  choose_overlap=True)
+    assert chosen.parallel.tp_overlap == 2
+    assert chosen.estimate.step_time_s == pytest.approx(two.estimate.step_time_s)
     # never at tp=1: the search lists no part count there
     assert search(graph, cluster, 16, pins=Pins(tp=1)).parallel.tp_overlap == 1

@@ -40,9 +40,11 @@ class SearchParts:
 
 
 def search_parts(graph: ProxyGraph, cluster: Cluster, global_batch: int, pins: Pins,
-                 dtype: str | None, max_micro_batch: int) -> SearchParts:
+                 dtype: str | None, max_micro_batch: int, *,
+                 choose_overlap: bool = False) -> SearchParts:
     """The parts of a search of ``graph`` on ``cluster`` at ``global_batch`` samples per
-    step under ``pins``, training in ``dtype`` (default: the device's).
+    step under ``pins``, training in ``dtype`` (default: the device's); with
+    ``choose_overlap`` an unpinned tp_overlap is searched too (``SearchSpace``).
 
     >>> from tripar.partitioner.hardware import Cluster
     >>> parts = search_parts(example_graph(layers=2), Cluster.builtin("a100-80g",
@@ -55,7 +57,7 @@ def search_parts(graph: ProxyGraph, cluster: Cluster, global_batch: int, pins: P
     uniform = UniformSplits(graph)
     regions = RegionChooser(graph, cluster, dtype, costs)
     space = SearchSpace(graph, cluster, global_batch, pins, dtype, max_micro_batch, costs,
-                        regions, uniform)
+                        regions, uniform, choose_overlap=choose_overlap)
     evaluator = Evaluator(graph, cluster, pins, dtype, costs, regions, uniform)
     return SearchParts(costs, regions, space, evaluator)
 
@@ -84,7 +86,8 @@ def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
                       dtype: str | None = None, max_micro_batch: int = 16,
                       alternatives: int = 4, min_evaluations: int = 6,
                       max_evaluations: int = 24, screen_slack: float = 0.05,
-                      spelling: Spelling = Spelling.API) -> tuple[Plan, SearchStats]:
+                      spelling: Spelling = Spelling.API,
+                      choose_overlap: bool = False) -> tuple[Plan, SearchStats]:
     """The best plan for ``graph`` on ``cluster`` at ``global_batch`` samples per step.
 
     Candidates that fit by static memory are ordered by a quick screening estimate
@@ -97,7 +100,9 @@ def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
     exhaustive run pass ``max_evaluations`` and
     ``min_evaluations`` at least the number of candidates (or ``screen_slack=math.inf``):
     the plan's search status is ``optimal`` only when no candidate was left after
-    screening (bound pruning is exact), ``screened`` otherwise.
+    screening (bound pruning is exact), ``screened`` otherwise. ``choose_overlap``: an
+    unpinned tp_overlap is searched too (off by default: codegen does not build k > 1
+    yet; for benchmarks that show what the planner would choose).
 
     >>> cluster = Cluster.builtin("a100-80g", gpus_per_node=4)
     >>> plan, stats = search_with_stats(example_graph(layers=4), cluster, 16,
@@ -108,7 +113,8 @@ def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
     start = time.perf_counter()
     check_pins(pins, cluster.devices, global_batch, graph=graph, spelling=spelling)
     pins = pins.implied()
-    parts = search_parts(graph, cluster, global_batch, pins, dtype, max_micro_batch)
+    parts = search_parts(graph, cluster, global_batch, pins, dtype, max_micro_batch,
+                         choose_overlap=choose_overlap)
     space, evaluator = parts.space, parts.evaluator
     configs = space.configs()
     if not configs:
