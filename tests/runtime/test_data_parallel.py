@@ -1,5 +1,5 @@
 """Data parallelism on gloo ranks: overlapped buckets, ZeRO-2 = plain dp holding 1/dp of the
-gradients, global-norm clipping."""
+gradients (ZeRO-1 keeping the whole buckets), global-norm clipping."""
 
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ def _zero_and_clip(layouts: list[tuple[int, int]]) -> list[str]:
             if opt == "adamw":  # exp_avg and exp_avg_sq: 2 values per (padded) element
                 assert plain["state_numel"] == 2 * sum(p.numel() for p in plain["params"].values())
                 assert zero["state_numel"] == 2 * zero["padded"] // dp < plain["state_numel"], what
+            if opt == "sgd":  # ZeRO-1 keeps the persistent buckets, so every value
+                one = train_and_compare(mesh, schedule, vpp, opt, zero=1)
+                assert one["grad_numel"] == one["padded"] >= held, what
+                for name, p in plain["params"].items():
+                    assert_close(one["params"][name], p, rtol=1e-5, atol=1e-5)
             if not clipped:  # clipping once per layout, with and without ZeRO
                 for use_zero in (0, 2):
                     train_and_compare(mesh, schedule, vpp, opt, zero=use_zero, clip=0.5)
@@ -71,6 +76,20 @@ def _pipeline_only(schedules: list[str]) -> list[str]:
                         zero=2)
     assert len(zero._hooks) == 2  # ZeRO at dp=1 still flattens into its shards
     zero.remove_hooks()
+    # ZeRO-1 (like plain dp over more ranks): autograd accumulates straight into the
+    # persistent bucket, the gradients being views of it
+    lin = torch.nn.Linear(2, 2)
+    one = DataParallel([lin], mesh, lambda ps: torch.optim.SGD(ps, lr=0.1), zero=1)
+    (bucket,) = one.buckets
+    one.begin_step(2)
+    lin(torch.ones(1, 2)).sum().backward()
+    assert all(p.grad.untyped_storage().data_ptr() == bucket.buffer.untyped_storage().data_ptr()
+               for p in lin.parameters())
+    lin(torch.ones(1, 2)).sum().backward()  # the last microbatch launches the bucket
+    assert bucket.buffer.tolist() == [2.0] * 6  # bias, then weight: both microbatches summed
+    one.finish()
+    assert one.grad_numel() == 6 and all(p.grad is None for p in lin.parameters())
+    one.remove_hooks()
     return done
 
 

@@ -12,10 +12,13 @@ order, so every dp rank issues the same collectives in the same order -- while
 the backward goes on. ``finish`` (called by the executor at the end of the step)
 launches what is left (parameters that got no gradient count as zero) and waits.
 
-Plain dp: the flattened bucket, divided by dp, is all-reduced; every rank then
-holds the average gradient and steps the same optimizer. With dp = 1 and no ZeRO
-there is nothing to reduce: no hooks are registered and no bucket is copied (the
-pipeline-only case pays nothing per microbatch for data parallelism).
+Plain dp: each bucket owns a flat gradient buffer for the whole run, and the
+parameters' ``.grad`` are views of it (DDP's ``gradient_as_bucket_view``): autograd
+accumulates straight into the bucket, which is divided by dp and all-reduced in
+place, with no copy into or out of it; every rank then holds the average gradient
+and steps the same optimizer. With dp = 1 and no ZeRO there is nothing to reduce: no
+hooks are registered and no bucket is made (the pipeline-only case pays nothing per
+microbatch for data parallelism).
 
 ZeRO (``zero`` 1 or 2): each bucket is padded to a multiple of dp and dp rank k
 owns slice k. The gradient is reduce-scattered, so each rank holds the averaged
@@ -23,7 +26,13 @@ gradient of its slice only; the optimizer holds one flat fp32 copy of each owned
 slice (so its state is 1/dp of plain dp's), steps it, and the updated slices are
 all-gathered back into the parameters. The optimizer therefore sees flat shards,
 not the original tensors: it must be elementwise (SGD, Adam, AdamW, ...) and use
-one set of hyper-parameters; results then equal plain dp's.
+one set of hyper-parameters; results then equal plain dp's. ZeRO-1 keeps the
+persistent buffers of plain dp (gradients accumulate in them and the reduction
+scatters in place: each rank's shard is a slice of its buffer). ZeRO-2 keeps no
+buffer: autograd accumulates each parameter's own ``.grad``, the bucket is copied into
+a flat buffer when its reduction launches and the gradients dropped, and the buffer
+is freed once the rank has its shard, so between steps (the optimizer step, the next
+forward) a rank holds 1/dp of the gradients instead of all of them.
 
 Chimera: a rank and its mirror (pipeline ranks r and pp - 1 - r) hold the same two
 stages, each having run half the microbatches through them; the stages' gradients
@@ -112,6 +121,8 @@ class _Bucket:
     """1 where a value counts in the norm, 0 for duplicates (None: all count)."""
     pending: int = 0
     buffer: torch.Tensor | None = None
+    """The flat gradient: persistent (the parameters' ``.grad`` are views of it) except
+    under ZeRO-2, which makes it when the reduction launches and frees it after."""
     shard_grad: torch.Tensor | None = None
     works: list = field(default_factory=list)
 
@@ -155,6 +166,12 @@ class DataParallel:
         gradients autograd accumulates in ``.grad`` are the step's."""
         self._hooks = [] if self._local else [
             p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+        self._views = not self._local and self.zero < 2
+        """Gradients accumulate in views of persistent flat buckets (plain dp, ZeRO-1)."""
+        if self._views:
+            for b in self.buckets:
+                b.buffer = torch.zeros(b.padded, dtype=b.params[0].dtype,
+                                       device=b.params[0].device)
         self._counts: dict[int, int] = {}
         self._expected = 0
         self._next_launch = 0
@@ -239,7 +256,13 @@ class DataParallel:
         self._next_launch = 0
         self.overlapped = 0
         for b in self.buckets:
-            b.pending, b.buffer, b.shard_grad, b.works = len(b.params), None, None, []
+            b.pending, b.shard_grad, b.works = len(b.params), None, []
+            if self._views:  # autograd accumulates into the zeroed bucket
+                b.buffer.zero_()
+                for p, off in zip(b.params, b.offsets):
+                    p.grad = b.buffer[off:off + p.numel()].view_as(p)
+            else:
+                b.buffer = None
         self._active = not self._local
 
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -257,10 +280,7 @@ class DataParallel:
                 self.overlapped += 1
 
     def _launch(self, b: _Bucket) -> None:
-        flat = torch.zeros(b.padded, dtype=b.params[0].dtype, device=b.params[0].device)
-        for p, off in zip(b.params, b.offsets):
-            if p.grad is not None:
-                flat[off:off + p.numel()] = p.grad.reshape(-1)
+        flat = self._gathered(b)
         copies = self.mesh.grad_size
         if self.mesh.dp > 1:
             flat.div_(self.mesh.dp)
@@ -270,16 +290,35 @@ class DataParallel:
                 p.grad = None
             if copies > 1 and self._scatter_by_all_reduce:
                 b.works.append(dist.all_reduce(flat, group=self.mesh.grad_group, async_op=True))
-            elif copies > 1:
-                b.shard_grad = torch.empty(b.padded // copies, dtype=flat.dtype,
-                                           device=flat.device)
+            elif copies > 1:  # ZeRO-1 scatters in place: the shard is its slice of the bucket
+                b.shard_grad = (flat[self._shard_slice(b)] if self._views else
+                                torch.empty(b.padded // copies, dtype=flat.dtype,
+                                            device=flat.device))
                 b.works.append(reduce_scatter_flat(b.shard_grad, flat,
-                                                          group=self.mesh.grad_group,
-                                                          async_op=True))
+                                                   group=self.mesh.grad_group, async_op=True))
             else:
                 b.shard_grad = flat
         elif copies > 1:
             b.works.append(dist.all_reduce(flat, group=self.mesh.grad_group, async_op=True))
+
+    def _gathered(self, b: _Bucket) -> torch.Tensor:
+        """The bucket's gradients as one flat tensor: the persistent bucket (copying in any
+        ``.grad`` that is no longer its view: replaced or dropped since ``begin_step``), or
+        under ZeRO-2 a new buffer with the parameters' gradients copied in."""
+        if not self._views:
+            flat = torch.zeros(b.padded, dtype=b.params[0].dtype, device=b.params[0].device)
+            for p, off in zip(b.params, b.offsets):
+                if p.grad is not None:
+                    flat[off:off + p.numel()] = p.grad.reshape(-1)
+            return flat
+        flat = b.buffer
+        for p, off in zip(b.params, b.offsets):
+            view = flat[off:off + p.numel()]
+            if p.grad is None:
+                view.zero_()
+            elif p.grad.data_ptr() != view.data_ptr():
+                view.copy_(p.grad.reshape(-1))
+        return flat
 
     def finish(self) -> None:
         """Launch the buckets not launched yet and wait for every reduction."""
@@ -294,10 +333,12 @@ class DataParallel:
             self.mesh.wait(b.works, what=f"the data-parallel gradient reduction of bucket {k}",
                            peers=peers)
             b.works = []
-            if not self.zero and self.mesh.grad_size > 1:
+            if not self.zero:  # the gradients: views of the bucket (rebound if replaced)
                 for p, off in zip(b.params, b.offsets):
                     p.grad = b.buffer[off:off + p.numel()].view_as(p)
-            if self.zero:
+            elif self._views:  # ZeRO-1: the shard is a slice of the kept bucket
+                b.shard_grad = b.buffer[self._shard_slice(b)]
+            else:  # ZeRO-2: the shard alone is kept
                 if self._scatter_by_all_reduce:
                     b.shard_grad = b.buffer[self._shard_slice(b)].clone()
                 b.buffer = None
