@@ -14,7 +14,8 @@ same initial weights on the same global batches, split into the same microbatche
 
 Systems are interleaved: each round runs one step of every system, in an order that
 rotates from round to round, each step bracketed by barriers, so that machine noise hits
-them alike; the median over rounds is reported. ``--repeats N`` runs the whole
+them alike; the median over rounds is reported, with the busiest rank's CPU seconds per
+step (the work, which a busy machine inflates less than the wall clock). ``--repeats N`` runs the whole
 measurement N times (fresh processes) and reports the median and the spread of the
 ratios; ``--out`` writes the markdown report (default ``benchmarks/results/DDP.md``).
 
@@ -137,6 +138,7 @@ def _rank_main(cfg: DDPConfig) -> dict:
         plans[DDP] = f"{default.num_microbatches} microbatches, no_sync but the last"
 
     times: dict[str, list[float]] = {n: [] for n in cfg.systems}
+    cpu: dict[str, list[float]] = {n: [] for n in cfg.systems}
     losses: dict[str, list[float]] = {n: [] for n in cfg.systems}
     names = list(cfg.systems)
     for r in range(cfg.warmup + cfg.rounds):
@@ -145,20 +147,26 @@ def _rank_main(cfg: DDPConfig) -> dict:
         for name in names[shift:] + names[:shift]:
             stepper = steppers[name]
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             loss = stepper.step(batch) if name == DDP else stepper.train_step(batch)
+            used = time.process_time() - start_cpu
             dist.barrier()
             elapsed = time.perf_counter() - start
             if r >= cfg.warmup:
                 times[name].append(elapsed)
+                cpu[name].append(used)
             if name == DDP:  # this rank's half: the global mean, after the timing
                 both = torch.tensor(loss)
                 dist.all_reduce(both)
                 loss = float(both) / dist.get_world_size()
             losses[name].append(loss)
+    per_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, cpu)
     if dist.get_rank() != 0:
         return {}
-    return {"step_s": times, "losses": losses, "plans": plans, "simulated_s": simulated,
+    busiest = {n: [max(rc[n][i] for rc in per_rank) for i in range(len(cpu[n]))]
+               for n in names}
+    return {"step_s": times, "cpu_s": busiest, "losses": losses, "plans": plans, "simulated_s": simulated,
             "torch": torch.__version__, "tokens": cfg.global_batch * cfg.seq}
 
 
@@ -172,9 +180,19 @@ class Run:
     torch_version: str
     simulated_s: dict[str, float] = field(default_factory=dict)
     """The simulator's step time of each tripar system's plan on the calibrated profile."""
+    cpu_s: dict[str, float] = field(default_factory=dict)
+    """Median over rounds of the busiest rank's CPU seconds per step (``process_time``,
+    gloo's threads included): the work of a step, which other processes on the cores do
+    not inflate as they inflate the wall clock."""
 
     def ratio(self, name: str) -> float:
         return self.tokens_per_s[name] / self.tokens_per_s[DDP]
+
+    def cpu_ratio(self, name: str) -> float | None:
+        """DDP's CPU seconds per step over ``name``'s (above 1: ``name`` does less work)."""
+        if name not in self.cpu_s or DDP not in self.cpu_s:
+            return None
+        return self.cpu_s[DDP] / self.cpu_s[name]
 
     def simulated_ratio(self, name: str) -> float | None:
         """The simulator's tokens/s of ``name``'s plan over the same plan at ZeRO-0 (the
@@ -199,7 +217,7 @@ def measure(cfg: DDPConfig, *, timeout_s: float = 900.0) -> Run:
     assert max(first.values()) - min(first.values()) < 1e-4, first
     tps = {n: out["tokens"] / statistics.median(v) for n, v in out["step_s"].items()}
     return Run(tps, out["plans"], (before, os.getloadavg()[0]), out["torch"],
-               out["simulated_s"])
+               out["simulated_s"], {n: statistics.median(v) for n, v in out["cpu_s"].items()})
 
 
 def markdown(cfg: DDPConfig, runs: list[Run], *, title: str = "#",
@@ -220,15 +238,17 @@ def markdown(cfg: DDPConfig, runs: list[Run], *, title: str = "#",
         f"Regenerate: `{command}`",
         "",
         "| system | plan | tokens/s (median of runs) | / DDP, median | / DDP, min..max "
-        "| simulated / ZeRO-0 |",
-        "|---|---|---|---|---|---|",
+        "| DDP / system, busiest-rank CPU s per step (median) | simulated / ZeRO-0 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in cfg.systems:
         tps = statistics.median(r.tokens_per_s[name] for r in runs)
         ratios = [r.ratio(name) for r in runs]
         sim = runs[0].simulated_ratio(name)
+        cpus = [c for c in (r.cpu_ratio(name) for r in runs) if c is not None]
         lines.append(f"| {name} | {runs[0].plans.get(name, '')} | {tps:,.0f} | "
                      f"{statistics.median(ratios):.3f} | {min(ratios):.3f}..{max(ratios):.3f} "
+                     f"| {f'{statistics.median(cpus):.3f}' if cpus else '-'} "
                      f"| {'-' if sim is None else f'{sim:.3f}'} |")
     return "\n".join(lines) + "\n"
 
@@ -245,8 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for k in range(args.repeats):
         runs.append(measure(cfg))
-        print(f"run {k + 1}: " + ", ".join(f"{n} {runs[-1].ratio(n):.3f}x"
-                                           for n in cfg.systems), flush=True)
+        print(f"run {k + 1}: " + ", ".join(
+            f"{n} {runs[-1].ratio(n):.3f}x (CPU {runs[-1].cpu_ratio(n):.3f}x)"
+            for n in cfg.systems), flush=True)
     text = markdown(cfg, runs)
     Path(args.out).write_text(text)
     print(text)
