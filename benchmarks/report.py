@@ -223,7 +223,7 @@ def write_report(out: Path, *, quick: bool, measurement, check, rows_md: str, sc
         f"wall-clock numbers of the measured part are noisy and the 2-process runs suffer "
         f"more than the 1-process baseline; the busiest-rank CPU seconds are given beside "
         f"them.", "",
-        f"Regenerate everything (about 4 min on 2 busy cores; `--quick` about 1 min): "
+        f"Regenerate everything (about 5 min on 2 busy cores; `--quick` about 1 min): "
         f"`tripar bench{quick_flag}{flag}` (or `python benchmarks/report.py{quick_flag}"
         f"{flag}`).", "",
         "## Headline", "",
