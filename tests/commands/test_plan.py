@@ -39,6 +39,21 @@ def test_plan_text_summary(capsys):
     assert "estimate: step" in text and "runners-up:" in text
 
 
+def test_the_optimizer_step_is_costed_as_train_builds_it(capsys):
+    from tripar.commands.train import optimizer_factory
+    from tripar.partitioner.hardware import OPTIMIZER_STEP_BYTES
+    from tripar.runtime import optimizer_step_bytes
+
+    steps = {}
+    for name, step_bytes in OPTIMIZER_STEP_BYTES.items():
+        # tripar train builds what tripar plan --optimizer costs
+        assert optimizer_step_bytes(optimizer_factory(name, 0.1)) == step_bytes
+        assert main(["plan", MODEL, "--gpus-per-node", "2", "--global-batch", "8", "--pp", "1",
+                     "--zero", "0", "--optimizer", name, "--format", "json"]) == 0
+        steps[name] = json.loads(capsys.readouterr().out)["estimate"]["step_time_s"]
+    assert steps["sgd"] < steps["adamw"]
+
+
 def test_contradicting_pins_exit_with_one_clear_message(capsys):
     cases = [
         (["--gpus-per-node", "8", "--dp", "3"], "--dp 3 does not divide the 8 devices"),

@@ -1,11 +1,12 @@
-"""``--gpu NAME --nodes N --gpus-per-node G`` or ``--cluster FILE``, shared by commands."""
+"""``--gpu NAME --nodes N --gpus-per-node G`` or ``--cluster FILE``, and ``--optimizer``
+(whose step the cost model charges), shared by commands."""
 
 from __future__ import annotations
 
 import argparse
 
 from tripar.errors import ConfigError
-from tripar.partitioner.hardware import BUILTIN_DEVICES, Cluster
+from tripar.partitioner.hardware import BUILTIN_DEVICES, OPTIMIZER_STEP_BYTES, Cluster
 
 
 def add_cluster_args(parser: argparse.ArgumentParser, *, default_gpu: str = "a100-80g") -> None:
@@ -20,11 +21,21 @@ def add_cluster_args(parser: argparse.ArgumentParser, *, default_gpu: str = "a10
                        help="devices per node (default 8, or the profile's)")
     group.add_argument("--cluster", default=None, metavar="FILE",
                        help="a profile JSON (from `tripar calibrate`) instead of --gpu")
+    group.add_argument("--optimizer", choices=tuple(OPTIMIZER_STEP_BYTES), default="adamw",
+                       help="the optimizer whose step is costed, as `tripar train "
+                            "--optimizer` builds it (default adamw; sgd moves 12 of its 28 "
+                            "bytes per parameter)")
     parser.set_defaults(_default_gpu=default_gpu)
 
 
 def cluster_from_args(args: argparse.Namespace) -> Cluster:
-    """The Cluster the options describe. ``--nodes``/``--gpus-per-node`` resize a profile."""
+    """The Cluster the options describe, costing the ``--optimizer``'s step.
+    ``--nodes``/``--gpus-per-node`` resize a profile."""
+    step_bytes = OPTIMIZER_STEP_BYTES[getattr(args, "optimizer", "adamw")]
+    return _hardware(args).with_optimizer(step_bytes)
+
+
+def _hardware(args: argparse.Namespace) -> Cluster:
     for name in ("nodes", "gpus_per_node"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

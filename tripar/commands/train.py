@@ -37,6 +37,7 @@ from typing import Any
 
 from tripar.commands._model_args import MODEL_HELP
 from tripar.errors import ConfigError
+from tripar.partitioner.hardware import OPTIMIZER_STEP_BYTES
 from tripar.plan.config import SCHEDULES, ZERO_STAGES
 
 TEXT_FAMILIES = ("gpt", "llama")
@@ -55,7 +56,10 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--seq", type=int, default=None, metavar="S",
                         help="sequence length (default: the spec's seq)")
     parser.add_argument("--steps", type=int, default=100, metavar="K", help="steps (default 100)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW (peak) learning rate")
+    parser.add_argument("--optimizer", choices=tuple(OPTIMIZER_STEP_BYTES), default="adamw",
+                        help="adamw (torch's defaults but the learning rate), or plain sgd; "
+                             "the planner costs its step (default adamw)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="(peak) learning rate")
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                         help="after --warmup: constant, or cosine decay to --lr-min at "
                              "--decay-steps (default constant)")
@@ -163,7 +167,8 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model or f"hf:{args.init_from}", "init_from": args.init_from,
         "global_batch": args.global_batch, "seq": args.seq,
-        "steps": args.steps, "lr": args.lr, "clip": args.clip, "seed": args.seed,
+        "steps": args.steps, "lr": args.lr, "optimizer": args.optimizer, "clip": args.clip,
+        "seed": args.seed,
         "lr_schedule": args.lr_schedule, "warmup": args.warmup, "lr_min": lr_min,
         "decay_steps": args.decay_steps, "eval_every": args.eval_every,
         "eval_batches": args.eval_batches, "data": None, "eval_data": None,
@@ -280,6 +285,15 @@ def _data(opts: dict[str, Any]) -> tuple[Any, Any, Any, Any, Any]:
     return loaded, example, lambda step: batches[step % len(batches)], None, []
 
 
+def optimizer_factory(name: str, lr: float) -> Any:
+    """``auto_parallel``'s ``optimizer``: params -> torch's AdamW or SGD at ``lr`` (the names
+    of ``OPTIMIZER_STEP_BYTES``, whose bytes ``tripar plan --optimizer`` costs)."""
+    import torch
+
+    kind = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[name]
+    return lambda params: kind(params, lr=lr)
+
+
 def learning_rate(step: int, opts: dict[str, Any]) -> float:
     """The learning rate of optimizer step ``step`` (0-based): linear warmup over
     ``warmup`` steps, then constant or a cosine from ``lr`` to ``lr_min`` at
@@ -328,7 +342,6 @@ def _data_position(opts: dict[str, Any], windows: Any, steps: int) -> tuple[int,
 
 def train_rank(opts: dict[str, Any]) -> dict[str, Any]:
     """What each rank runs (inside ``launch_local``, or under torchrun)."""
-    import torch
     import torch.distributed as dist
 
     from tripar.api import auto_parallel
@@ -342,7 +355,7 @@ def train_rank(opts: dict[str, Any]) -> dict[str, Any]:
     captured = capture_model(loaded.model, args, kwargs)
     model = auto_parallel(
         loaded.model, example_inputs=args, example_kwargs=kwargs,
-        optimizer=lambda ps: torch.optim.AdamW(ps, lr=opts["lr"]),
+        optimizer=optimizer_factory(opts.get("optimizer", "adamw"), opts["lr"]),
         global_batch_size=opts["global_batch"], dp=opts["dp"], tp=opts["tp"], pp=opts["pp"],
         vpp=opts["vpp"], num_microbatches=opts["num_microbatches"], schedule=opts["schedule"],
         recompute=opts["recompute"], zero=opts["zero"], sp=opts.get("sp"),

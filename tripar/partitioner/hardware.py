@@ -30,6 +30,10 @@ ADAM_STEP_BYTES = 28.0
 """Bytes a fused Adam step reads and writes per parameter (gradient, master, moments,
 weight); ``Efficiency.optimizer_bytes`` defaults to it and ``tripar calibrate`` fits its
 optimizer terms to timed AdamW steps: both describe an Adam step."""
+OPTIMIZER_STEP_BYTES = {"adamw": ADAM_STEP_BYTES, "sgd": 12.0}
+"""The optimizers the commands build (``--optimizer``), by the bytes their fused step reads
+and writes per parameter: AdamW's weight, gradient and two moments; plain SGD's weight and
+gradient (read) and weight (written)."""
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "tf32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2,
                "float16": 2, "fp64": 8, "float64": 8}
