@@ -177,7 +177,7 @@ def test_korthikanti_configuration_within_10_percent_of_its_mfu_and_the_plan_no_
     recomputation left to do) simulated with the shipped curve: its model FLOPs
     utilization within 10% of the published one. Measured: 22B 41.1% (41.5), 175B 47.9%
     (51.4), 530B 50.8% (56.0), 1T 51.5% (56.3). tripar's own plan for the same model, GPUs
-    and global batch is at least as fast (49.9 / 53.9 / 56.4 / 57.2%;
+    and global batch is at least as fast (49.2 / 53.9 / 56.3 / 57.1%;
     ``python benchmarks/korthikanti_plans.py`` writes the table)."""
     run = korthikanti(index)
     name, *_, gpus, batch, mfu, _hfu = KORTHIKANTI_RUNS[index]
