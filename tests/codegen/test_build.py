@@ -313,10 +313,6 @@ def test_plan_for_another_model_is_refused() -> None:
     broken = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, pp=4))
     with pytest.raises(PlanError, match="invalid plan"):
         build(gm, broken, flat, pp_rank=0)
-    parts = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, tp_overlap=2))
-    with pytest.raises(PlanError, match=r"tp_overlap=2 \(sub-pipelined tensor parallelism\), "
-                                        r"which codegen does not build yet"):
-        build(gm, parts, flat, pp_rank=0)
 
 
 def test_regions_the_graph_does_not_have_are_refused() -> None:

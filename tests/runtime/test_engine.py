@@ -35,6 +35,7 @@ from torch.testing import assert_close
 from tests._ranks import run_ranks
 from tripar import api
 from tripar.codegen.collectives import ReduceScatterFromTP
+from tripar.codegen.sub_pipeline import ReduceScatterStarted, ReduceStarted
 from tripar.models import load_model
 
 MODELS = {
@@ -74,8 +75,8 @@ SGD, ADAMW, BOTH = ("sgd",), ("adamw",), ("sgd", "adamw")
 I1F1B = "interleaved-1f1b"
 
 # Each row: (dp, tp, pp, schedule, vpp, zero, mbs, precision, models, optimizers[,
-# recompute[, sp]]); recompute defaults to the planner's choice, sp (default False) pins
-# sequence parallelism.
+# recompute[, sp[, tp_overlap]]]); recompute defaults to the planner's choice, sp (default
+# False) pins sequence parallelism, tp_overlap (default 1) the parts of a microbatch.
 # mbs is the microbatch size: each replica runs GLOBAL_BATCH / (dp * mbs) microbatches (bert's
 # loss, a mean over the masked tokens of a microbatch, also tells which samples shared one).
 # A schedule's optimizer alternates between groups, so that each schedule meets both.
@@ -111,6 +112,8 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 2, 1, "1f1b",   1, 0, 1, "bf16", ("gpt",), SGD, None, True),
         (2, 1, 1, "1f1b",   1, 2, 1, "fp32", ("gpt", "hf_gpt2"), BOTH),
         (2, 1, 1, "1f1b",   1, 2, 1, "bf16", ("llama",), SGD),
+        (1, 2, 1, "1f1b",   1, 0, 4, "fp32", LM, SGD, None, False, 2),
+        (1, 2, 1, "1f1b",   1, 0, 4, "bf16", ("gpt",), SGD, None, False, 4),
     ],
     "world4-dp-pp": [
         (1, 1, 4, "gpipe",  1, 0, 1, "fp32", ALL, ADAMW),
@@ -157,6 +160,11 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 2, 2, "chimera", 1, 0, 1, "bf16", ("gpt",), SGD),
         (2, 2, 1, "1f1b",   1, 2, 1, "fp32", ("gpt", "hf_gpt2"), ADAMW),
         (2, 2, 1, "zb-h1",  1, 2, 1, "bf16", ("gpt",), SGD),
+        (1, 2, 2, "zb-h1",  1, 0, 4, "fp32", ("gpt",), ADAMW, None, False, 4),
+        (1, 2, 2, "1f1b",   1, 0, 4, "fp32", ("gpt",), SGD, "full", True, 2),
+        (2, 2, 1, "1f1b",   1, 1, 2, "fp32", ("gpt", "bert"), ADAMW, None, False, 2),
+        (1, 2, 2, "chimera", 1, 0, 2, "bf16", ("gpt",), SGD, None, False, 2),
+        (1, 2, 2, I1F1B,    2, 0, 2, "fp32", ("llama",), SGD, None, False, 2),
     ],
     "world8": [
         (2, 2, 2, "gpipe",  1, 0, 1, "fp32", ("gpt", "bert", "hf_gpt2"), ADAMW),
@@ -198,6 +206,7 @@ class Run:
     precision: str
     recompute: str | None = None
     sp: bool = False
+    tp_overlap: int = 1
 
     @property
     def reference_key(self) -> tuple[str, str, int, str]:
@@ -208,7 +217,8 @@ class Run:
         return (f"{self.model} {self.optimizer} dp={self.dp} tp={self.tp} pp={self.pp} "
                 f"{self.schedule} vpp={self.vpp} zero={self.zero} mbs={self.mbs} "
                 f"{self.precision}" + (f" recompute={self.recompute}" if self.recompute else "")
-                + (" sp" if self.sp else ""))
+                + (" sp" if self.sp else "")
+                + (f" tp_overlap={self.tp_overlap}" if self.tp_overlap > 1 else ""))
 
 
 def runs(group: str) -> list[Run]:
@@ -320,6 +330,7 @@ def train(run: Run, steps: tuple):
                            vpp=run.vpp,
                            num_microbatches=GLOBAL_BATCH // (run.dp * run.mbs),
                            schedule=run.schedule, zero=run.zero, sp=run.sp,
+                           tp_overlap=run.tp_overlap,
                            precision=run.precision, recompute=run.recompute, timeout_s=30)
     torch.manual_seed(SEED)  # what one process's dropout draws from (the same on every rank)
     losses = [pm.train_step(b) for b in steps]
@@ -431,6 +442,10 @@ def _compare_all(group: str, data: bytes) -> list[str]:
         assert pm.plan.parallel.schedule == run.schedule or run.pp == 1, what
         assert pm.plan.parallel.micro_batch_size == run.mbs, what
         assert pm.plan.parallel.sp == run.sp, what
+        assert pm.plan.parallel.tp_overlap == run.tp_overlap, what
+        if run.tp_overlap > 1:  # the stages run in parts, their collectives started
+            assert any(isinstance(m, ReduceStarted | ReduceScatterStarted)
+                       for p in pm.programs for m in p.module.modules()), what
         if run.sp:  # the region exits reduce-scatter: the parts between run on the shard
             assert any(isinstance(m, ReduceScatterFromTP) for p in pm.programs
                        for m in p.module.modules()), what

@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,17 +56,21 @@ from tripar.codegen.split import (
     split_by_blocks,
 )
 from tripar.codegen.stage import StageProgram, StageSplit
+from tripar.codegen.sub_pipeline import stage_inputs, sub_pipeline
 from tripar.codegen.tensor_parallel import rewrite_with_values
 from tripar.codegen.tp_rng import ForkedRNG
 from tripar.codegen.tp_shard import ParamShard, shard_map
 from tripar.codegen.weights import default_init, materialize_stage, param_map, retarget_device
 from tripar.errors import PlanError
-from tripar.graph import Captured, TPRegion, baked_devices, for_micro_batch
+from tripar.graph import Captured, TPRegion, baked_devices, for_micro_batch, node_values
+from tripar.graph.batchwise import batch_split
 from tripar.plan.schedule import ActionKind
 
 __all__ = ["RankProgram", "SplitForRank", "SplitKey", "build", "build_pipeline", "check_plan",
-           "connect_tp", "plan_regions", "recomputed_by_schedule", "split_for_rank",
+           "batch_dims", "connect_tp", "plan_regions", "recomputed_by_schedule", "split_for_rank",
            "split_tp_rank", "stage_programs", "write_rank"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,10 +394,6 @@ def _build(graph_module: torch.fx.GraphModule, plan: Any, example_inputs: Sequen
            device: torch.device | str = "cpu",
            values: Mapping[str, Any] | None = None) -> tuple[RankProgram, ...]:
     table = check_plan(graph_module, plan, fingerprint=fingerprint)
-    if plan.parallel.tp_overlap > 1:
-        raise PlanError(f"the plan has tp_overlap={plan.parallel.tp_overlap} (sub-pipelined "
-                        "tensor parallelism), which codegen does not build yet; use a plan "
-                        "with tp_overlap=1")
     if source is not None and meta_model is not None:
         raise PlanError("build takes source= (a real model) or meta_model= (built on the meta "
                         "device), not both")
@@ -408,11 +409,13 @@ def _build(graph_module: torch.fx.GraphModule, plan: Any, example_inputs: Sequen
                           values=values)
     pp, t = plan.parallel.pp, plan.parallel.tp
     shards = shard_map(graph_module, regions, t=t, rank=tp_rank) if regions else {}
+    dims = batch_dims(graph_module, plan, example_inputs, values=values)
     out = []
     for pp_rank in pp_ranks:
         stages = stage_programs(split, plan, pp_rank, blocks=table, shards=shards,
                                 source=source, meta_model=meta_model, init=init, seed=seed,
-                                device=device, materialize=materialize)
+                                device=device, materialize=materialize,
+                                inputs=example_inputs, batch_dims=dims)
         out.append(RankProgram(pp_rank=pp_rank, tp_rank=tp_rank, pp=pp, tp=t, stages=stages,
                                split=split, regions=regions, shards=shards))
     return tuple(out)
@@ -447,14 +450,24 @@ def stage_programs(split: StageSplit, plan: Any, pp_rank: int, *,
                    source: nn.Module | None = None, meta_model: nn.Module | None = None,
                    init: Any = default_init, seed: int = 0,
                    device: torch.device | str = "cpu", materialize: bool = True,
-                   tp_group: Any = None, rng: Any = None) -> tuple[StageProgram, ...]:
+                   tp_group: Any = None, rng: Any = None,
+                   inputs: Sequence[Any] | None = None,
+                   batch_dims: Mapping[str, int | None] | None = None
+                   ) -> tuple[StageProgram, ...]:
     """The virtual stages of pipeline rank ``pp_rank`` as they run: each given its own
     weights (``materialize_stage``; skipped with ``materialize=False``), its
     tensor-parallel collectives pointed at ``tp_group`` and ``rng`` (when given), and the
     blocks its ``StagePlan.recompute`` names and the nodes its ``StagePlan.selective``
     names run under activation checkpointing (``apply_recompute``), unless its schedule
-    recomputes the stage whole."""
+    recomputes the stage whole. With ``plan.parallel.tp_overlap`` k > 1 each stage then runs
+    its microbatches as k parts (``sub_pipeline``); ``inputs``, the graph's flat example
+    inputs for one microbatch, and ``batch_dims``, the whole graph's batch dims
+    (:func:`batch_dims`), show which values carry the batch."""
     whole = recomputed_by_schedule(plan)
+    k = plan.parallel.tp_overlap if plan.parallel.tp > 1 else 1
+    if k > 1 and inputs is None:
+        raise PlanError(f"tp_overlap={k}: stage_programs needs the graph's example inputs "
+                        "(inputs=) to find the batch")
     out = []
     for stage in rank_stages(split, plan.parallel.pp, pp_rank,
                              pipelines=plan.parallel.pipelines):
@@ -464,13 +477,37 @@ def stage_programs(split: StageSplit, plan: Any, pp_rank: int, *,
                                        seed=seed, device=device, shards=shards)
         if tp_group is not None or rng is not None:
             connect_tp(module, tp_group, rng)
+        if k > 1:
+            own = [inputs[i] for i in stage.graph_input_positions]
+            values = node_values(module, stage_inputs(stage.received, own))
+            parts = batch_split(module, values, batch=plan.parallel.micro_batch_size,
+                                known=batch_dims)
         recompute = plan.stages[stage.index].recompute
         selective = getattr(plan.stages[stage.index], "selective", ())
         if (recompute or selective) and stage.index not in whole:
             module = apply_recompute(stage, recompute, blocks=blocks, module=module,
                                      selective=selective)
+        if k > 1:
+            module, why = sub_pipeline(module, k, parts, values, where=f"stage {stage.index}")
+            if why:
+                log.warning("stage %d runs its microbatches whole, not in %d parts: %s",
+                            stage.index, k, why)
         out.append(dataclasses.replace(stage, module=module))
     return tuple(out)
+
+
+def batch_dims(gm: torch.fx.GraphModule, plan: Any, example_inputs: Sequence[Any], *,
+               values: Mapping[str, Any] | None = None) -> dict[str, int | None]:
+    """The dim carrying the batch of each value of the whole captured graph that runs per
+    part (empty unless the plan sub-pipelines its tensor-parallel stages): a stage input
+    whose shape has several dims of the microbatch's size (a sequence shard as long as
+    the microbatch) takes its dim from here."""
+    par = plan.parallel
+    if par.tp_overlap < 2 or par.tp < 2:
+        return {}
+    if values is None:
+        values = node_values(gm, example_inputs)
+    return batch_split(gm, values, batch=par.micro_batch_size).dims
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "all_gather_along",
     "CopyToTP",
     "GatherFromTP",
     "ReduceFromTP",
@@ -70,7 +71,8 @@ def _all_reduce(x: torch.Tensor, group: Any, op: str = "sum") -> torch.Tensor:
     return out
 
 
-def _all_gather(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+def all_gather_along(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` (no autograd)."""
     dist = _dist()
     x = x.contiguous()
     pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
@@ -135,7 +137,7 @@ class _AlongDim(torch.autograd.Function):
         return _ALONG[ctx.bwd](grad, ctx.dim, ctx.group), None, None, None, None
 
 
-_ALONG = {"slice": _own_slice, "gather": _all_gather, "reduce_scatter": _reduce_scatter}
+_ALONG = {"slice": _own_slice, "gather": all_gather_along, "reduce_scatter": _reduce_scatter}
 
 
 def gather_to_tp(x: torch.Tensor, dim: int, group: Any = None) -> torch.Tensor:
@@ -160,7 +162,7 @@ class _SequenceLinears(torch.autograd.Function):
                 ) -> tuple[torch.Tensor, ...]:
         ctx.dim, ctx.group = dim, group
         ctx.biased = [b is not None for b in weights[1::2]]
-        whole = _all_gather(x, dim, group)
+        whole = all_gather_along(x, dim, group)
         outs = tuple(F.linear(whole, w, b) for w, b in zip(weights[::2], weights[1::2]))
         ctx.save_for_backward(x, *weights[::2])
         return outs
@@ -169,7 +171,7 @@ class _SequenceLinears(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple:
         x, *ws = ctx.saved_tensors
-        whole = _all_gather(x, ctx.dim, ctx.group)
+        whole = all_gather_along(x, ctx.dim, ctx.group)
         rows = whole.reshape(-1, whole.shape[-1])
         dx = None
         out: list[torch.Tensor | None] = []

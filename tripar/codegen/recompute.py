@@ -56,7 +56,7 @@ from tripar.codegen.tp_rng import ForkedRNG
 from tripar.errors import PlanError
 from tripar.graph import connected_groups
 
-__all__ = ["Recomputed", "apply_recompute", "node_blocks", "segments"]
+__all__ = ["Recomputed", "apply_recompute", "node_blocks", "regraphed", "segments"]
 
 _COMPUTE = ("call_function", "call_method", "call_module")
 _SEGMENT = "\0segment:"  # a unit key no node name can take
@@ -358,7 +358,7 @@ def _rewrite(gm: torch.fx.GraphModule,
             env[out.name].meta = dict(out.meta)
     graph.eliminate_dead_code(is_impure_node=lambda n: n.op not in ("get_attr",))
     graph.lint()
-    return _assemble(gm, graph, wrappers)
+    return regraphed(gm, graph, wrappers)
 
 
 def _segment_module(gm: torch.fx.GraphModule, members: Sequence[torch.fx.Node],
@@ -404,10 +404,11 @@ def _trackers(gm: torch.fx.GraphModule, members: Sequence[torch.fx.Node]) -> lis
     return list(found.values())
 
 
-def _assemble(gm: torch.fx.GraphModule, graph: torch.fx.Graph,
-              wrappers: Mapping[str, Recomputed]) -> torch.fx.GraphModule:
+def regraphed(gm: torch.fx.GraphModule, graph: torch.fx.Graph,
+              wrappers: Mapping[str, nn.Module]) -> torch.fx.GraphModule:
     """A GraphModule running ``graph`` over ``gm``'s own children, parameters and buffers
-    (shared, in their order), with the segment wrappers after them."""
+    (shared, in their order), with the parameter-free ``wrappers`` (segments, started
+    collectives) after them."""
     out = torch.fx.GraphModule(nn.Module(), torch.fx.Graph(), class_name=type(gm).__name__)
     for name, child in gm._modules.items():
         out._modules[name] = child
@@ -423,7 +424,7 @@ def _assemble(gm: torch.fx.GraphModule, graph: torch.fx.Graph,
     for name, wrapper in wrappers.items():
         if name in out._modules:
             raise PlanError(f"the stage module already has a child named {name!r}; "
-                            "recompute was applied twice")
+                            "a rewrite (recompute, tp_overlap) was applied twice")
         out._modules[name] = wrapper
     out.graph = graph
     out.meta = dict(getattr(gm, "meta", {}))

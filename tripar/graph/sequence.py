@@ -13,7 +13,7 @@ names:
    to ``(b, s, h)``, an ``arange(s)``), two sequence dims (attention scores) or no
    activation input fails this.
 2. *No operator mixes tokens.* While it runs, every ATen operator it dispatches is
-   checked (:class:`_TokenMixing`): pointwise and view operators pass; an operator with
+   checked (:class:`TokenMixing`): pointwise and view operators pass; an operator with
    a ``dim`` (a reduction, softmax, a scan, a slice or a concatenation), a
    ``normalized_shape`` or a contraction (``mm``, ``bmm``) passes only when none of the
    dims it reduces, normalizes, indexes or contracts carries the sequence; anything
@@ -52,7 +52,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tripar.graph.values import FakeInterpreter
 
-__all__ = ["PROBE", "TokenWise", "sequence_dim", "sequence_zone", "token_wise_nodes"]
+__all__ = ["PROBE", "Probe", "TokenMixing", "TokenWise", "carries", "is_dropout", "sequence_dim",
+           "sequence_zone", "token_wise_nodes"]
 
 PROBE = 1_000_003
 """The sequence length a node is probed with: a prime no other dim of a model has, so
@@ -81,14 +82,14 @@ _DROPOUTS = {aten.native_dropout, aten.dropout, aten.bernoulli, aten.bernoulli_,
              aten.empty_like}
 
 
-def _carries(x: Any, dim: int | None = None) -> bool:
+def carries(x: Any, dim: int | None = None) -> bool:
     if not isinstance(x, torch.Tensor):
         return False
     dims = range(x.dim()) if dim is None else [dim % max(x.dim(), 1)]
     return any(x.dim() and x.shape[d] and x.shape[d] % PROBE == 0 for d in dims)
 
 
-class _TokenMixing(TorchDispatchMode):
+class TokenMixing(TorchDispatchMode):
     """Records whether an operator mixes tokens (``mixed``) or draws random numbers."""
 
     def __init__(self) -> None:
@@ -99,7 +100,7 @@ class _TokenMixing(TorchDispatchMode):
     def _check(self, func: Any, args: tuple, kwargs: dict) -> str:
         packet = func.overloadpacket
         tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
-        if not any(_carries(x) for x in tensors):
+        if not any(carries(x) for x in tensors):
             return ""
         if torch.Tag.pointwise in func.tags or packet in _VIEWS or func.namespace == "prim":
             return ""
@@ -107,10 +108,10 @@ class _TokenMixing(TorchDispatchMode):
             a, b = ([x for x in args if isinstance(x, torch.Tensor)] + [None, None])[-2:] \
                 if packet in (aten.addmm, aten.baddbmm, aten.addmv) else (args[0], args[1])
             if packet is aten.linear:
-                return "" if not _carries(a, -1) and not _carries(b) else f"{packet} contracts"
+                return "" if not carries(a, -1) and not carries(b) else f"{packet} contracts"
             batch = b.dim() - 2 if isinstance(b, torch.Tensor) and b.dim() > 2 else 0
             b_dims = [d for d in range(batch, b.dim())] if isinstance(b, torch.Tensor) else []
-            if _carries(a, -1) or any(_carries(b, d) for d in b_dims):
+            if carries(a, -1) or any(carries(b, d) for d in b_dims):
                 return f"{packet} contracts or multiplies along the sequence"
             return ""
         names = [a.name for a in func._schema.arguments]
@@ -118,7 +119,7 @@ class _TokenMixing(TorchDispatchMode):
         first = next((x for x in tensors), None)
         if "normalized_shape" in given:
             n = len(given["normalized_shape"])
-            return "" if not any(_carries(first, -1 - i) for i in range(n)) else \
+            return "" if not any(carries(first, -1 - i) for i in range(n)) else \
                 f"{packet} normalizes over the sequence"
         if "dim" in given or "dims" in given:
             dims = given.get("dim", given.get("dims"))
@@ -127,7 +128,7 @@ class _TokenMixing(TorchDispatchMode):
             dims = [dims] if isinstance(dims, int) else list(dims)
             if not dims and packet not in (aten.squeeze,):
                 return f"{packet} reduces every dim"
-            if any(_carries(first, d) for d in dims):
+            if any(carries(first, d) for d in dims):
                 return f"{packet} works along the sequence"
             return ""
         return f"{packet} is not known to be token-wise"
@@ -163,7 +164,7 @@ def sequence_dim(value: Any, seq_len: int) -> int | None:
     return dims[0] if len(dims) == 1 else None
 
 
-class _Probe(FakeInterpreter):
+class Probe(FakeInterpreter):
     """Runs single nodes of ``gm`` on resized fake inputs (weights faked once)."""
 
     def node_output(self, node: torch.fx.Node, env: Mapping[str, Any]) -> Any:
@@ -199,7 +200,7 @@ def token_wise_nodes(gm: torch.fx.GraphModule, values: Mapping[str, Any], *, seq
     out = TokenWise()
     if seq_len < 2:
         return out
-    run = _Probe(gm)
+    run = Probe(gm)
     modules = dict(gm.named_modules())
     cache: dict[Any, tuple[bool, bool]] = {}
     with run.fake_weights(), run.mode, torch.no_grad():
@@ -227,7 +228,7 @@ def token_wise_nodes(gm: torch.fx.GraphModule, values: Mapping[str, Any], *, seq
     return out
 
 
-def _probe(run: _Probe, node: torch.fx.Node, values: Mapping[str, Any], seq_len: int,
+def _probe(run: Probe, node: torch.fx.Node, values: Mapping[str, Any], seq_len: int,
            dim: int) -> tuple[bool, bool]:
     """(token-wise, draws random numbers) for one node."""
     env: dict[str, Any] = {}
@@ -247,7 +248,7 @@ def _probe(run: _Probe, node: torch.fx.Node, values: Mapping[str, Any], seq_len:
             env[arg.name] = value
     if not resized:
         return False, False
-    mixing = _TokenMixing()
+    mixing = TokenMixing()
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level, fake_log.disabled = fake_log.disabled, True  # a failing probe is an answer
     try:
@@ -264,12 +265,12 @@ def _probe(run: _Probe, node: torch.fx.Node, values: Mapping[str, Any], seq_len:
     if list(result.shape) != want:
         return False, False
     random = bool(mixing.random)
-    if random and not (mixing.random <= _DROPOUTS and _is_dropout(node, run)):
+    if random and not (mixing.random <= _DROPOUTS and is_dropout(node, run)):
         return False, False
     return True, random
 
 
-def _is_dropout(node: torch.fx.Node, run: _Probe) -> bool:
+def is_dropout(node: torch.fx.Node, run: Probe) -> bool:
     if node.op == "call_module":
         return type(run.fetch_attr(node.target)) is torch.nn.Dropout
     target = node.target

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tripar.codegen.build import split_for_rank, stage_programs
+from tripar.codegen.build import batch_dims, split_for_rank, stage_programs
 from tripar.codegen.tp_rng import tp_rng_tracker
 from tripar.codegen.tp_shard import ParamShard
 from tripar.errors import ConfigError
@@ -110,7 +110,11 @@ def _assemble(captured: Captured, plan: Plan, mesh: Mesh, *, loss_fn: Callable |
     stages = stage_programs(split, plan, mesh.coords.pp, blocks=made.blocks, shards=shards,
                             device=mesh.device,
                             tp_group=mesh.tp_group if par.tp > 1 else None,
-                            rng=tracker, **weights)
+                            rng=tracker, inputs=list(micro.constants),
+                            batch_dims=batch_dims(micro.gm, plan, list(micro.constants),
+                                                  values=captured.values.get(
+                                                      par.micro_batch_size)),
+                            **weights)
     programs, local, buffers = [], [], {}
     shared: dict[str, nn.Parameter] = {}
     state_names = set(model.state_dict(keep_vars=True))

@@ -1,0 +1,86 @@
+"""Sub-pipelined tensor parallelism: a stage rewritten to run its microbatch as k parts.
+
+The parity matrix (tests/runtime/test_engine.py) trains k = 2 and 4 on gloo ranks against
+one process. Here, in one process: the rewritten graph's order (each part's all-reduce runs
+while the next part computes), and the k-part stage computing what the one-part stage
+computes, values and gradients, in a one-rank group (where every all-reduce is the
+identity, so the two programs of tensor-parallel rank 0 must agree exactly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import operator
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.testing import assert_close
+
+from tests.codegen.test_build import SPECS, _gpt, make_plan
+from tripar.codegen.build import build
+from tripar.codegen.sub_pipeline import (
+    GradReduceStarted,
+    ReduceStarted,
+    finish,
+    joint_wait,
+    pending,
+)
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()
+
+
+def _stage(k: int):
+    _, gm, flat = _gpt()
+    plan = make_plan(gm, flat, SPECS["gpt"], pp=1, tp=2)
+    plan = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, tp_overlap=k))
+    (stage,) = build(gm, plan, flat, pp_rank=0, tp_rank=0).stages
+    return stage.module, flat
+
+
+def test_each_parts_all_reduce_runs_while_the_next_part_computes() -> None:
+    module, _ = _stage(2)
+    assert module.meta["tp_overlap"] == 2
+    nodes = list(module.graph.nodes)
+    at = {n.name: i for i, n in enumerate(nodes)}
+    starts = [n for n in nodes if n.op == "call_module"
+              and isinstance(module.get_submodule(n.target), ReduceStarted)]
+    finishes = [n for n in nodes if n.target is finish]
+    assert len(starts) == len(finishes) >= 2 * 2  # embedding, attention, MLP ... per part
+    # every all-reduce but the last runs while the graph computes the other part's work
+    for start in starts[:-1]:
+        (done,) = [u for u in start.users if u.target is finish]
+        work = [n for n in nodes[at[start.name] + 1:at[done.name]]
+                if n.op in ("call_function", "call_method", "call_module") and n not in starts
+                and n.target not in (finish, pending, operator.getitem)]
+        assert work, f"nothing computes while {start.name} runs"
+    joins = [n for n in nodes if n.target is joint_wait]
+    assert joins and all(len(n.args) == 1 + 2 for n in joins)  # the handles, one x per part
+    for n in joins:
+        copies = [u for g in n.users for u in g.users if u.op == "call_module"]
+        assert len(copies) == 2 and all(
+            isinstance(module.get_submodule(c.target), GradReduceStarted) for c in copies)
+
+
+def test_two_parts_compute_what_one_part_computes(one_rank) -> None:
+    whole, flat = _stage(1)
+    parted, _ = _stage(2)
+    assert "tp_overlap" not in whole.meta
+    torch.manual_seed(0)
+    inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
+    parted.load_state_dict(whole.state_dict())
+    want = whole(*inputs)
+    got = parted(*inputs)
+    assert_close(got, want)
+    (want[0] if isinstance(want, tuple) else want).backward()
+    (got[0] if isinstance(got, tuple) else got).backward()
+    grads = dict(parted.named_parameters())
+    for name, p in whole.named_parameters():
+        assert_close(grads[name].grad, p.grad, msg=lambda m, name=name: f"{name}: {m}")
