@@ -15,6 +15,10 @@ initial weights on the same global batches, split into the same microbatches:
 - ``tripar chimera``: the same two processes as two pipelines in opposite directions
   (Chimera): each holds both stages, runs half the microbatches through each, and the
   two replicas' gradients are summed (an all-reduce of the whole model) before the step.
+- ``tripar tp=2`` and ``tripar tp=2 tp-overlap=2``: the two processes as one
+  tensor-parallel group (pp=1) on microbatches of two samples (half as many), each
+  microbatch whole, or as two parts of one sample whose all-reduces overlap the other
+  part's compute (Merak's sub-pipelined tensor parallelism).
 - ``single``: the unsplit model in one process (rank 0; rank 1 waits), the same
   microbatches with gradient accumulation, the same AdamW.
 
@@ -49,7 +53,11 @@ TRIPAR_SYSTEMS = {
     "tripar scp stage-aware": ("scp", "stage-aware"),
     "tripar 1f1b full-recompute": ("1f1b", "full"),
     "tripar chimera": ("chimera", "none"),
+    "tripar tp=2": ("1f1b", "none"),
+    "tripar tp=2 tp-overlap=2": ("1f1b", "none"),
 }
+TENSOR_PARALLEL = {"tripar tp=2": 1, "tripar tp=2 tp-overlap=2": 2}
+"""Systems run with tp=2 (pp=1) on microbatches of two samples: name -> tp_overlap."""
 TORCH_SYSTEMS = {"torch 1f1b": "tripar 1f1b", "torch gpipe": "tripar gpipe"}
 """torch system -> the tripar system whose stage modules it runs."""
 
@@ -187,7 +195,8 @@ def _describe(plan) -> str:
     par = plan.parallel
     cuts = " | ".join(f"{s.blocks[0]}..{s.blocks[-1]}" for s in plan.stages)
     recompute = [",".join(s.recompute) or "-" for s in plan.stages]
-    return (f"{par.schedule} recompute={par.recompute} m={par.num_microbatches} "
+    tp = f"tp={par.tp} tp_overlap={par.tp_overlap} " if par.tp > 1 else ""
+    return (f"{tp}{par.schedule} recompute={par.recompute} m={par.num_microbatches} "
             f"b={par.micro_batch_size}; stages [{cuts}]; recomputed per stage {recompute}")
 
 
@@ -290,6 +299,16 @@ def _rank_main(cfg: MeasureConfig) -> dict:
     for name in cfg.systems:
         if name in TRIPAR_SYSTEMS:
             schedule, recompute = TRIPAR_SYSTEMS[name]
+            if name in TENSOR_PARALLEL:  # the plan's own estimate prices its regions
+                pm = auto_parallel(model, cluster=cluster, example_inputs=(example[0],),
+                                   loss_fn=_loss, captured=captured, pp=1, tp=2, dp=1,
+                                   num_microbatches=max(1, m // 2), schedule=schedule,
+                                   recompute=recompute, tp_overlap=TENSOR_PARALLEL[name],
+                                   global_batch_size=cfg.global_batch, sp=False)
+                steppers[name] = pm
+                plans[name] = _describe(pm.plan)
+                predicted[name] = pm.plan.estimate.step_time_s
+                continue
             pm = auto_parallel(model, cluster=cluster, example_inputs=(example[0],),
                                loss_fn=_loss, captured=captured, pp=2, dp=1,
                                num_microbatches=m, schedule=schedule, recompute=recompute,
@@ -528,6 +547,8 @@ def headline_pairs(result: Measurement) -> list[tuple[str, str]]:
         pairs.append(("tripar scp stage-aware", "tripar 1f1b full-recompute"))
     if {"tripar chimera", "tripar 1f1b"} <= names:
         pairs.append(("tripar chimera", "tripar 1f1b"))
+    if {"tripar tp=2 tp-overlap=2", "tripar tp=2"} <= names:
+        pairs.append(("tripar tp=2 tp-overlap=2", "tripar tp=2"))
     return pairs
 
 

@@ -60,6 +60,11 @@ def test_measure_runs_every_system_on_the_same_model(tiny_measurement) -> None:
         assert result.get(a).losses == pytest.approx(result.get(b).losses, abs=1e-4)
         assert result.get(a).plan == result.get(b).plan
     assert all(result.get(n).predicted_s > 0 for n in measured.TRIPAR_SYSTEMS)
+    # the tensor-parallel pair: the same microbatches of two samples, whole or in two parts
+    assert "tp=2 tp_overlap=1 " in result.get("tripar tp=2").plan
+    assert "tp=2 tp_overlap=2 " in result.get("tripar tp=2 tp-overlap=2").plan
+    assert result.get("tripar tp=2").losses == pytest.approx(
+        result.get("tripar tp=2 tp-overlap=2").losses, abs=1e-4)
     assert result.ideal_tokens_per_s == pytest.approx(
         2 * result.get("single").tokens_per_s * 2 / 3)
     again = measured.Measurement.from_dict(result.to_dict())
@@ -92,6 +97,7 @@ def test_report_puts_a_command_above_every_figure(tiny_measurement, tmp_path: Pa
         command = next(line for line in reversed(lines[:i]) if line.strip())
         assert re.fullmatch(r"Regenerate: `(python|tripar) [^`]+`", command), command
     assert "| tripar / torch.distributed.pipelining, 1F1B" in text
+    assert "| tripar tp=2 in 2 parts / whole microbatches" in text
     assert "load average" in text.lower()
     assert "| 1 | 1.7 | 32 | 512 | 2.00 | 3.00 | over memory |" in text
     assert "| gpipe | - | - | - |  | does not fit |" in text

@@ -41,10 +41,11 @@ class SearchParts:
 
 def search_parts(graph: ProxyGraph, cluster: Cluster, global_batch: int, pins: Pins,
                  dtype: str | None, max_micro_batch: int, *,
-                 choose_overlap: bool = False) -> SearchParts:
+                 choose_overlap: bool | None = None) -> SearchParts:
     """The parts of a search of ``graph`` on ``cluster`` at ``global_batch`` samples per
     step under ``pins``, training in ``dtype`` (default: the device's); with
-    ``choose_overlap`` an unpinned tp_overlap is searched too (``SearchSpace``).
+    ``choose_overlap`` whether an unpinned tp_overlap is searched too (``SearchSpace``;
+    default: for torch.fx graphs).
 
     >>> from tripar.partitioner.hardware import Cluster
     >>> parts = search_parts(example_graph(layers=2), Cluster.builtin("a100-80g",
@@ -87,7 +88,7 @@ def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
                       alternatives: int = 4, min_evaluations: int = 6,
                       max_evaluations: int = 24, screen_slack: float = 0.05,
                       spelling: Spelling = Spelling.API,
-                      choose_overlap: bool = False) -> tuple[Plan, SearchStats]:
+                      choose_overlap: bool | None = None) -> tuple[Plan, SearchStats]:
     """The best plan for ``graph`` on ``cluster`` at ``global_batch`` samples per step.
 
     Candidates that fit by static memory are ordered by a quick screening estimate
@@ -100,9 +101,9 @@ def search_with_stats(graph: ProxyGraph, cluster: Cluster, global_batch: int, *,
     exhaustive run pass ``max_evaluations`` and
     ``min_evaluations`` at least the number of candidates (or ``screen_slack=math.inf``):
     the plan's search status is ``optimal`` only when no candidate was left after
-    screening (bound pruning is exact), ``screened`` otherwise. ``choose_overlap``: an
-    unpinned tp_overlap is searched too (off by default: codegen does not build k > 1
-    yet; for benchmarks that show what the planner would choose).
+    screening (bound pruning is exact), ``screened`` otherwise. ``choose_overlap``: whether an
+    unpinned tp_overlap is searched too (default: for graphs torch.fx traced, whose
+    stages codegen can split by sample).
 
     >>> cluster = Cluster.builtin("a100-80g", gpus_per_node=4)
     >>> plan, stats = search_with_stats(example_graph(layers=4), cluster, 16,

@@ -70,7 +70,7 @@ class SearchSpace:
     def __init__(self, graph: ProxyGraph, cluster: Cluster, global_batch: int, pins: Pins,
                  dtype: str, max_micro_batch: int, costs: BlockCostCache,
                  regions: RegionChooser, uniform: UniformSplits, *,
-                 choose_overlap: bool = False) -> None:
+                 choose_overlap: bool | None = None) -> None:
         self.graph, self.cluster, self.batch, self.pins = graph, cluster, global_batch, pins
         self.dtype, self.max_micro_batch = dtype, max_micro_batch
         self.limit = cluster.device.memory_bytes
@@ -82,10 +82,10 @@ class SearchSpace:
         self._static: dict[tuple[int, ...], tuple[int, str]] = {}
         self._least: dict[tuple[CostPoint, bool | None], list[BlockCost]] = {}
         self._pays: dict[tuple[int, int, int], bool] = {}
-        self.choose_overlap = choose_overlap
-        """Whether an unpinned tp_overlap is searched (off by default until codegen builds
-        k > 1 parts: a plan the runtime cannot run is never chosen unasked; the at-scale
-        benchmarks turn it on to show what the planner would choose)."""
+        self.choose_overlap = graph.tracer == "fx" if choose_overlap is None else choose_overlap
+        """Whether an unpinned tp_overlap is searched. By default, for graphs traced by
+        torch.fx, whose shapes follow the microbatch (``torch.export`` bakes the batch size
+        into its views, so codegen runs such a stage's microbatches whole)."""
 
     def least_work_costs(self, tp: int, b: int, k: int = 1, sp: bool | None = None
                          ) -> list[BlockCost]:
