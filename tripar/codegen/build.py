@@ -67,7 +67,7 @@ from tripar.graph.batchwise import batch_split
 from tripar.plan.schedule import ActionKind
 
 __all__ = ["RankProgram", "SplitForRank", "SplitKey", "build", "build_pipeline", "check_plan",
-           "batch_dims", "connect_tp", "plan_regions", "recomputed_by_schedule", "split_for_rank",
+           "batch_dims", "connect_tp", "drop_dtype_asserts", "plan_regions", "recomputed_by_schedule", "split_for_rank",
            "split_tp_rank", "stage_programs", "write_rank"]
 
 log = logging.getLogger(__name__)
@@ -445,6 +445,22 @@ def connect_tp(module: nn.Module, group: Any, tracker: Any) -> None:
             sub.tracker = tracker
 
 
+def drop_dtype_asserts(module: nn.Module) -> int:
+    """Remove ``torch.export``'s checks that a value is still of the dtype it was traced
+    in (``aten._assert_tensor_metadata`` with a ``dtype``): under autocast a linear's
+    output is bf16 and the check would fail though nothing is wrong. Returns how many."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return 0
+    found = [n for n in module.graph.nodes if n.op == "call_function" and not n.users
+             and n.target is torch.ops.aten._assert_tensor_metadata.default
+             and n.kwargs.get("dtype") is not None]
+    for node in found:
+        module.graph.erase_node(node)
+    if found:
+        module.recompile()
+    return len(found)
+
+
 def stage_programs(split: StageSplit, plan: Any, pp_rank: int, *,
                    blocks: Mapping[str, Sequence[str]], shards: Mapping[str, ParamShard],
                    source: nn.Module | None = None, meta_model: nn.Module | None = None,
@@ -477,6 +493,8 @@ def stage_programs(split: StageSplit, plan: Any, pp_rank: int, *,
                                        seed=seed, device=device, shards=shards)
         if tp_group is not None or rng is not None:
             connect_tp(module, tp_group, rng)
+        if plan.inputs.dtype != "fp32":
+            drop_dtype_asserts(module)
         if k > 1:
             own = [inputs[i] for i in stage.graph_input_positions]
             values = node_values(module, stage_inputs(stage.received, own))

@@ -307,7 +307,7 @@ class _Rewrite:
                 for node in mine:
                     if not self.part[node.name] or self.kind.get(node.name) == "f":
                         continue
-                    arg = lambda a, p=p: self._part_arg(a, p)  # noqa: E731
+                    arg = lambda a, p=p, n=node: self._part_arg(a, p, n)  # noqa: E731
                     if self.kind.get(node.name) == "g":
                         old = type(self.gm.get_submodule(str(node.target)))
                         module = self._started(node, _STARTED[old], added)
@@ -316,7 +316,7 @@ class _Rewrite:
                         out = g.call_module(module, (*args, handles), node.kwargs)
                         self.started[(node.name, p)] = (out, handles)
                     else:
-                        self.parts[(node.name, p)] = g.node_copy(node, arg)
+                        self.parts[(node.name, p)] = self._copy(node, arg)
             for node in mine:
                 if node.name in self.joined:
                     self.whole[node.name] = g.node_copy(node, self._whole_arg)
@@ -335,6 +335,16 @@ class _Rewrite:
         g.lint()
         return g, added
 
+    def _copy(self, node: torch.fx.Node, arg: Any) -> torch.fx.Node:
+        """A part's copy of ``node``; a batch baked into its shape becomes the part's."""
+        new = self.g.node_copy(node, arg)
+        if node.name in self.split.scaled:
+            at, times = self.split.scaled[node.name]
+            shape = list(new.args[1])
+            shape[at] = times * (self.split.batch // self.k)
+            new.args = (new.args[0], shape, *new.args[2:])
+        return new
+
     def _started(self, node: torch.fx.Node, kind: type[TPCollective],
                  added: dict[str, nn.Module]) -> str:
         name = f"{str(node.target).replace('.', '_')}_started"
@@ -343,23 +353,27 @@ class _Rewrite:
             added[name] = kind(old.group, old.t, old.rank)
         return name
 
-    def _part_arg(self, a: torch.fx.Node, p: int) -> torch.fx.Node:
-        """Argument ``a`` for part ``p`` of a node."""
+    def _part_arg(self, a: torch.fx.Node, p: int, reader: torch.fx.Node | None = None
+                  ) -> torch.fx.Node:
+        """Argument ``a`` for part ``p`` of ``reader``."""
         if self.part[a.name]:
             if (a.name, p) in self.started:
                 out, handles = self.started.pop((a.name, p))
                 self.parts[(a.name, p)] = self.g.call_function(finish, (out, handles))
             return self.parts[(a.name, p)]
-        if a.name in self.joined:
-            value = self.values.get(a.name)
-            dim = sequence_dim(value, self.split.batch)
-            if isinstance(value, torch.Tensor) and dim is not None:
-                if (a.name, p) not in self.slices:
-                    n = self.split.batch // self.k
-                    self.slices[(a.name, p)] = self.g.call_function(
-                        torch.narrow, (self.whole[a.name], dim, p * n, n))
-                return self.slices[(a.name, p)]
+        if reader is not None and a.name in self._sliced(reader):
+            if (a.name, p) not in self.slices:
+                dim = sequence_dim(self.values.get(a.name), self.split.batch)
+                n = self.split.batch // self.k
+                self.slices[(a.name, p)] = self.g.call_function(
+                    torch.narrow, (self._ensure(a), dim, p * n, n))
+            return self.slices[(a.name, p)]
         return self._ensure(a)
+
+    def _sliced(self, node: torch.fx.Node) -> frozenset[str]:
+        """The whole values a part of ``node`` reads sliced (a recomputed segment: those
+        of its members)."""
+        return frozenset().union(*(self.split.slices.get(m, ()) for m in self._members(node)))
 
     def _ensure(self, a: torch.fx.Node) -> torch.fx.Node:
         """The whole value ``a``; a uniform one (from the first part) or one computed from

@@ -88,6 +88,14 @@ class BatchSplit:
     non-tensor value, or a tensor that cannot be concatenated back)."""
     joins: dict[str, str] = field(default_factory=dict)
     """Node that reads parts but runs whole -> why."""
+    scaled: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Node whose shape argument holds the batch as a literal (``torch.export`` bakes
+    sizes into views) -> (the position in its shape list, the multiple of the batch
+    there): a part's copy takes that multiple of the part's size."""
+    slices: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Node run per part -> the whole values it reads sliced to the part, along their dim
+    of the batch's size (computed after a join, or built whole at the batch's size: an
+    attention mask)."""
     uniform: frozenset[str] = frozenset()
     """Nodes that read parts but whose (non-tensor) value is every part's and the whole's
     (``T`` of ``B, T, C = x.size()``): computed once, from the first part."""
@@ -129,6 +137,8 @@ def batch_split(gm: torch.fx.GraphModule, values: Mapping[str, Any], *, batch: i
     joins: dict[str, str] = {}
     joined: set[str] = set()  # whole values computed from parts: the parts slice them
     uniform: set[str] = set()
+    scaled: dict[str, tuple[int, int]] = {}
+    slices: dict[str, frozenset[str]] = {}
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     quiet, fake_log.disabled = fake_log.disabled, True  # a failing probe is an answer
     try:
@@ -142,7 +152,27 @@ def batch_split(gm: torch.fx.GraphModule, values: Mapping[str, Any], *, batch: i
                     if any(a.name in joined for a in node.all_input_nodes):
                         joined.add(node.name)
                     continue
-                result, why = _probe(run, node, values, probed, joined, batch)
+                if _asserts(node):  # a check of a part's metadata: per part, as it is
+                    parts[node.name] = None
+                    continue
+                whole = {a.name for a in node.all_input_nodes
+                         if a.name in joined and sequence_dim(values.get(a.name), batch) is not None}
+                result, why = _probe(run, node, values, probed, whole, batch)
+                literal = _baked_batch(node, values, probed, batch) if why else None
+                if literal is not None:
+                    result, why = _probe(run, node, values, probed, whole, batch, literal)
+                if why:  # a value the graph built whole, at the batch's size (a mask)
+                    shared = {a.name for a in node.all_input_nodes if a.name not in probed
+                              and a.op != "get_attr"
+                              and sequence_dim(values.get(a.name), batch) is not None}
+                    if shared - whole:
+                        whole |= shared
+                        result, why = _probe(run, node, values, probed, whole, batch, literal)
+                if not why:
+                    if literal is not None:
+                        scaled[node.name] = literal
+                    if whole:
+                        slices[node.name] = frozenset(whole)
                 if why:
                     joins[node.name] = why
                     joined.add(node.name)
@@ -154,7 +184,7 @@ def batch_split(gm: torch.fx.GraphModule, values: Mapping[str, Any], *, batch: i
                 parts[node.name] = _carrying_dim(result)
     finally:
         fake_log.disabled = quiet
-    return BatchSplit(batch, inputs, parts, joins, frozenset(uniform))
+    return BatchSplit(batch, inputs, parts, joins, scaled, slices, frozenset(uniform))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -176,16 +206,55 @@ def _carrying_dim(value: Any) -> int | None:
     return dims[0] if len(dims) == 1 else None
 
 
+_SHAPED = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+           aten.expand.default}
+"""Operators whose second argument is a shape list (baked by ``torch.export``)."""
+
+
+def _baked_batch(node: torch.fx.Node, values: Mapping[str, Any], probed: Mapping[str, Any],
+                 batch: int) -> tuple[int, int] | None:
+    """Where a view's literal shape holds the batch: (position, multiple of the batch),
+    the dim whose elements before it are the input's elements before its batch dim."""
+    if node.target not in _SHAPED or len(node.args) < 2 or not isinstance(node.args[1], list | tuple):
+        return None
+    x, shape = node.args[0], list(node.args[1])
+    if not isinstance(x, torch.fx.Node) or x.name not in probed or \
+            not all(isinstance(n, int) for n in shape):
+        return None
+    part, whole = probed[x.name], values.get(x.name)
+    dim = _carrying_dim(part)
+    if dim is None or not isinstance(whole, torch.Tensor):
+        return None
+    if node.target is aten.expand.default:
+        at = dim + len(shape) - whole.dim()
+        return (at, shape[at] // batch) if 0 <= at < len(shape) and shape[at] == \
+            whole.shape[dim] and shape[at] % batch == 0 else None
+    before = 1
+    for n in whole.shape[:dim]:
+        before *= n
+    seen = 1
+    for at, n in enumerate(shape):
+        if seen == before and n > 0 and n % batch == 0:
+            return at, n // batch
+        if n < 0:  # a -1 before it: the elements before are not known
+            return None
+        seen *= n
+    return None
+
+
 def _probe(run: Probe, node: torch.fx.Node, values: Mapping[str, Any],
-           probed: Mapping[str, Any], joined: set[str], batch: int) -> tuple[Any, str]:
-    """(the node's per-part value, "") or (None, why it must run whole)."""
+           probed: Mapping[str, Any], whole: set[str], batch: int,
+           literal: tuple[int, int] | None = None) -> tuple[Any, str]:
+    """(the node's per-part value, "") or (None, why it must run whole). The inputs named
+    in ``whole`` are sliced to the part along their dim of the batch's size; ``literal``:
+    the batch baked into its shape list (``_baked_batch``) is resized too."""
     env: dict[str, Any] = {}
     for arg in node.all_input_nodes:
         if arg.name in probed:
             env[arg.name] = probed[arg.name]
             continue
         value = values.get(arg.name)
-        dim = sequence_dim(value, batch) if arg.name in joined else None
+        dim = sequence_dim(value, batch) if arg.name in whole else None
         if isinstance(value, torch.Tensor) and dim is not None:
             env[arg.name] = _resized(run, value, dim)  # a whole value the parts slice
         else:
@@ -195,6 +264,11 @@ def _probe(run: Probe, node: torch.fx.Node, values: Mapping[str, Any],
         with mixing:
             args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs),
                                                  lambda a: env[a.name])  # slices too
+            if literal is not None:
+                at, times = literal
+                shape = list(args[1])
+                shape[at] = times * PROBE
+                args = (args[0], shape, *args[2:])
             result = getattr(run, node.op)(node.target, args, kwargs)
     except Exception as error:  # noqa: BLE001 - a node that cannot run on a part runs whole
         return None, f"does not run on a part ({type(error).__name__})"
@@ -216,4 +290,39 @@ def _probe(run: Probe, node: torch.fx.Node, values: Mapping[str, Any],
                 return None, f"dim {d} of its output changes with the batch"
     if tensors and not any(carries(g) for g, _ in tensors):
         return None, "its output does not carry the batch (it reduces over it)"
+    if _reshapes(node) and not _batch_stays_outer(env[node.args[0].name], result,
+                                                  values.get(node.args[0].name), before):
+        return None, "a view moves the batch into another dim"
     return result, ""
+
+
+def _asserts(node: torch.fx.Node) -> bool:
+    """``torch.export``'s checks of a value's dtype and device (no output, no users)."""
+    return node.op == "call_function" and not node.users and node.target in (
+        aten._assert_tensor_metadata.default, aten._assert_scalar.default)
+
+
+def _reshapes(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("view", "reshape") and isinstance(node.args[0], torch.fx.Node)
+    return node.op == "call_function" and (node.target in _SHAPED - {aten.expand.default}
+                                           or node.target is torch.reshape)
+
+
+def _batch_stays_outer(part_in: Any, part_out: Any, whole_in: Any, whole_out: Any) -> bool:
+    """A view keeps each sample's elements together only where as many elements come
+    before the batch dim in its output as in its input (a ``-1`` may otherwise absorb
+    the batch into another dim: ``(b, h, s, d) -> (b', -1, s, d)`` with b' = b)."""
+    if not all(isinstance(t, torch.Tensor) for t in (part_in, part_out, whole_in, whole_out)):
+        return False
+    d_in, d_out = _carrying_dim(part_in), _carrying_dim(part_out)
+    if d_in is None or d_out is None:
+        return False
+
+    def before(t: torch.Tensor, d: int) -> int:
+        n = 1
+        for size in t.shape[:d]:
+            n *= size
+        return n
+
+    return before(whole_in, d_in) == before(whole_out, d_out)
