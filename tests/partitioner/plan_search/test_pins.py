@@ -143,6 +143,9 @@ def test_tp_overlap_pin_is_planned_and_weighed_where_collectives_are_slow():
     two = search(graph, slow, 16, pins=Pins(tp=4, micro_batch_size=4, tp_overlap=2))
     ones = search(graph, slow, 16, pins=Pins(tp=4, micro_batch_size=4, tp_overlap=1))
     assert two.estimate.step_time_s < ones.estimate.step_time_s
+    # explain says what the parts hide
+    (note,) = [n for n in two.notes if n.startswith("sub-pipelined tensor parallelism:")]
+    assert "as 2 parts" in note and "exposed per microbatch" in note and "with one part" in note
     # unpinned, the search takes the parts where they pay
     chosen = search(graph, slow, 16, pins=Pins(tp=4, micro_batch_size=4))
     assert chosen.parallel.tp_overlap > 1

@@ -155,7 +155,8 @@ def assemble_plan(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evaluat
     costs = block_costs(graph, cluster, cfg, dtype=dtype, tp_regions=best.tp_regions)
     for note in (_sequence_note(graph, cluster, dtype, best, evaluated, bounds),
                  _selective_note(costs, best, evaluated, bounds, stages),
-                 _zero_note(costs, dtype, best, bounds)):
+                 _zero_note(costs, dtype, best, bounds),
+                 _overlap_note(graph, cluster, dtype, costs, best, evaluated, bounds)):
         if note:
             notes.append(note)
     plan = Plan(
@@ -243,3 +244,37 @@ def _zero_note(costs: Sequence[BlockCost], dtype: str, best: Evaluated,
             f"{fmt_bytes(held)} of weights, gradients and optimizer state, "
             f"{fmt_bytes(whole)} at ZeRO-0" + (f" (saves {fmt_bytes(whole - held)})"
                                                 if whole > held else ""))
+
+
+def _overlap_note(graph: ProxyGraph, cluster: Cluster, dtype: str,
+                  costs: Sequence[BlockCost], best: Evaluated, evaluated: list[Evaluated],
+                  bounds: Sequence[int]) -> str:
+    """Sub-pipelined tensor parallelism, when chosen (or weighed): the tensor-parallel
+    collective time stage 0 leaves exposed per microbatch, beside one part's, and the
+    same configuration with the other part count (``costs``: the plan's block costs)."""
+    cfg = best.config
+    if cfg.tp == 1:
+        return ""
+
+    def but_parts(c: ParallelConfig) -> dict:
+        return {k: v for k, v in dataclasses.asdict(c).items() if k != "tp_overlap"}
+
+    others = [e for e in evaluated if e.config.tp_overlap != cfg.tp_overlap
+              and but_parts(e.config) == but_parts(cfg)]
+    if cfg.tp_overlap == 1 and not others:
+        return ""
+    if cfg.tp_overlap == 1:
+        k = min(others, key=lambda e: e.step_time_s)
+        return (f"sub-pipelined tensor parallelism off: {k.config.tp_overlap} parts per "
+                f"microbatch would take {k.step_time_s / best.step_time_s - 1:+.1%} "
+                "(their smaller GEMMs lose more than the overlap hides)")
+    one = block_costs(graph, cluster, dataclasses.replace(cfg, tp_overlap=1), dtype=dtype,
+                      tp_regions=best.tp_regions)[:bounds[1]]
+    exposed, whole = (sum(c.tp_comm_s for c in cs) for cs in (costs[:bounds[1]], one))
+    versus = next((f"; the step with one part takes "
+                   f"{e.step_time_s / best.step_time_s - 1:+.1%}"
+                   for e in others if e.config.tp_overlap == 1 and best.step_time_s > 0), "")
+    return (f"sub-pipelined tensor parallelism: each microbatch runs as {cfg.tp_overlap} parts "
+            f"whose collectives overlap the other parts' compute; stage 0 leaves "
+            f"{fmt_time(exposed)} of tensor-parallel collectives exposed per microbatch, "
+            f"{fmt_time(whole)} with one part{versus}")
