@@ -21,8 +21,13 @@ from torch.testing import assert_close
 from tests.codegen.test_build import SPECS, _gpt, make_plan
 from tripar.codegen.build import build
 from tripar.codegen.sub_pipeline import (
+    GatherFromFinished,
+    GatherStarted,
+    GatherToFinished,
     GradReduceStarted,
+    ReduceScatterStarted,
     ReduceStarted,
+    SequenceLinearsFinished,
     finish,
     joint_wait,
     pending,
@@ -37,10 +42,11 @@ def one_rank(tmp_path):
     dist.destroy_process_group()
 
 
-def _stage(k: int):
+def _stage(k: int, sp: bool = False):
     _, gm, flat = _gpt()
     plan = make_plan(gm, flat, SPECS["gpt"], pp=1, tp=2)
-    plan = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, tp_overlap=k))
+    plan = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel, tp_overlap=k,
+                                                                  sp=sp))
     (stage,) = build(gm, plan, flat, pp_rank=0, tp_rank=0).stages
     return stage.module, flat
 
@@ -67,6 +73,32 @@ def test_each_parts_all_reduce_runs_while_the_next_part_computes() -> None:
         copies = [u for g in n.users for u in g.users if u.op == "call_module"]
         assert len(copies) == 2 and all(
             isinstance(module.get_submodule(c.target), GradReduceStarted) for c in copies)
+
+
+FINISHED = (SequenceLinearsFinished, GatherToFinished, GatherFromFinished)
+
+
+def test_sequence_parallel_entries_and_exits_are_started_too() -> None:
+    """Under sp a region's entry all-gathers (fused with its column-parallel linears) and
+    its exit reduce-scatters: both are started, and finished after the other part's work.
+    (Their values are checked on 2 ranks in the parity matrix: a one-rank group cannot
+    gather a shard it alone holds.)"""
+    module, _ = _stage(2, sp=True)
+    nodes = list(module.graph.nodes)
+    at = {n.name: i for i, n in enumerate(nodes)}
+    kind = {n.name: type(module.get_submodule(n.target)) for n in nodes
+            if n.op == "call_module"}
+    starts = [n for n in nodes if kind.get(n.name) is GatherStarted]
+    # two entries per layer, two layers (and the head's), each in two parts
+    assert len(starts) >= 2 * 2 * 2 and len(starts) % 2 == 0
+    assert any(k is ReduceScatterStarted for k in kind.values())
+    for start in starts[:-1]:
+        (done,) = [u for u in start.users if kind.get(u.name) in FINISHED]
+        work = [n for n in nodes[at[start.name] + 1:at[done.name]]
+                if n.op in ("call_function", "call_method", "call_module")
+                and n.target not in (finish, pending, operator.getitem)
+                and kind.get(n.name) not in (GatherStarted, ReduceScatterStarted)]
+        assert work, f"nothing computes while {start.name} runs"
 
 
 def test_two_parts_compute_what_one_part_computes(one_rank) -> None:

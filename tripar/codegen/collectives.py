@@ -28,6 +28,7 @@ shapes, so a rewritten graph can be checked by shape propagation without a group
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "ALONG",
     "all_gather_along",
     "CopyToTP",
     "GatherFromTP",
@@ -130,14 +132,15 @@ class _AlongDim(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any, fwd: str, bwd: str
                 ) -> torch.Tensor:
         ctx.dim, ctx.group, ctx.bwd = dim, group, bwd
-        return _ALONG[fwd](x, dim, group)
+        return ALONG[fwd](x, dim, group)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        return _ALONG[ctx.bwd](grad, ctx.dim, ctx.group), None, None, None, None
+        return ALONG[ctx.bwd](grad, ctx.dim, ctx.group), None, None, None, None
 
 
-_ALONG = {"slice": _own_slice, "gather": all_gather_along, "reduce_scatter": _reduce_scatter}
+ALONG = {"slice": _own_slice, "gather": all_gather_along, "reduce_scatter": _reduce_scatter}
+"""A collective along a dim by name: this rank's slice, the all-gather, the reduce-scatter."""
 
 
 def gather_to_tp(x: torch.Tensor, dim: int, group: Any = None) -> torch.Tensor:
@@ -158,11 +161,11 @@ class _SequenceLinears(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
-    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any, *weights: torch.Tensor | None
-                ) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any, gathered: Any,
+                *weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         ctx.dim, ctx.group = dim, group
         ctx.biased = [b is not None for b in weights[1::2]]
-        whole = all_gather_along(x, dim, group)
+        whole = all_gather_along(x, dim, group) if gathered is None else torch.cat(gathered, dim)
         outs = tuple(F.linear(whole, w, b) for w, b in zip(weights[::2], weights[1::2]))
         ctx.save_for_backward(x, *weights[::2])
         return outs
@@ -189,16 +192,17 @@ class _SequenceLinears(torch.autograd.Function):
         dx_shard = None
         if dx is not None:
             dx_shard = _reduce_scatter(dx.reshape(whole.shape), ctx.dim, ctx.group)
-        return (dx_shard, None, None, *out)
+        return (dx_shard, None, None, None, *out)
 
 
-def sequence_linears(x: torch.Tensor, dim: int, group: Any, *weights: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, ...]:
+def sequence_linears(x: torch.Tensor, dim: int, group: Any, *weights: torch.Tensor | None,
+                     gathered: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """``F.linear(gathered, w, b)`` for each ``(w, b)`` pair of ``weights``, where
     ``gathered`` is every rank's sequence shard ``x`` concatenated along ``dim``: a region
     entry under sequence parallelism whose readers are column-parallel linears. Keeps only
-    ``x`` for the backward, which gathers it again and reduce-scatters its gradient."""
-    return _SequenceLinears.apply(x, dim, group, *weights)
+    ``x`` for the backward, which gathers it again and reduce-scatters its gradient.
+    ``gathered``: every rank's shard, already all-gathered (a started gather, waited for)."""
+    return _SequenceLinears.apply(x, dim, group, gathered, *weights)
 
 
 def copy_to_tp(x: torch.Tensor, group: Any = None) -> torch.Tensor:

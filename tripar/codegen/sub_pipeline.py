@@ -38,11 +38,16 @@ import torch.fx
 from torch import nn
 
 from tripar.codegen.collectives import (
+    ALONG,
     CopyToTP,
+    GatherFromTP,
+    GatherToTP,
     ReduceFromTP,
     ReduceScatterFromTP,
+    SequenceLinears,
     TPCollective,
     all_gather_along,
+    sequence_linears,
 )
 from tripar.codegen.recompute import Recomputed, regraphed
 from tripar.errors import PlanError
@@ -163,6 +168,69 @@ class ReduceScatterStarted(TPCollective):
         return x.narrow(dim, self.rank * n, n).clone()
 
 
+class GatherStarted(TPCollective):
+    """A region entry's all-gather along ``dim`` (sequence parallelism), started: returns
+    the list the ranks' shards arrive in; the entry's finishing module waits."""
+
+    def forward(self, x: torch.Tensor, dim: int, handles: list) -> list[torch.Tensor]:
+        dist = _dist()
+        x = x.detach().contiguous()
+        pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(self.group))]
+        handles.append(dist.all_gather(pieces, x, group=self.group, async_op=True))
+        return pieces
+
+    def meta_forward(self, x: torch.Tensor, dim: int, handles: list) -> list[torch.Tensor]:
+        return [x.clone() for _ in range(self.t)]
+
+
+class _Gathered(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pieces: list, dim: int, group: Any, bwd: str
+                ) -> torch.Tensor:
+        ctx.dim, ctx.group, ctx.bwd = dim, group, bwd
+        return torch.cat(pieces, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return ALONG[ctx.bwd](grad, ctx.dim, ctx.group), None, None, None, None
+
+
+class GatherToFinished(TPCollective):
+    """Sequence parallelism's region entry (`GatherToTP`) once its started all-gather is
+    done: the whole sequence; backward reduce-scatters the gradient."""
+
+    backward_kind = "reduce_scatter"
+
+    def forward(self, x: torch.Tensor, dim: int, pieces: list, handles: list) -> torch.Tensor:
+        _wait_all(handles)
+        return _Gathered.apply(x, pieces, dim, self.group, self.backward_kind)
+
+    def meta_forward(self, x: torch.Tensor, dim: int, pieces: list, handles: list
+                     ) -> torch.Tensor:
+        return torch.cat([x] * self.t, dim)
+
+
+class GatherFromFinished(GatherToFinished):
+    """`GatherFromTP` once its started all-gather is done; backward keeps this rank's
+    slice of the gradient."""
+
+    backward_kind = "slice"
+
+
+class SequenceLinearsFinished(TPCollective):
+    """`SequenceLinears` once its started all-gather is done: the column-parallel linears
+    of the whole sequence, keeping only the shard for the backward."""
+
+    def forward(self, x: torch.Tensor, dim: int, pieces: list, handles: list,
+                *weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        _wait_all(handles)
+        return sequence_linears(x, dim, self.group, *weights, gathered=pieces)
+
+    def meta_forward(self, x: torch.Tensor, dim: int, pieces: list, handles: list,
+                     *weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        return SequenceLinears.meta_forward(self, x, dim, *weights)
+
+
 class GradReduceStarted(TPCollective):
     """Megatron's f, started: identity forward; the backward starts the all-reduce of the
     gradient into ``handles`` and returns (a `joint_wait` waits)."""
@@ -179,6 +247,10 @@ class GradReduceStarted(TPCollective):
 _STARTED: dict[type, type[TPCollective]] = {ReduceFromTP: ReduceStarted,
                                             ReduceScatterFromTP: ReduceScatterStarted}
 """The forward collectives started asynchronously, and what they become."""
+_ENTRIES: dict[type, type[TPCollective]] = {SequenceLinears: SequenceLinearsFinished,
+                                            GatherToTP: GatherToFinished,
+                                            GatherFromTP: GatherFromFinished}
+"""Region entries whose all-gather is started (`GatherStarted`), and what finishes them."""
 
 
 class _Unsplit(Exception):
@@ -257,6 +329,8 @@ class _Rewrite:
                           if node.op == "call_module" else None)
                 if type(module) in _STARTED:
                     self.kind[name] = "g"
+                elif type(module) in _ENTRIES:
+                    self.kind[name] = "e"
                 elif type(module) is CopyToTP:
                     self.kind[name] = "f"
             elif members == [name] and name in split.uniform:
@@ -282,9 +356,11 @@ class _Rewrite:
         self.whole: dict[str, torch.fx.Node] = {}
         self.parts: dict[tuple[str, int], torch.fx.Node] = {}
         self.started: dict[tuple[str, int], tuple[torch.fx.Node, torch.fx.Node]] = {}
+        self.entered: dict[tuple[str, int], tuple[torch.fx.Node, ...]] = {}
         self.cats: dict[str, torch.fx.Node] = {}
         self.slices: dict[tuple[str, int], torch.fx.Node] = {}
         added: dict[str, nn.Module] = {}
+        self.added = added
 
         for node in self.nodes:  # inputs, weights, and what reads no part
             if node.op == "placeholder" or node.op == "get_attr":
@@ -308,7 +384,13 @@ class _Rewrite:
                     if not self.part[node.name] or self.kind.get(node.name) == "f":
                         continue
                     arg = lambda a, p=p, n=node: self._part_arg(a, p, n)  # noqa: E731
-                    if self.kind.get(node.name) == "g":
+                    if self.kind.get(node.name) == "e":
+                        module = self._started(node, GatherStarted, added)
+                        handles = g.call_function(pending)
+                        x, dim = torch.fx.map_arg(node.args[:2], arg)
+                        pieces = g.call_module(module, (x, dim, handles))
+                        self.entered[(node.name, p)] = (node, pieces, handles)
+                    elif self.kind.get(node.name) == "g":
                         old = type(self.gm.get_submodule(str(node.target)))
                         module = self._started(node, _STARTED[old], added)
                         handles = g.call_function(pending)
@@ -345,6 +427,13 @@ class _Rewrite:
             new.args = (new.args[0], shape, *new.args[2:])
         return new
 
+    def _finished(self, node: torch.fx.Node) -> str:
+        old = self.gm.get_submodule(str(node.target))
+        name = f"{str(node.target).replace('.', '_')}_finished"
+        if name not in self.added:
+            self.added[name] = _ENTRIES[type(old)](old.group, old.t, old.rank)
+        return name
+
     def _started(self, node: torch.fx.Node, kind: type[TPCollective],
                  added: dict[str, nn.Module]) -> str:
         name = f"{str(node.target).replace('.', '_')}_started"
@@ -357,6 +446,13 @@ class _Rewrite:
                   ) -> torch.fx.Node:
         """Argument ``a`` for part ``p`` of ``reader``."""
         if self.part[a.name]:
+            if (a.name, p) in self.entered:  # the entry's gather is done: finish it
+                node, pieces, handles = self.entered.pop((a.name, p))
+                name = self._finished(node)
+                x, dim, *rest = torch.fx.map_arg(node.args,
+                                                 lambda b: self._part_arg(b, p, node))
+                self.parts[(a.name, p)] = self.g.call_module(
+                    name, (x, dim, pieces, handles, *rest), node.kwargs)
             if (a.name, p) in self.started:
                 out, handles = self.started.pop((a.name, p))
                 self.parts[(a.name, p)] = self.g.call_function(finish, (out, handles))
