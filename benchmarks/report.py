@@ -156,22 +156,29 @@ def _headline_rows(m, run: str) -> list[str]:
 
 
 def _chimera_rows(m, run: str) -> list[str]:
-    """Chimera against 1F1B at pp=2: measured tokens/s ratio, the simulator's, and each
-    system's measured / simulated step (runs made before chimera was measured have none)."""
+    """Chimera against 1F1B at pp=2 (runs made before chimera was measured have none)."""
+    return _pair_rows(m, run, "tripar chimera", "tripar 1f1b",
+                      "tripar chimera / tripar 1f1b, pp=2, same microbatches (tokens/s): "
+                      "measured, simulated (reported, no target: see the note under section 1)",
+                      "chimera and 1f1b")
+
+
+def _pair_rows(m, run: str, new: str, base: str, claim: str, pair: str) -> list[str]:
+    """System ``new`` against ``base``: the measured tokens/s ratio and the simulator's
+    (reported, no target), and each one's measured / simulated step; none when the run
+    did not measure both."""
     names = {s.name for s in m.systems}
-    if not {"tripar chimera", "tripar 1f1b"} <= names:
+    if not {new, base} <= names:
         return []
-    chim, one = m.get("tripar chimera"), m.get("tripar 1f1b")
-    measured = chim.tokens_per_s / one.tokens_per_s
-    simulated = one.predicted_s / chim.predicted_s
+    one, other = m.get(new), m.get(base)
+    measured = one.tokens_per_s / other.tokens_per_s
+    simulated = other.predicted_s / one.predicted_s
     return [
-        f"| tripar chimera / tripar 1f1b, pp=2, same microbatches (tokens/s): measured, "
-        f"simulated (reported, no target: see the note under section 1) | {run} | "
-        f"{measured:.3f}, {simulated:.3f} | - | - |",
-        f"| measured / simulated step time, chimera and 1f1b | {run} | "
-        f"{chim.median_s / chim.predicted_s:.2f}, {one.median_s / one.predicted_s:.2f} | "
+        f"| {claim} | {run} | {measured:.3f}, {simulated:.3f} | - | - |",
+        f"| measured / simulated step time, {pair} | {run} | "
+        f"{one.median_s / one.predicted_s:.2f}, {other.median_s / other.predicted_s:.2f} | "
         f"{1 - WITHIN:.2f}..{1 + WITHIN:.2f} | "
-        f"{sum(abs(s.median_s / s.predicted_s - 1) <= WITHIN for s in (chim, one))} of 2 |",
+        f"{sum(abs(s.median_s / s.predicted_s - 1) <= WITHIN for s in (one, other))} of 2 |",
     ]
 
 
@@ -206,23 +213,12 @@ def _ddp_section(out: Path, ddp, quick: bool) -> list[str]:
 
 
 def _tp_overlap_rows(m, run: str) -> list[str]:
-    """Sub-pipelined tensor parallelism (two parts) against whole microbatches at tp=2:
-    measured tokens/s ratio, the simulator's, and each one's measured / simulated step."""
-    names = {s.name for s in m.systems}
-    if not {"tripar tp=2 tp-overlap=2", "tripar tp=2"} <= names:
-        return []
-    two, one = m.get("tripar tp=2 tp-overlap=2"), m.get("tripar tp=2")
-    measured = two.tokens_per_s / one.tokens_per_s
-    simulated = one.predicted_s / two.predicted_s
-    return [
-        f"| tripar tp=2 in 2 parts / whole microbatches (Merak's sub-pipelined TP; tokens/s): "
-        f"measured, simulated (reported, no target: gloo's communication thread competes "
-        f"with compute for 2 cores) | {run} | {measured:.3f}, {simulated:.3f} | - | - |",
-        f"| measured / simulated step time, tp=2 in 2 parts and whole | {run} | "
-        f"{two.median_s / two.predicted_s:.2f}, {one.median_s / one.predicted_s:.2f} | "
-        f"{1 - WITHIN:.2f}..{1 + WITHIN:.2f} | "
-        f"{sum(abs(s.median_s / s.predicted_s - 1) <= WITHIN for s in (two, one))} of 2 |",
-    ]
+    """Sub-pipelined tensor parallelism (two parts) against whole microbatches at tp=2."""
+    return _pair_rows(m, run, "tripar tp=2 tp-overlap=2", "tripar tp=2",
+                      "tripar tp=2 in 2 parts / whole microbatches (Merak's sub-pipelined TP; "
+                      "tokens/s): measured, simulated (reported, no target: gloo's "
+                      "communication thread competes with compute for 2 cores)",
+                      "tp=2 in 2 parts and whole")
 
 
 def write_report(out: Path, *, quick: bool, measurement, check, rows_md: str, sched_md: str,
