@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
-from tests.codegen.test_build import SPECS, _gpt, make_plan
+from tests.codegen.test_build import SPECS, _capture, _gpt, make_plan
 from tripar.codegen.build import build
 from tripar.codegen.sub_pipeline import (
     GatherFromFinished,
@@ -32,6 +32,7 @@ from tripar.codegen.sub_pipeline import (
     joint_wait,
     pending,
 )
+from tripar.models import load_model
 
 
 @pytest.fixture
@@ -106,13 +107,70 @@ def test_two_parts_compute_what_one_part_computes(one_rank) -> None:
     parted, _ = _stage(2)
     assert "tp_overlap" not in whole.meta
     torch.manual_seed(0)
+    _assert_same_values_and_gradients(whole, parted, flat)
+
+
+def _assert_same_values_and_gradients(whole, parted, flat) -> None:
+    """``parted`` (given ``whole``'s weights) computes ``whole``'s output on ``flat`` and,
+    backward from it, every gradient."""
     inputs = [x.clone() if isinstance(x, torch.Tensor) else x for x in flat]
     parted.load_state_dict(whole.state_dict())
-    want = whole(*inputs)
-    got = parted(*inputs)
+    want, got = whole(*inputs), parted(*inputs)
     assert_close(got, want)
     (want[0] if isinstance(want, tuple) else want).backward()
     (got[0] if isinstance(got, tuple) else got).backward()
     grads = dict(parted.named_parameters())
     for name, p in whole.named_parameters():
         assert_close(grads[name].grad, p.grad, msg=lambda m, name=name: f"{name}: {m}")
+
+
+SEQUENCE = {"gpt": "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=16",
+            "llama": "llama:layers=2,hidden=64,heads=8,kv_heads=4,vocab=64,seq=16",
+            "hf_gpt2": SPECS["hf_gpt2"]}
+"""Sequences of 16 tokens: no dim of an attention's output (heads, 16, head size 8) is
+the sequence's size twice, so the parts come back right after it."""
+
+
+def _sequence_stages(name: str, k: int):
+    """Stage 0 of a tp=2 plan at micro-batch 1, whole and in ``k`` parts of the sequence."""
+    spec = SEQUENCE[name]
+    loaded = load_model(spec, batch_size=1, seq_len=16 if spec.startswith("hf:") else None)
+    gm, flat = _capture(loaded)
+    plan = make_plan(gm, flat, spec, pp=1, tp=2)
+    plan = dataclasses.replace(
+        plan, inputs=dataclasses.replace(plan.inputs, global_batch_size=2, seq_len=16),
+        estimate=dataclasses.replace(plan.estimate, tokens_per_s=2 * 16 / 0.05),
+        parallel=dataclasses.replace(plan.parallel, micro_batch_size=1))
+    out = []
+    for parts in (1, k):
+        k_plan = dataclasses.replace(plan, parallel=dataclasses.replace(plan.parallel,
+                                                                        tp_overlap=parts))
+        (stage,) = build(gm, k_plan, flat, pp_rank=0, tp_rank=0).stages
+        out.append(stage.module)
+    return (*out, flat)
+
+
+@pytest.mark.parametrize(("name", "k"), [("gpt", 2), ("llama", 4), ("hf_gpt2", 2)])
+def test_one_sample_in_parts_of_its_sequence_computes_what_it_computes_whole(one_rank, name, k):
+    """Attention runs once on the whole sequence (a join); what is around it runs per part,
+    its all-reduces started while the other part computes, and the values and every
+    gradient are the whole sequence's."""
+    whole, parted, flat = _sequence_stages(name, k)
+    assert parted.meta["tp_overlap"] == k and "tp_overlap" not in whole.meta
+    nodes = list(parted.graph.nodes)
+    at = {n.name: i for i, n in enumerate(nodes)}
+    chunks = [n for n in nodes if n.target is torch.chunk]
+    assert chunks and all(n.args[1:] == (k, 1) for n in chunks)  # (batch, sequence): dim 1
+    attention = [n for n in nodes if "scaled_dot_product_attention" in str(n.target)]
+    assert attention and len(attention) == 2   # once per layer, whole, not once per part
+    starts = [n for n in nodes if n.op == "call_module"
+              and isinstance(parted.get_submodule(n.target), ReduceStarted)]
+    assert len(starts) >= 2 * k
+    hidden = 0
+    for start in starts:
+        (done,) = [u for u in start.users if u.target is finish]
+        hidden += any(n.op in ("call_module", "call_function") and n.target not in (
+            finish, pending, operator.getitem) and n not in starts
+            for n in nodes[at[start.name] + 1:at[done.name]])
+    assert hidden >= len(starts) // 2   # the MLP's all-reduces overlap the next part
+    _assert_same_values_and_gradients(whole, parted, flat)

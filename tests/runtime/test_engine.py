@@ -115,6 +115,8 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 2, 1, "1f1b",   1, 0, 4, "fp32", (*LM, "hf_gpt2"), SGD, None, False, 2),
         (1, 2, 1, "1f1b",   1, 0, 4, "fp32", ("hf_gpt2",), ADAMW, None, True, 2),
         (1, 2, 1, "1f1b",   1, 0, 4, "bf16", ("gpt",), SGD, None, False, 4),
+        (1, 2, 1, "1f1b",   1, 0, 1, "fp32", (*LM, "hf_gpt2"), ADAMW, None, False, 2),
+        (1, 2, 1, "1f1b",   1, 0, 1, "bf16", ("gpt", "hf_gpt2"), SGD, None, False, 4),
     ],
     "world4-dp-pp": [
         (1, 1, 4, "gpipe",  1, 0, 1, "fp32", ALL, ADAMW),
@@ -167,6 +169,9 @@ MATRIX: dict[str, list[tuple]] = {
         (1, 2, 2, "chimera", 1, 0, 2, "bf16", ("gpt",), SGD, None, False, 2),
         (2, 2, 1, "1f1b",   1, 0, 2, "bf16", ("hf_gpt2",), SGD, None, False, 2),
         (1, 2, 2, I1F1B,    2, 0, 2, "fp32", ("llama",), SGD, None, False, 2),
+        (1, 2, 2, "zb-h1",  1, 0, 1, "fp32", ("gpt", "hf_gpt2"), SGD, None, False, 2),
+        (2, 2, 1, "1f1b",   1, 1, 1, "fp32", ("llama",), ADAMW, None, False, 4),
+        (1, 2, 2, "chimera", 1, 0, 1, "fp32", ("gpt",), ADAMW, "full", False, 2),
     ],
     "world8": [
         (2, 2, 2, "gpipe",  1, 0, 1, "fp32", ("gpt", "bert", "hf_gpt2"), ADAMW),

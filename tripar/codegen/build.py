@@ -63,7 +63,7 @@ from tripar.codegen.tp_shard import ParamShard, shard_map
 from tripar.codegen.weights import default_init, materialize_stage, param_map, retarget_device
 from tripar.errors import PlanError
 from tripar.graph import Captured, TPRegion, baked_devices, for_micro_batch, node_values
-from tripar.graph.batchwise import batch_split
+from tripar.graph.batchwise import microbatch_split
 from tripar.plan.schedule import ActionKind
 
 __all__ = ["RankProgram", "SplitForRank", "SplitKey", "build", "build_pipeline", "check_plan",
@@ -476,9 +476,10 @@ def stage_programs(split: StageSplit, plan: Any, pp_rank: int, *,
     blocks its ``StagePlan.recompute`` names and the nodes its ``StagePlan.selective``
     names run under activation checkpointing (``apply_recompute``), unless its schedule
     recomputes the stage whole. With ``plan.parallel.tp_overlap`` k > 1 each stage then runs
-    its microbatches as k parts (``sub_pipeline``); ``inputs``, the graph's flat example
-    inputs for one microbatch, and ``batch_dims``, the whole graph's batch dims
-    (:func:`batch_dims`), show which values carry the batch."""
+    its microbatches as k parts (``sub_pipeline``), along the batch, or along the sequence
+    where a microbatch is one sample; ``inputs``, the graph's flat example inputs for one
+    microbatch, and ``batch_dims``, the whole graph's split dims (:func:`batch_dims`),
+    show which values carry the dim split."""
     whole = recomputed_by_schedule(plan)
     k = plan.parallel.tp_overlap if plan.parallel.tp > 1 else 1
     if k > 1 and inputs is None:
@@ -498,8 +499,9 @@ def stage_programs(split: StageSplit, plan: Any, pp_rank: int, *,
         if k > 1:
             own = [inputs[i] for i in stage.graph_input_positions]
             values = node_values(module, stage_inputs(stage.received, own))
-            parts = batch_split(module, values, batch=plan.parallel.micro_batch_size,
-                                known=batch_dims)
+            parts = microbatch_split(module, values,
+                                     micro_batch_size=plan.parallel.micro_batch_size,
+                                     seq_len=plan.inputs.seq_len, known=batch_dims)
         recompute = plan.stages[stage.index].recompute
         selective = getattr(plan.stages[stage.index], "selective", ())
         if (recompute or selective) and stage.index not in whole:
@@ -525,7 +527,8 @@ def batch_dims(gm: torch.fx.GraphModule, plan: Any, example_inputs: Sequence[Any
         return {}
     if values is None:
         values = node_values(gm, example_inputs)
-    return batch_split(gm, values, batch=par.micro_batch_size).dims
+    return microbatch_split(gm, values, micro_batch_size=par.micro_batch_size,
+                            seq_len=plan.inputs.seq_len).dims
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,12 @@ recomputed segment runs per part (its own collectives inside it stay synchronous
 
 The parts are concatenated back where a node mixes samples (a *join*: the loss over the
 microbatch runs on the whole) and at the stage's outputs, so a stage still receives and
-sends whole microbatches and one process's loss is unchanged. Each part draws its own
-dropout masks.
+sends whole microbatches and one process's loss is unchanged; a node after a join that
+runs per part reads its slice of the join's value. Each part draws its own dropout masks.
+
+A microbatch of one sample is split along its sequence (``BatchSplit.along``): the same
+rewrite, with attention a join (it runs once on the whole sequence, so causal attention
+is exact) and the projections, norms and MLPs around it in parts.
 """
 
 from __future__ import annotations
@@ -268,9 +272,9 @@ def sub_pipeline(gm: torch.fx.GraphModule, k: int, split: BatchSplit,
         return gm, ""
     if not split.inputs:
         return gm, split.why_not or "no input carries the batch"
-    if split.batch % k:
-        raise PlanError(f"{where}: tp_overlap={k} does not divide the microbatch of "
-                        f"{split.batch} samples; pick a tp_overlap that divides it")
+    if split.size % k:
+        raise PlanError(f"{where}: tp_overlap={k} does not divide the microbatch's "
+                        f"{split.size} {split.unit}; pick a tp_overlap that divides it")
     try:
         graph, added = _Rewrite(gm, k, split, values).graph()
     except _Unsplit as why:
@@ -315,14 +319,16 @@ class _Rewrite:
                 self.part[name] = False
                 continue
             reads = [a for a in node.all_input_nodes]
-            if not any(self.part[a.name] for a in reads):
+            members = self._members(node)
+            split_again = any(a.name in self.joined for a in reads) and all(
+                m in split.parts for m in members)  # the parts come back after a join
+            if not any(self.part[a.name] for a in reads) and not split_again:
                 self.part[name] = False
                 if any(a.name in self.joined for a in reads):
                     self.joined.add(name)
                 elif any(a.name in self.uniform or a.name in self.late for a in reads):
                     self.late.add(name)
                 continue
-            members = self._members(node)
             if all(m in split.parts for m in members):
                 self.part[name] = True
                 module = (self.gm.get_submodule(str(node.target))
@@ -423,7 +429,7 @@ class _Rewrite:
         if node.name in self.split.scaled:
             at, times = self.split.scaled[node.name]
             shape = list(new.args[1])
-            shape[at] = times * (self.split.batch // self.k)
+            shape[at] = times * (self.split.size // self.k)
             new.args = (new.args[0], shape, *new.args[2:])
         return new
 
@@ -459,8 +465,8 @@ class _Rewrite:
             return self.parts[(a.name, p)]
         if reader is not None and a.name in self._sliced(reader):
             if (a.name, p) not in self.slices:
-                dim = sequence_dim(self.values.get(a.name), self.split.batch)
-                n = self.split.batch // self.k
+                dim = sequence_dim(self.values.get(a.name), self.split.size)
+                n = self.split.size // self.k
                 self.slices[(a.name, p)] = self.g.call_function(
                     torch.narrow, (self._ensure(a), dim, p * n, n))
             return self.slices[(a.name, p)]
@@ -485,8 +491,14 @@ class _Rewrite:
         """Argument ``a`` of a node that runs on the whole microbatch."""
         if not self.part[a.name]:
             return self._ensure(a)
+        if a.name in self.split.inputs:
+            return self.whole[a.name]
         if a.name not in self.cats:
             dim = self.split.parts.get(a.name, self.split.inputs.get(a.name))
+            if dim is None and not isinstance(self.values.get(a.name), torch.Tensor):
+                if a.name not in self.whole:  # T of x.size(), for a whole-sequence mask
+                    self.whole[a.name] = self.g.node_copy(a, self._whole_arg)
+                return self.whole[a.name]
             if dim is None:
                 raise _Unsplit(f"{a.name} runs per part but its value cannot be put back "
                                "together (not a tensor with one batch dim)")

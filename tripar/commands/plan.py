@@ -45,7 +45,8 @@ def add_parser(subparsers: Any) -> None:
                             "(default: the planner decides)")
     group.add_argument("--tp-overlap", type=int, default=None, metavar="K",
                        help="sub-pipelined tensor parallelism: each microbatch in K parts "
-                            "along the batch, one part's collectives overlapping the next "
+                            "along the batch (the sequence at --micro-batch 1), one part's "
+                            "collectives overlapping the next "
                             "part's compute (needs --tp > 1; default: the planner decides)")
     group.add_argument("--dtype", default=None,
                        help="training dtype (default bf16 on GPUs, fp32 on cpu)")

@@ -45,7 +45,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                             "(default off)")
     group.add_argument("--tp-overlap", type=int, default=1, metavar="K",
                        help="sub-pipelined tensor parallelism: each microbatch in K parts "
-                            "along the batch, one part's collectives overlapping the next "
+                            "along the batch (the sequence at --micro-batch 1), one part's "
+                            "collectives overlapping the next "
                             "part's compute (needs --tp > 1; default: 1, off)")
     group.add_argument("--dtype", default=None,
                        help="training dtype (default bf16 on GPUs, fp32 on cpu)")

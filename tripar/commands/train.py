@@ -91,8 +91,9 @@ def add_parser(subparsers: Any) -> None:
                        help="sequence parallelism (default: the planner decides)")
     group.add_argument("--tp-overlap", type=int, default=None, metavar="K",
                        help="sub-pipelined tensor parallelism: each microbatch in K parts "
-                            "along the batch, one part's collectives overlapping the next "
-                            "part's compute (needs --tp > 1; default: the planner decides)")
+                            "along the batch (the sequence at one sample per microbatch), one "
+                            "part's collectives overlapping the next part's compute (needs "
+                            "--tp > 1; default: the planner decides)")
     data = parser.add_argument_group("data (default: a generated text corpus)")
     data.add_argument("--data", default=None, metavar="PATH",
                       help="text (a file or a directory of files), a token file (.npy, or .bin "

@@ -1,5 +1,5 @@
-"""Which nodes run sample-wise: the parts of a stage sub-pipelined tensor parallelism
-may run on a slice of the microbatch.
+"""Which nodes run sample-wise (or token-wise): the parts of a stage sub-pipelined
+tensor parallelism may run on a slice of the microbatch.
 
 A node is *sample-wise* when the batch dimension maps through: run on a slice of the
 microbatch, it gives the same slice of its output. :func:`batch_split` finds, from the
@@ -18,6 +18,21 @@ fake-tensor values of a graph at microbatch size ``batch`` and no table of names
 3. *Joins.* Every other node reading a per-part value concatenates the parts and runs
    once, on the whole microbatch: a loss's mean over the batch, a batch norm. What
    follows a join runs whole until another input brings parts back.
+
+   A node reading no part but a join's value that has one dim of the split's size
+   (the attention's output, after the whole-sequence attention) runs per part again,
+   on slices of it: the parts come back after a join.
+
+:func:`sequence_split` splits a microbatch of one sample along the sequence instead:
+the same proof with the sequence dim as the one split. Attention, whose scores relate
+two positions of the sequence, is then a join (it runs once, on the whole sequence:
+causal or not, it is exact), and the linears, norms and MLPs around it run per part.
+Two rules matter more there than along the batch:
+
+- an output with two dims of the split's size (attention scores) is a join;
+- a tensor built from a part's sizes alone (``arange(T)`` positions, a causal mask
+  ``ones(T, T)``) would restart at 0 in every part: it is built whole, at the whole
+  sequence's sizes, and the parts read their slice of it.
 
 Random operators are accepted per part: each part draws its own mask, a valid draw
 though not the one the whole microbatch would draw.
@@ -51,7 +66,7 @@ from torch.utils import _pytree as pytree
 
 from tripar.graph.sequence import PROBE, Probe, TokenMixing, carries, sequence_dim
 
-__all__ = ["BatchSplit", "batch_split"]
+__all__ = ["BatchSplit", "batch_split", "microbatch_split", "sequence_split"]
 
 aten = torch.ops.aten
 _ATTENTION = {
@@ -63,24 +78,28 @@ _ATTENTION = {
 
 
 class _SampleMixing(TokenMixing):
-    """`TokenMixing` on the batch dim: an attention kernel mixes samples only when a
-    tensor carries the batch in one of its last two dims."""
+    """`TokenMixing` on the split dim: an attention kernel mixes the parts only when a
+    tensor carries the split dim in one of its last two dims (sequence and features:
+    always, when the sequence is split)."""
 
     def _check(self, func: Any, args: tuple, kwargs: dict) -> str:
         if func.overloadpacket in _ATTENTION:
             tensors = [x for x in pytree.tree_leaves((args, kwargs))
                        if isinstance(x, torch.Tensor)]
             if any(carries(x, d) for x in tensors for d in (-1, -2) if x.dim() >= 2):
-                return f"{func.overloadpacket} attends across the batch"
+                return f"{func.overloadpacket} attends across the parts"
             return ""
         return super()._check(func, args, kwargs)
 
 
 @dataclass(frozen=True, slots=True)
 class BatchSplit:
-    """What of a graph runs per part of a microbatch of ``batch`` samples."""
+    """What of a graph runs per part of a microbatch split along ``along``: its
+    ``size`` samples (``"batch"``), or its ``size`` tokens (``"sequence"``, a microbatch
+    of one sample)."""
 
-    batch: int
+    size: int
+    """The split dim's size: samples per microbatch, or tokens per sample."""
     inputs: dict[str, int] = field(default_factory=dict)
     """Placeholder -> the dim that carries the batch (the placeholders split into parts)."""
     parts: dict[str, int | None] = field(default_factory=dict)
@@ -101,6 +120,13 @@ class BatchSplit:
     (``T`` of ``B, T, C = x.size()``): computed once, from the first part."""
     why_not: str = ""
     """Why nothing is split, when nothing is."""
+    along: str = "batch"
+    """The dim split: ``"batch"`` or ``"sequence"``."""
+
+    @property
+    def unit(self) -> str:
+        """What the split dim counts: ``"samples"`` or ``"tokens"``."""
+        return "tokens" if self.along == "sequence" else "samples"
 
     @property
     def dims(self) -> dict[str, int | None]:
@@ -114,25 +140,52 @@ def batch_split(gm: torch.fx.GraphModule, values: Mapping[str, Any], *, batch: i
     values (fake or meta tensors) on a microbatch of ``batch`` samples. ``known`` gives
     the batch dim of placeholders whose shape has several dims of that size (a stage's
     input, from the whole graph's split: ``BatchSplit.dims``)."""
+    if batch < 2:
+        return BatchSplit(batch, why_not="a microbatch of one sample has no parts along "
+                                         "the batch (sequence_split splits its tokens)")
+    return _split(gm, values, batch, known, "batch")
+
+
+def sequence_split(gm: torch.fx.GraphModule, values: Mapping[str, Any], *, seq_len: int,
+                   known: Mapping[str, int | None] | None = None) -> BatchSplit:
+    """The nodes of ``gm`` that run per part of a one-sample microbatch's ``seq_len``
+    tokens (see the module docstring); ``known`` as for :func:`batch_split`."""
+    if seq_len < 2:
+        return BatchSplit(seq_len, along="sequence",
+                          why_not="a sequence of one token has no parts")
+    return _split(gm, values, seq_len, known, "sequence")
+
+
+def microbatch_split(gm: torch.fx.GraphModule, values: Mapping[str, Any], *,
+                     micro_batch_size: int, seq_len: int,
+                     known: Mapping[str, int | None] | None = None) -> BatchSplit:
+    """Along the batch, or along the sequence where the microbatch is one sample."""
+    if micro_batch_size > 1:
+        return batch_split(gm, values, batch=micro_batch_size, known=known)
+    return sequence_split(gm, values, seq_len=seq_len, known=known)
+
+
+def _split(gm: torch.fx.GraphModule, values: Mapping[str, Any], size: int,
+           known: Mapping[str, int | None] | None, along: str) -> BatchSplit:
     inputs: dict[str, int] = {}
     for node in gm.graph.find_nodes(op="placeholder"):
         value = values.get(node.name)
         if not isinstance(value, torch.Tensor):
             continue
-        dims = [d for d in range(value.dim()) if value.shape[d] == batch]
+        dims = [d for d in range(value.dim()) if value.shape[d] == size]
         hint = (known or {}).get(node.name)
         if len(dims) > 1 and hint in dims:
             dims = [hint]
         if len(dims) > 1:
-            return BatchSplit(batch, why_not=f"input {node.name} of shape {tuple(value.shape)} "
-                                             f"has several dims of the batch's size {batch}")
+            return BatchSplit(size, why_not=f"input {node.name} of shape {tuple(value.shape)} "
+                                            f"has several dims of the {along}'s size {size}",
+                              along=along)
         if dims:
             inputs[node.name] = dims[0]
-    if batch < 2 or not inputs:
-        return BatchSplit(batch, why_not="no input carries the batch" if batch >= 2
-                          else "a microbatch of one sample has no parts")
+    if not inputs:
+        return BatchSplit(size, why_not=f"no input carries the {along}", along=along)
     run = Probe(gm)
-    probed: dict[str, Any] = {}  # per-part values at batch PROBE
+    probed: dict[str, Any] = {}  # per-part values at size PROBE
     parts: dict[str, int | None] = {}
     joins: dict[str, str] = {}
     joined: set[str] = set()  # whole values computed from parts: the parts slice them
@@ -148,26 +201,42 @@ def batch_split(gm: torch.fx.GraphModule, values: Mapping[str, Any], *, batch: i
             for node in gm.graph.nodes:
                 if node.op not in ("call_function", "call_method", "call_module"):
                     continue
-                if not any(a.name in probed for a in node.all_input_nodes):
-                    if any(a.name in joined for a in node.all_input_nodes):
+                reads = node.all_input_nodes
+                whole = {a.name for a in reads
+                         if a.name in joined and sequence_dim(values.get(a.name), size) is not None}
+                if not any(a.name in probed for a in reads):
+                    if any(a.name in joined for a in reads):
                         joined.add(node.name)
+                        if whole:  # after a join, the parts come back where they can
+                            result, why = _probe(run, node, values, probed, whole, size)
+                            if not why and carries(result):
+                                joined.discard(node.name)
+                                slices[node.name] = frozenset(whole)
+                                probed[node.name] = result
+                                parts[node.name] = _carrying_dim(result)
                     continue
                 if _asserts(node):  # a check of a part's metadata: per part, as it is
                     parts[node.name] = None
                     continue
-                whole = {a.name for a in node.all_input_nodes
-                         if a.name in joined and sequence_dim(values.get(a.name), batch) is not None}
-                result, why = _probe(run, node, values, probed, whole, batch)
-                literal = _baked_batch(node, values, probed, batch) if why else None
+                if along == "sequence" and _positional(node, probed, values):
+                    joins[node.name] = (
+                        "reads a join's value and a part's sizes: runs whole"
+                        if any(a.name in joined for a in reads) else
+                        "built from the part's sizes alone (positions, a causal mask): "
+                        "built whole, the parts slice it")
+                    joined.add(node.name)
+                    continue
+                result, why = _probe(run, node, values, probed, whole, size)
+                literal = _baked_batch(node, values, probed, size) if why else None
                 if literal is not None:
-                    result, why = _probe(run, node, values, probed, whole, batch, literal)
-                if why:  # a value the graph built whole, at the batch's size (a mask)
-                    shared = {a.name for a in node.all_input_nodes if a.name not in probed
+                    result, why = _probe(run, node, values, probed, whole, size, literal)
+                if why:  # a value the graph built whole, at the split's size (a mask)
+                    shared = {a.name for a in reads if a.name not in probed
                               and a.op != "get_attr"
-                              and sequence_dim(values.get(a.name), batch) is not None}
+                              and sequence_dim(values.get(a.name), size) is not None}
                     if shared - whole:
                         whole |= shared
-                        result, why = _probe(run, node, values, probed, whole, batch, literal)
+                        result, why = _probe(run, node, values, probed, whole, size, literal)
                 if not why:
                     if literal is not None:
                         scaled[node.name] = literal
@@ -184,7 +253,17 @@ def batch_split(gm: torch.fx.GraphModule, values: Mapping[str, Any], *, batch: i
                 parts[node.name] = _carrying_dim(result)
     finally:
         fake_log.disabled = quiet
-    return BatchSplit(batch, inputs, parts, joins, scaled, slices, frozenset(uniform))
+    return BatchSplit(size, inputs, parts, joins, scaled, slices, frozenset(uniform),
+                      along=along)
+
+
+def _positional(node: torch.fx.Node, probed: Mapping[str, Any],
+                values: Mapping[str, Any]) -> bool:
+    """Whether ``node`` builds a tensor from a part's sizes alone: its per-part inputs
+    hold no tensor (``T`` of ``x.size()``) and its recorded value is a tensor."""
+    mine = [a for a in node.all_input_nodes if a.name in probed]
+    return bool(mine) and isinstance(values.get(node.name), torch.Tensor) and not any(
+        isinstance(x, torch.Tensor) for a in mine for x in pytree.tree_leaves(probed[a.name]))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -288,6 +367,8 @@ def _probe(run: Probe, node: torch.fx.Node, values: Mapping[str, Any],
                     return None, f"dim {d} of its output does not follow the batch"
             elif g.shape[d] != w.shape[d]:
                 return None, f"dim {d} of its output changes with the batch"
+    if any(sum(1 for n in g.shape if n and n % PROBE == 0) > 1 for g, _ in tensors):
+        return None, "its output relates two positions of the split dim (attention scores)"
     if tensors and not any(carries(g) for g, _ in tensors):
         return None, "its output does not carry the batch (it reduces over it)"
     if _reshapes(node) and not _batch_stays_outer(env[node.args[0].name], result,

@@ -21,7 +21,9 @@ ranks, 1 shards the optimizer state (ZeRO-1), 2 the gradients too (ZeRO-2)."""
 
 
 def _check_tp_overlap(cfg: ParallelConfig) -> None:
-    """tp_overlap=k splits a microbatch into k parts along the batch inside a TP stage."""
+    """tp_overlap=k splits a microbatch into k parts inside a TP stage: along the batch,
+    or along the sequence where the microbatch is one sample (then the plan checks that k
+    divides the sequence)."""
     k = cfg.tp_overlap
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"tp_overlap must be a positive integer, got {k!r}")
@@ -30,12 +32,12 @@ def _check_tp_overlap(cfg: ParallelConfig) -> None:
     if cfg.tp == 1:
         raise ConfigError(f"tp_overlap={k} overlaps tensor-parallel collectives with compute "
                           "and needs tp > 1; use tp_overlap=1 at tp=1")
-    if cfg.micro_batch_size == 1:
-        raise ConfigError(f"tp_overlap={k} splits a microbatch along the batch, but "
-                          "micro_batch_size=1 has one sample (splitting the sequence is not "
-                          "exact under causal attention and is not supported); use "
-                          "tp_overlap=1 or a micro_batch_size divisible by it")
-    if cfg.micro_batch_size % k:
+    if cfg.micro_batch_size == 1 and cfg.sp:
+        raise ConfigError(f"tp_overlap={k} at micro_batch_size=1 splits the sequence, which "
+                          "sequence parallelism (sp=True) already shards over the "
+                          "tensor-parallel ranks; use sp=False, or a micro_batch_size "
+                          f"divisible by {k} to split along the batch")
+    if cfg.micro_batch_size > 1 and cfg.micro_batch_size % k:
         raise ConfigError(f"tp_overlap={k} splits each microbatch into {k} parts along the "
                           f"batch, but micro_batch_size={cfg.micro_batch_size} is not "
                           f"divisible by {k}; use a tp_overlap that divides it")
@@ -74,8 +76,9 @@ class ParallelConfig:
     dropouts, residual adds) run on a 1/tp slice of the sequence; needs tp > 1."""
     tp_overlap: int = 1
     """Sub-pipelined tensor parallelism (Merak): each microbatch runs as this many parts
-    along the batch inside a tensor-parallel stage, so that one part's collectives overlap
-    the next part's compute; 1 means disabled. Needs tp > 1 and divides micro_batch_size."""
+    inside a tensor-parallel stage, so that one part's collectives overlap the next part's
+    compute; 1 means disabled. Needs tp > 1. The parts split the batch (tp_overlap divides
+    micro_batch_size), or, at micro_batch_size 1, the sequence (without sp)."""
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "micro_batch_size", "num_microbatches", "vpp"):

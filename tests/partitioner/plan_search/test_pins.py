@@ -121,8 +121,9 @@ def test_zero2_pin_is_planned_and_noted():
      "--tp-overlap 1"),
     (Pins(tp=2, micro_batch_size=6, tp_overlap=4), "micro_batch_size=6 is not divisible by 4",
      "--micro-batch 6 is not divisible by 4; use a --tp-overlap that divides it"),
-    (Pins(tp=2, micro_batch_size=1, tp_overlap=2), "micro_batch_size=1 has one sample",
-     "--micro-batch 1 has one sample"),
+    (Pins(tp=2, micro_batch_size=1, tp_overlap=2, sp=True),
+     "tp_overlap=2 with micro_batch_size=1 splits the sequence, which sp=True already shards",
+     "--tp-overlap 2 with --micro-batch 1 splits the sequence, which --sp already shards"),
     (Pins(tp=2, tp_overlap=0), "tp_overlap must be a positive integer",
      "--tp-overlap must be a positive integer"),
 ])
@@ -160,3 +161,17 @@ def test_tp_overlap_pin_is_planned_and_weighed_where_collectives_are_slow():
     assert kept.parallel.tp_overlap == 1
     # never at tp=1: the search lists no part count there
     assert search(graph, cluster, 16, pins=Pins(tp=1)).parallel.tp_overlap == 1
+
+
+def test_tp_overlap_at_one_sample_splits_the_sequence_without_sp():
+    graph = example_graph(layers=4, hidden=1024, seq=512, vocab=4000, heads=8)
+    slow = dataclasses.replace(small_cluster(80, nodes=1),
+                               intra_bandwidth=small_cluster(80, nodes=1).intra_bandwidth / 5)
+    plan = search(graph, slow, 16, pins=Pins(tp=4, micro_batch_size=1, tp_overlap=2))
+    par = plan.parallel
+    assert (par.tp, par.micro_batch_size, par.tp_overlap, par.sp) == (4, 1, 2, False)
+    assert plan.validate() is plan
+    # a length the parts do not divide: no configuration at that pin
+    odd = dataclasses.replace(graph, seq_len=511)
+    with pytest.raises(InfeasibleError, match=r"tp_overlap must divide .* the sequence of 511"):
+        search(odd, slow, 16, pins=Pins(tp=4, micro_batch_size=1, tp_overlap=2))

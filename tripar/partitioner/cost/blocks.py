@@ -52,6 +52,10 @@ class BlockCost:
     re-run in the backward; the attention core's ``5 a s^2 b`` when it is not fused)."""
     selective_s: float = 0.0
     """Time to re-run ``Block.selective_nodes`` (added to B when the block recomputes them)."""
+    core_s: float = 0.0
+    """Forward time of the block's products of two activations, batched over heads (the
+    attention scores and their product with the values): what relates a token to the
+    others, which a sequence split runs whole."""
 
 
 def _regions_by_block(graph: ProxyGraph, tp: int) -> dict[str, list[TPRegion]]:
@@ -173,14 +177,17 @@ def _sharded_products(block: Block, regions: Sequence[TPRegion], sharded: Sequen
 
 def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
                 graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
-                dtype: str) -> BlockCost:
+                dtype: str, scale: float | None = None) -> BlockCost:
     """``regions`` are the block's regions proven at ``config.tp``; ``sharded`` says which of
     them are sharded. A sharded region divides its products, its share of the block's
-    other FLOPs, weights and non-replicated activations by t and adds its collectives."""
+    other FLOPs, weights and non-replicated activations by t and adds its collectives.
+    ``scale``: the share of the profiled batch's tokens one microbatch holds (default:
+    ``micro_batch_size`` samples of the profiled ones)."""
     spec = cluster.device
     eff = spec.efficiency
     peak = spec.peak(dtype)
-    scale = config.micro_batch_size / graph.batch_size
+    if scale is None:
+        scale = config.micro_batch_size / graph.batch_size
     byte_scale = scale * dtype_bytes(dtype) / dtype_bytes(graph.dtype)
     t = config.tp if any(sharded) else 1
     tokens_annotated = graph.batch_size * graph.seq_len
@@ -198,6 +205,7 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
     forward_flops = block.forward_flops * scale * divided(f)
     listed_flops = 0.0
     listed_time = 0.0
+    core_time = 0.0  # the products batched over heads: attention's scores and values
     operands = 0.0  # elements of (input, output gradient) pairs of the products
     for (m, k, n), split in zip(block.matmuls, on_products):
         d = t if split else 1
@@ -206,6 +214,8 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
         flops = 2.0 * m_mb * k_t * n_t
         listed_flops += flops
         listed_time += flops / (peak * eff.matmul(m_mb, k_t, n_t))
+        if m > tokens_annotated:
+            core_time += flops / (peak * eff.matmul(m_mb, k_t, n_t))
         operands += m_mb * (k_t + n_t)
     mean_rate = listed_flops / listed_time if listed_time else peak * eff.matmul_max
     forward_compute = listed_time + max(0.0, forward_flops - listed_flops) / mean_rate
@@ -287,6 +297,7 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
         param_tensors=len(block.param_names),
         selective_bytes=int(selective_bytes),
         selective_s=fwd_scale * selective_s,
+        core_s=fwd_scale * core_time,
     )
 
 
@@ -318,7 +329,8 @@ def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
     """Cost of every block for one microbatch; blocks of equal signature are costed once.
 
     With ``config.tp_overlap`` = k > 1 each block with a sharded region runs as k parts
-    of ``micro_batch_size / k`` whose collectives overlap the next part's compute
+    of ``micro_batch_size / k`` (at micro-batch size 1: of ``seq_len / k`` tokens, the
+    attention core whole) whose collectives overlap the next part's compute
     (:func:`~tripar.partitioner.cost.overlap.overlapped`).
 
     ``tp_regions`` names the regions (``block:kind:index``) sharded at ``config.tp``; default:
@@ -357,7 +369,12 @@ def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
                 if node in owner_of_loss:
                     loss_owner[block.name] = owner_of_loss[node]
     part = None   # one of the tp_overlap parts a block's microbatch runs as
-    if config.tp_overlap > 1:
+    part_scale = None  # its share of the profiled tokens, when it splits the sequence
+    along_sequence = config.tp_overlap > 1 and config.micro_batch_size == 1
+    if along_sequence:
+        part = replace(config, tp_overlap=1)
+        part_scale = 1 / (config.tp_overlap * graph.batch_size)
+    elif config.tp_overlap > 1:
         part = replace(config, micro_batch_size=config.micro_batch_size // config.tp_overlap,
                        tp_overlap=1)
     cache: dict[tuple, BlockCost] = {}
@@ -378,7 +395,8 @@ def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
             cache[key] = _block_cost(block, mine, on, graph, cluster, config, dtype)
             if part is not None and any(on):
                 cache[key] = overlapped(
-                    cache[key], _block_cost(block, mine, on, graph, cluster, part, dtype),
-                    config.tp_overlap)
+                    cache[key],
+                    _block_cost(block, mine, on, graph, cluster, part, dtype, part_scale),
+                    config.tp_overlap, joined=along_sequence)
         costs.append(cache[key])
     return costs

@@ -10,6 +10,13 @@ k``). With part compute c and part collectives x, a pass takes the two-stage pip
 ``c + x + (k - 1) max(c, x)``: one part's collectives stay exposed, and beyond that only
 what the collectives take longer than the compute. The weight gradient (W) runs k parts
 back to back. Memory is the whole microbatch's: the parts' saved tensors add up to it.
+
+A microbatch of one sample splits along the sequence instead. Each part is the block
+at ``1 / k`` of the tokens, but the attention core (the products of two activations:
+the scores and their product with the values) relates every position to the earlier
+ones, so it runs once, on the whole sequence, between the parts (``joined``): its time
+(``core_s`` per part, twice that in the backward) is taken out of the pipelined compute
+and added whole, hiding nothing.
 """
 
 from __future__ import annotations
@@ -31,9 +38,11 @@ def pipelined(compute_s: float, comm_s: float, parts: int) -> float:
     return compute_s + comm_s + (parts - 1) * max(compute_s, comm_s)
 
 
-def overlapped(whole: BlockCost, part: BlockCost, parts: int) -> BlockCost:
+def overlapped(whole: BlockCost, part: BlockCost, parts: int, *,
+               joined: bool = False) -> BlockCost:
     """``whole`` (the block at the full microbatch) run as ``parts`` parts, each costing
-    ``part`` (the block at ``1 / parts`` of the microbatch, collectives not overlapped).
+    ``part`` (the block at ``1 / parts`` of the microbatch, collectives not overlapped);
+    ``joined``: the parts split the sequence and the attention core runs whole.
 
     >>> from tripar.partitioner.cost.blocks import BlockCost
     >>> part = BlockCost(forward_s=1.5, backward_input_s=2.5, backward_weight_s=1.0,
@@ -45,17 +54,23 @@ def overlapped(whole: BlockCost, part: BlockCost, parts: int) -> BlockCost:
     (2.5, 4.5, 2.0, 1.0)
     >>> two.saved_bytes
     100
+    >>> core = replace(part, core_s=0.8)  # 0.2 + 0.5 + 0.5, then 2 * 0.8 hiding nothing
+    >>> seq = overlapped(whole, core, 2, joined=True)
+    >>> round(seq.forward_s, 6), round(seq.backward_input_s, 6), round(seq.tp_forward_comm_s, 6)
+    (2.8, 4.6, 0.8)
     """
-    fwd_compute = part.forward_s - part.tp_forward_comm_s
-    bwd_compute = part.backward_input_s - part.tp_backward_comm_s
-    forward = pipelined(fwd_compute, part.tp_forward_comm_s, parts)
-    backward = pipelined(bwd_compute, part.tp_backward_comm_s, parts)
-    fwd_exposed = forward - parts * fwd_compute
-    bwd_exposed = backward - parts * bwd_compute
+    core_f = part.core_s if joined else 0.0
+    core_b = min(2 * core_f, part.backward_input_s - part.tp_backward_comm_s)
+    fwd_compute = part.forward_s - part.tp_forward_comm_s - core_f
+    bwd_compute = part.backward_input_s - part.tp_backward_comm_s - core_b
+    forward = pipelined(fwd_compute, part.tp_forward_comm_s, parts) + parts * core_f
+    backward = pipelined(bwd_compute, part.tp_backward_comm_s, parts) + parts * core_b
+    fwd_exposed = forward - parts * (fwd_compute + core_f)
+    bwd_exposed = backward - parts * (bwd_compute + core_b)
     regather = part.tp_comm_s - part.tp_forward_comm_s - part.tp_backward_comm_s
     return replace(
         whole, forward_s=forward, backward_input_s=backward,
         backward_weight_s=parts * part.backward_weight_s,
         tp_comm_s=fwd_exposed + bwd_exposed + parts * regather,
         tp_forward_comm_s=fwd_exposed, tp_backward_comm_s=bwd_exposed,
-        selective_s=parts * part.selective_s)
+        selective_s=parts * part.selective_s, core_s=parts * part.core_s)

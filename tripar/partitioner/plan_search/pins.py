@@ -255,7 +255,8 @@ def _check_sp(pins: Pins, graph: ProxyGraph | None, devices: int, s: Spelling) -
 
 
 def _check_tp_overlap(pins: Pins, devices: int, s: Spelling) -> None:
-    """tp_overlap=k > 1 needs tensor parallelism and k dividing the microbatch size."""
+    """tp_overlap=k > 1 needs tensor parallelism, and k dividing the microbatch size (or,
+    at micro-batch size 1, the sequence, split without sp: the space checks the length)."""
     k = pins.tp_overlap
     if k is None:
         return
@@ -269,12 +270,13 @@ def _check_tp_overlap(pins: Pins, devices: int, s: Spelling) -> None:
                           f"{s.of('tp', 1)}" + (" (one device)" if devices == 1 else "")
                           + f"; pin {s.name('tp')} > 1 or use {s.of('tp_overlap', 1)}")
     b = pins.micro_batch_size
-    if b == 1:
-        raise ConfigError(f"{on} splits each microbatch along the batch, but "
-                          f"{s.of('micro_batch_size', 1)} has one sample (splitting the "
-                          f"sequence is not supported); pin a micro-batch size divisible "
-                          f"by {k} or use {s.of('tp_overlap', 1)}")
-    if b is not None and b % k:
+    if b == 1 and pins.sp:
+        sp_on, sp_off = ("sp=True", "sp=False") if s is Spelling.API else ("--sp", "--no-sp")
+        raise ConfigError(f"{on} with {s.of('micro_batch_size', 1)} splits the sequence, "
+                          f"which {sp_on} already shards over the tensor-parallel ranks; "
+                          f"use {sp_off}, or pin a micro-batch size divisible by {k} to "
+                          "split along the batch")
+    if b is not None and b > 1 and b % k:
         raise ConfigError(f"{on} splits each microbatch into {k} parts along the batch, but "
                           f"{s.of('micro_batch_size', b)} is not divisible by {k}; use a "
                           f"{s.name('tp_overlap')} that divides it")
@@ -371,5 +373,8 @@ def no_config_message(graph: ProxyGraph, cluster: Cluster, batch: int, pins: Pin
     return (f"no configuration matches {cluster.devices} devices, global batch {batch} and "
             f"{len(graph.blocks)} blocks" + (f" with the pins {pinned}" if pinned else "")
             + ": dp*tp*pp must equal the device count, dp must divide the global batch, "
-              "tp must be a degree the model's tensor-parallel regions support, and "
-              "pp*vpp must not exceed the blocks; relax a pin or change the batch")
+              "tp must be a degree the model's tensor-parallel regions support, "
+              + ("tp_overlap must divide the micro-batch size (at micro-batch 1, the "
+                 f"sequence of {graph.seq_len} tokens, and sp must be off), "
+                 if pins.tp_overlap not in (None, 1) else "")
+            + "and pp*vpp must not exceed the blocks; relax a pin or change the batch")

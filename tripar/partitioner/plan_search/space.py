@@ -99,7 +99,8 @@ class SearchSpace:
             shard = self.regions.free_choice(tp, b)
             choices = [(s, on) for s in ((shard, self.regions.all_regions(tp)) if k > 1
                                          else (shard,))   # overlapped, sharding may pay more
-                       for on in self.sequence_parallel(tp) if sp is None or on == sp
+                       for on in self.sequence_parallel(tp) if (sp is None or on == sp)
+                       and not (on and k > 1 and b == 1)  # the parts split the sequence
                        ] or [(shard, False)]
             costs = self.costs.get(tp, b, *choices[0], k)
             for other in (self.costs.get(tp, b, s, on, k) for s, on in choices[1:]):
@@ -152,7 +153,7 @@ class SearchSpace:
                         for zero in ([pins.zero] if pins.zero is not None else
                                      (list(ZERO_STAGES) if dp > 1 else [0])):
                             for sp in self.sequence_parallel(tp):
-                                for k in self.tp_overlaps(tp, b):
+                                for k in self.tp_overlaps(tp, b, sp):
                                     out.append(ParallelConfig(
                                         dp=dp, tp=tp, pp=pp, micro_batch_size=b,
                                         num_microbatches=m, vpp=vpp, schedule=schedule,
@@ -169,22 +170,31 @@ class SearchSpace:
             return [self.pins.sp] if possible or not self.pins.sp else []
         return [False, True] if possible else [False]
 
-    def tp_overlaps(self, tp: int, b: int) -> list[int]:
-        """The tp_overlap values tried at degree ``tp`` and microbatch ``b``: the pin where
-        it divides ``b``, else one part (with ``choose_overlap``: those of TP_OVERLAPS that
-        divide ``b`` and pay, one part at tp=1)."""
+    def tp_overlaps(self, tp: int, b: int, sp: bool = False) -> list[int]:
+        """The tp_overlap values tried at degree ``tp``, microbatch ``b`` and ``sp``: the pin
+        where it divides the dim split (the batch; the sequence at ``b`` = 1, without sp),
+        else one part (with ``choose_overlap``: those of TP_OVERLAPS that divide it and
+        pay, one part at tp=1)."""
+        def splits(k: int) -> bool:
+            if k == 1:
+                return True
+            if b == 1:
+                return not sp and self.graph.seq_len % k == 0
+            return b % k == 0
+
         if self.pins.tp_overlap is not None:
             k = self.pins.tp_overlap
-            return [k] if k == 1 or (tp > 1 and b > 1 and b % k == 0) else []
+            return [k] if k == 1 or (tp > 1 and splits(k)) else []
         if tp == 1 or not self.choose_overlap:
             return [1]
-        return [k for k in TP_OVERLAPS if b % k == 0 and (k == 1 or self._overlap_pays(tp, b, k))]
+        return [k for k in TP_OVERLAPS if splits(k) and (k == 1 or self._overlap_pays(tp, b, k))]
 
     def _overlap_pays(self, tp: int, b: int, k: int) -> bool:
         """Whether ``k`` parts take less block work than one with the time-optimal regions
-        sharded, with or without sequence parallelism: memory and schedule are the same
-        at every k, so where the parts' compute loses more than the overlap hides, no
-        configuration at ``k`` can win."""
+        sharded, with or without sequence parallelism (without, at ``b`` = 1: the parts
+        split the sequence): memory and schedule are the same at every k, so where the
+        parts' compute loses more than the overlap hides, no configuration at ``k`` can
+        win."""
         key = (tp, b, k)
         if key not in self._pays:
             shard = self.regions.free_choice(tp, b) or self.regions.all_regions(tp)
@@ -194,7 +204,8 @@ class SearchSpace:
                            for c in self.costs.get(tp, b, shard, sp, parts))
 
             self._pays[key] = any(
-                work(sp, k) < work(sp, 1) for sp in self.sequence_parallel(tp))
+                work(sp, k) < work(sp, 1) for sp in self.sequence_parallel(tp)
+                if not (sp and b == 1))
         return self._pays[key]
 
     def _schedules_for(self, pp: int, m: int, blocks: int) -> list[tuple[str, int]]:
@@ -227,7 +238,8 @@ class SearchSpace:
         if key not in self._chain_share:
             extremes = [self.least_work_costs(tp, b, k), self.costs.get(tp, b, frozenset()),
                         self.costs.get(tp, b, self.regions.all_regions(tp), False, k),
-                        self.costs.get(tp, b, self.regions.all_regions(tp), True, k)]
+                        self.costs.get(tp, b, self.regions.all_regions(tp), True, k)
+                        if not (k > 1 and b == 1) else []]  # sp: no sequence split
             self._chain_share[key] = min(
                 ((c.forward_s + c.backward_input_s)
                  / (c.forward_s + c.backward_input_s + c.backward_weight_s)
