@@ -1,6 +1,6 @@
 """Search time against the number of layers and the number of devices.
 
-Uses the hand-built GPT-like proxy graph (``tests/partitioner/example_graphs.py``, hidden 4096,
+Uses the hand-built GPT-like proxy graph (``tripar.partitioner.examples``, hidden 4096,
 32 heads, sequence 2048, vocabulary 51200) so that the graph costs nothing to build,
 and prints two markdown tables (wall seconds and counted work: partition cells and
 evaluations, simulated actions, screened candidates) and writes
@@ -12,17 +12,14 @@ evaluations, simulated actions, screened candidates) and writes
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from tripar.partitioner import search_with_stats
+from tripar.partitioner.examples import example_graph
 from tripar.partitioner.hardware import Cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
-sys.path.insert(0, str(RESULTS.parents[1]))  # the hand-built graph of the partitioner tests
-
-from tests.partitioner.example_graphs import example_graph  # noqa: E402
 
 
 def run(layers: int, devices: int, batch: int) -> tuple[float, int, str]:

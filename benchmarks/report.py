@@ -88,9 +88,8 @@ def _own_planner_cost(out: Path, quick: bool) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sys.path.insert(0, str(HERE.parent))  # the hand-built graph of the partitioner tests
-    from tests.partitioner.example_graphs import example_graph
     from tripar.partitioner import search
+    from tripar.partitioner.examples import example_graph
     from tripar.partitioner.hardware import Cluster
 
     points = [(12, 8), (32, 64), (64, 512), (128, 4096)] if quick else [

@@ -94,3 +94,16 @@ def test_planning_never_imports_torch_distributed(where: str) -> None:
             offences += [f"{path.relative_to(ROOT)} imports {n}" for n in names
                          if n == "torch.distributed" or n.startswith("torch.distributed.")]
     assert not offences, "\n".join(offences)
+
+
+def test_benchmarks_never_import_the_test_tree() -> None:
+    offences = []
+    for path in sorted((ROOT / "benchmarks").rglob("*.py")):
+        for node in _imports(path):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""])
+            offences += [f"{path.relative_to(ROOT)} imports {n}" for n in names
+                         if n == "tests" or n.startswith("tests.")]
+    assert not offences, "benchmarks must not depend on the tests (move the helper into " \
+        "the package, as tripar.partitioner.examples holds the example graph):\n" + \
+        "\n".join(offences)

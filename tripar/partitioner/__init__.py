@@ -9,7 +9,9 @@ What the next layers (the API, the commands, codegen, the runtime) use:
 - the stage partition: ``PartitionProblem``, ``solve_partition_dp``,
   ``build_partition_milp`` (``partition/``);
 - the search: ``search``, ``search_with_stats``, ``Pins`` and the baselines a plan is
-  checked against (``plan_search/``).
+  checked against (``plan_search/``);
+- ``example_graph``, a hand-built GPT-like proxy graph for examples, tests and
+  benchmarks (``examples``).
 
 Names load on first use (as ``tripar``'s own do), so that ``tripar show`` imports the
 simulator without the search, the graph layer or torch. A module inside this package
@@ -55,6 +57,7 @@ _LAZY = {
     "search": "tripar.partitioner.plan_search",
     "search_with_stats": "tripar.partitioner.plan_search",
     "uniform_split_of": "tripar.partitioner.plan_search",
+    "example_graph": "tripar.partitioner.examples",
 }
 
 __all__ = sorted(_LAZY)

@@ -3,8 +3,8 @@
 The conventions (batch and dtype scaling, compute, Korthikanti's activation structure,
 what a sharded region divides and the collectives it adds) are in the docstring of
 :mod:`tripar.partitioner.cost`. The examples use ``example_graph``, the hand-built
-GPT-like proxy graph of ``tests/partitioner/example_graphs.py``, which
-``tripar/partitioner/conftest.py`` puts in every doctest's namespace.
+GPT-like proxy graph of :mod:`tripar.partitioner.examples`, which the pytest plugin
+``tests/doctest_namespace.py`` puts in every doctest's namespace.
 """
 
 from __future__ import annotations
