@@ -50,3 +50,14 @@ def test_bad_requests(tmp_path):
                      record_timeline=False)
     with pytest.raises(ConfigError, match="record_timeline=True"):
         draw_timeline(empty, tmp_path / "t.png")
+
+
+def test_chimera_s_up_pipeline_is_hatched_and_marked(tmp_path):
+    s = build_schedule("chimera", 2, 2)
+    result = simulate(s, [StageCost(1.0, 2.0, 0.0)] * 2)
+    marked = draw_timeline(result, tmp_path / "marked.svg", pipeline_of=s.pipeline_of)
+    text = marked.read_text()
+    assert "<!-- 0:0v -->" in text and "<!-- 1:1^ -->" in text  # rank 0: stage 0 down, 1 up
+    assert "<pattern" in text and "up pipeline (hatched)" in text
+    plain = draw_timeline(result, tmp_path / "plain.svg").read_text()
+    assert "<!-- 0:0 -->" in plain and "<pattern" not in plain and "pipeline" not in plain

@@ -62,7 +62,11 @@ from typing import Any, NamedTuple
 
 from tripar.errors import PlanError
 
-__all__ = ["Action", "ActionKind", "Schedule", "format_grid"]
+__all__ = ["PIPELINE_MARKS", "Action", "ActionKind", "Schedule", "format_grid"]
+
+PIPELINE_MARKS = ("v", "^")
+"""How a grid marks the pipeline of an action under two pipelines (``Schedule.pipeline_of``):
+``v`` the down pipeline (stage s on rank s), ``^`` the up one (stage s on rank pp - 1 - s)."""
 
 
 class ActionKind(str, enum.Enum):
@@ -259,6 +263,19 @@ class Schedule:
     def pipeline_of(self, microbatch: int) -> int:
         """0 (down) or, under two pipelines, 1 (up) for the second half of the microbatches."""
         return int(self.pipelines == 2 and 2 * microbatch >= self.num_microbatches)
+
+    def cell(self, a: Action) -> str:
+        """``a`` as a grid cell: its text token and, under two pipelines, the mark of its
+        pipeline (``PIPELINE_MARKS``: ``v`` down, ``^`` up).
+
+        >>> s = Schedule("chimera", 2, 1, 2, ((),) * 2, pipelines=2)
+        >>> s.cell(Action(0, ActionKind.FORWARD, 0)), s.cell(Action(1, ActionKind.FORWARD, 1))
+        ('F0v', 'F1^')
+        """
+        token = self._token(a)
+        if self.pipelines == 2:
+            token += PIPELINE_MARKS[self.pipeline_of(a.microbatch)]
+        return token
 
     def rank_of(self, stage: int, microbatch: int = 0) -> int:
         """The rank that runs virtual stage ``stage`` on ``microbatch``: ``stage % pp``; on
