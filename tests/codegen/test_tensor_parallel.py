@@ -27,6 +27,7 @@ from tripar.models import load_model
 
 SPECS = {
     "gpt": "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=8",
+    "gpt_square": "gpt:layers=2,hidden=32,heads=4,vocab=64,seq=32",  # seq == hidden
     "llama": "llama:layers=2,hidden=64,heads=8,kv_heads=4,vocab=64,seq=8",
     "bert": "bert:layers=2,hidden=32,heads=4,vocab=64,seq=8",
     "vit": "vit:image=16,patch=8,layers=2,hidden=32,heads=4,classes=8",
@@ -39,8 +40,9 @@ SPECS = {
 }
 
 
-SEQUENCE = ("gpt", "llama", "bert", "hf_gpt2", "hf_llama", "hf_bert")
-"""The models rewritten with sequence parallelism too (at t=2): those with a sequence."""
+SEQUENCE = ("gpt", "gpt_square", "llama", "bert", "hf_gpt2", "hf_llama", "hf_bert")
+"""The models rewritten with sequence parallelism too (at t=2): those with a sequence
+(``gpt_square``'s as long as its hidden size: its sequence dims are told apart all the same)."""
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 FAMILIES = {

@@ -39,6 +39,13 @@ def test_plan_text_summary(capsys):
     assert "estimate: step" in text and "runners-up:" in text
 
 
+def test_sequence_parallelism_with_a_sequence_as_long_as_the_hidden_size(capsys):
+    assert main(["plan", "gpt:layers=2,hidden=64,heads=4,seq=64", "--gpus-per-node", "2",
+                 "--tp", "2", "--sp", "--global-batch", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "| sp" in text and "sequence parallelism on" in text
+
+
 def test_the_optimizer_step_is_costed_as_train_builds_it(capsys):
     from tripar.commands.train import optimizer_factory
     from tripar.partitioner.hardware import OPTIMIZER_STEP_BYTES

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -67,14 +68,19 @@ def _captured(spec: str):
     return capture_model(loaded.model, loaded.example_inputs)
 
 
-def _zone(spec: str) -> tuple[set[str], dict]:
+def _found(spec: str):
     captured = _captured(spec)
     gm, graph = captured.gm, captured.graph
     values = {n.name: n.meta.get("val") for n in gm.graph.nodes}
     inside = {n for r in graph.tp_regions for n in r.nodes}
     found = token_wise_nodes(gm, values, seq_len=graph.seq_len, skip=inside)
     seeds = [n for r in graph.tp_regions for n in r.row]
-    return set(sequence_zone(gm, found, seeds, inside)), {b.name: b for b in graph.blocks}
+    return found, set(sequence_zone(gm, found, seeds, inside)), graph
+
+
+def _zone(spec: str) -> tuple[set[str], dict]:
+    _, zone, graph = _found(spec)
+    return zone, {b.name: b for b in graph.blocks}
 
 
 def test_gpt_zone_holds_norms_dropouts_and_residuals():
@@ -104,3 +110,20 @@ def test_bert_post_norm_zone():
     for i in range(2):
         assert {f"layers_{i}_attention_norm", f"layers_{i}_output_norm"} <= zone
     assert "embeddings_layer_norm" in zone
+
+
+@pytest.mark.parametrize("spec", [
+    "gpt:layers=2,hidden=32,heads=4,vocab=64,seq={}",
+    "llama:layers=2,hidden=32,heads=4,kv_heads=2,vocab=64,seq={}",
+    "bert:layers=2,hidden=32,heads=4,vocab=64,seq={}",
+])
+def test_a_sequence_as_long_as_the_hidden_size_is_told_apart(spec):
+    # seq == hidden: every (b, s, h) activation has two dims of the sequence's size; the
+    # sequence is the dim the token ids bring (bert's token-type row, of the hidden size,
+    # carries none), so the same nodes are token-wise, on the same dims, as at seq 16
+    short, short_zone, _ = _found(spec.format(16))
+    square, square_zone, graph = _found(spec.format(32))
+    assert graph.seq_len == 32 and square_zone
+    assert dict(square) == dict(short) and square.dropout == short.dropout
+    assert square_zone == short_zone
+    assert {square.dims[n] for n in square_zone} == {1}   # (b, s, h): the sequence at 1

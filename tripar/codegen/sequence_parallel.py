@@ -52,7 +52,7 @@ from tripar.codegen.collectives import (
 )
 from tripar.codegen.tp_rng import ForkedRNG, method_caller
 from tripar.codegen.tp_verify import RewriteError, propagate
-from tripar.graph.sequence import sequence_dim, sequence_zone, token_wise_nodes
+from tripar.graph.sequence import sequence_zone, token_wise_nodes
 
 __all__ = ["SequenceDropout", "SequenceParallelCall", "apply_sequence_parallel"]
 
@@ -224,7 +224,7 @@ def apply_sequence_parallel(
     if not zone:
         return gm, dict(values), []
     nodes = {n.name: n for n in gm.graph.nodes}
-    dims = {name: sequence_dim(values[name], seq_len) for name in zone}
+    dims = {name: token_wise.dims.get(name) for name in zone}
     exits = [s for s in zone_list if sp.target_cls(nodes[s]) is ReduceFromTP]
     for name in exits:
         node = nodes[name]
@@ -238,7 +238,7 @@ def apply_sequence_parallel(
             if a.name in zone:
                 continue
             value = values.get(a.name)
-            if a.op != "get_attr" and (d := sequence_dim(value, seq_len)) is not None:
+            if a.op != "get_attr" and (d := token_wise.dims.get(a.name)) is not None:
                 with sp.graph.inserting_before(node):
                     s = sp.graph.call_module(sp.module_name(ScatterToTP), (a, d))
                 node.replace_input_with(a, s)

@@ -6,10 +6,10 @@ per node, from the fake-tensor values of :mod:`tripar.graph.values` and no table
 names:
 
 1. *The sequence dimension maps through.* The node runs again on fake inputs whose
-   sequence dimension (the one dim of size ``seq_len`` of every activation it reads;
-   weights and buffers are left whole) has a size no other dim has (`PROBE`). Its
-   output must then have that size at exactly the dim where its recorded value had
-   ``seq_len``, and every other dim unchanged. A node with a size baked in (a ``view``
+   sequence dimension (of every activation it reads, as :func:`sequence_dims` finds it
+   from the graph's inputs; weights and buffers are left whole) has a size no other dim
+   has (`PROBE`). Its output must then have that size at exactly its own sequence dim,
+   and every other dim unchanged. A node with a size baked in (a ``view``
    to ``(b, s, h)``, an ``arange(s)``), two sequence dims (attention scores) or no
    activation input fails this.
 2. *No operator mixes tokens.* While it runs, every ATen operator it dispatches is
@@ -42,6 +42,7 @@ regions, the set of token-wise nodes the sharded plan runs on the shard.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -53,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from tripar.graph.values import FakeInterpreter
 
 __all__ = ["PROBE", "Probe", "TokenMixing", "TokenWise", "carries", "is_dropout", "sequence_dim",
-           "sequence_zone", "token_wise_nodes"]
+           "sequence_dims", "sequence_zone", "token_wise_nodes"]
 
 PROBE = 1_000_003
 """The sequence length a node is probed with: a prime no other dim of a model has, so
@@ -144,11 +145,14 @@ class TokenMixing(TorchDispatchMode):
 
 class TokenWise(dict):
     """Node name -> the dim of its output that carries the sequence; ``dropout`` names
-    the random ones among them (each is a dropout)."""
+    the random ones among them (each is a dropout); ``dims`` is every node's sequence dim,
+    token-wise or not (:func:`sequence_dims`: the zone's exits and the inputs it scatters
+    too)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dropout: set[str] = set()
+        self.dims: dict[str, int | None] = {}
 
 
 def sequence_dim(value: Any, seq_len: int) -> int | None:
@@ -164,6 +168,121 @@ def sequence_dim(value: Any, seq_len: int) -> int | None:
     return dims[0] if len(dims) == 1 else None
 
 
+def sequence_dims(gm: torch.fx.GraphModule, values: Mapping[str, Any], *,
+                  seq_len: int) -> dict[str, int | None]:
+    """Node name -> the dim of its value (a tensor) that carries the sequence, for the
+    nodes (weights and buffers aside) whose value has a dim of size ``seq_len``; None for
+    those whose dims of that size are not the sequence's, or are several.
+
+    The sequence comes from the graph's inputs (an input's one dim of size ``seq_len``)
+    and flows through the graph: a node runs on its inputs with their sequence dims
+    resized to `PROBE`, and the one dim of its output of that size is the sequence's.
+    Read off sizes alone (as :func:`sequence_dim` does), a sequence as long as the
+    hidden size would be confused with it. A node that cannot run so keeps the sequence
+    where it was in memory when it reshapes its one input that carries it (to sizes baked
+    in); one that reads no input carrying the sequence (``arange(s)``) carries it at its
+    one dim of size ``seq_len``, unless a reader can only run with that dim whole (it is
+    the hidden size, say, of a row of a weight).
+
+    >>> class Square(torch.nn.Module):   # tokens (2, 8) -> features of 8: (2, 8, 8)
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.wte, self.norm = torch.nn.Embedding(16, 8), torch.nn.LayerNorm(8)
+    ...     def forward(self, ids):
+    ...         return self.norm(self.wte(ids)).view(2, 8, 8).mean(1)
+    >>> gm = torch.fx.symbolic_trace(Square())
+    >>> from tripar.graph.values import node_values
+    >>> values = node_values(gm, [torch.zeros(2, 8, dtype=torch.long)])
+    >>> sequence_dim(values["norm"], 8), sequence_dims(gm, values, seq_len=8)
+    (None, {'ids': 1, 'wte': 1, 'norm': 1, 'view': 1, 'mean': None})
+    """
+    run = Probe(gm)
+    with run.fake_weights(), run.mode, torch.no_grad():
+        return _Dims(run, values, seq_len).of_every_node()
+
+
+class _Dims:
+    """:func:`sequence_dims`, inside a probe's fake weights and mode."""
+
+    def __init__(self, run: Probe, values: Mapping[str, Any], seq_len: int) -> None:
+        self.run, self.values, self.seq_len = run, values, seq_len
+        self.dims: dict[str, int | None] = {}
+        self.guessed: set[str] = set()  # read off the size: no input brought the sequence
+        self.cache: dict[Any, int | None] = {}
+        self.modules = dict(run.module.named_modules())
+
+    def of_every_node(self) -> dict[str, int | None]:
+        for node in self.run.module.graph.nodes:
+            value = self.values.get(node.name)
+            if node.op in ("get_attr", "output") or not isinstance(value, torch.Tensor):
+                continue
+            sizes = [d for d in range(value.dim()) if value.shape[d] == self.seq_len]
+            if not sizes:
+                continue
+            carrying = [a for a in node.all_input_nodes if self.dims.get(a.name) is not None]
+            if node.op == "placeholder" or not carrying:
+                self.dims[node.name] = sizes[0] if len(sizes) == 1 else None
+                if len(sizes) == 1 and node.op != "placeholder":
+                    self.guessed.add(node.name)
+                continue
+            self.dims[node.name] = self._carried(node, sizes, carrying)
+        return self.dims
+
+    def _carried(self, node: torch.fx.Node, sizes: list[int],
+                 carrying: list[torch.fx.Node]) -> int | None:
+        """The one of ``sizes`` that the inputs' sequence dims reach (cached by operator,
+        shapes and dims, as the probes of a model's repeated layers are)."""
+        try:
+            key = _probe_key(node, self.values, self.modules, self.dims)
+            hash(key)
+        except Exception:  # noqa: BLE001 - unhashable arguments: probe it alone
+            key = None
+        if key is not None and key in self.cache:
+            return self.cache[key]
+        dim = self._run(node, sizes, ())
+        if dim is _FAILED:
+            dim = self._reshaped(node, sizes, carrying)
+        if dim is _FAILED and (whole := [a.name for a in carrying if a.name in self.guessed]):
+            dim = self._run(node, sizes, whole)  # a guess made it fail: it is no sequence
+            if dim is not _FAILED:
+                self.dims.update(dict.fromkeys(whole))
+                key = None
+        if dim is _FAILED:  # cannot tell: its one dim of the sequence's size, if one
+            dim = sizes[0] if len(sizes) == 1 else None
+        if key is not None:
+            self.cache[key] = dim
+        return dim
+
+    def _run(self, node: torch.fx.Node, sizes: list[int], whole: Collection[str]) -> Any:
+        env = _probe_inputs(self.run, node, self.values, self.dims, self.seq_len, whole)
+        if env is None:
+            return _FAILED
+        try:
+            result = _quietly(self.run, node, env)
+        except Exception:  # noqa: BLE001 - it cannot run resized
+            return _FAILED
+        if not isinstance(result, torch.Tensor):
+            return _FAILED
+        found = [d for d in range(result.dim()) if carries(result, d)]
+        return found[0] if len(found) == 1 and found[0] in sizes else None
+
+    def _reshaped(self, node: torch.fx.Node, sizes: list[int],
+                  carrying: list[torch.fx.Node]) -> Any:
+        """The dim of ``node``'s value, a reshape of its one input that carries the
+        sequence, preceded by as many elements as preceded the sequence there."""
+        value = self.values[node.name]
+        if len(carrying) != 1 or self.values[carrying[0].name].numel() != value.numel():
+            return _FAILED
+        source, dim = self.values[carrying[0].name], self.dims[carrying[0].name]
+        before = math.prod(source.shape[:dim])
+        found = [d for d in sizes if math.prod(value.shape[:d]) == before]
+        return found[0] if len(found) == 1 else _FAILED
+
+
+_FAILED = object()
+"""A probe's answer when the node cannot run on its resized inputs."""
+
+
 class Probe(FakeInterpreter):
     """Runs single nodes of ``gm`` on resized fake inputs (weights faked once)."""
 
@@ -173,12 +292,13 @@ class Probe(FakeInterpreter):
         return getattr(self, node.op)(node.target, args, kwargs)
 
 
-def _probe_key(node: torch.fx.Node, values: Mapping[str, Any], modules: Mapping[str, Any]) -> Any:
+def _probe_key(node: torch.fx.Node, values: Mapping[str, Any], modules: Mapping[str, Any],
+               dims: Mapping[str, int | None]) -> Any:
     def leaf(v: Any) -> Any:
         if isinstance(v, torch.fx.Node):
             val = values.get(v.name)
             if isinstance(val, torch.Tensor):
-                return ("t", tuple(val.shape), val.dtype, v.op == "get_attr")
+                return ("t", tuple(val.shape), val.dtype, v.op == "get_attr", dims.get(v.name))
             return ("v", repr(val))
         return ("c", repr(v))
 
@@ -204,21 +324,22 @@ def token_wise_nodes(gm: torch.fx.GraphModule, values: Mapping[str, Any], *, seq
     modules = dict(gm.named_modules())
     cache: dict[Any, tuple[bool, bool]] = {}
     with run.fake_weights(), run.mode, torch.no_grad():
+        dims = out.dims = _Dims(run, values, seq_len).of_every_node()
         for node in gm.graph.nodes:
             if node.op not in ("call_function", "call_method", "call_module") or node.name in skip:
                 continue
-            dim = sequence_dim(values.get(node.name), seq_len)
+            dim = dims.get(node.name)
             if dim is None:
                 continue
             try:
-                key = _probe_key(node, values, modules)
+                key = _probe_key(node, values, modules, dims)
                 hash(key)
             except Exception:  # noqa: BLE001 - unhashable arguments: probe it alone
                 key = None
             if key is not None and key in cache:
                 ok, random = cache[key]
             else:
-                ok, random = _probe(run, node, values, seq_len, dim)
+                ok, random = _probe(run, node, values, dims, seq_len, dim)
                 if key is not None:
                     cache[key] = (ok, random)
             if ok:
@@ -228,37 +349,54 @@ def token_wise_nodes(gm: torch.fx.GraphModule, values: Mapping[str, Any], *, seq
     return out
 
 
-def _probe(run: Probe, node: torch.fx.Node, values: Mapping[str, Any], seq_len: int,
-           dim: int) -> tuple[bool, bool]:
-    """(token-wise, draws random numbers) for one node."""
+def _probe_inputs(run: Probe, node: torch.fx.Node, values: Mapping[str, Any],
+                  dims: Mapping[str, int | None], seq_len: int,
+                  whole: Collection[str] = ()) -> dict[str, Any] | None:
+    """``node``'s inputs with their sequence dims resized to PROBE (weights, buffers and
+    the inputs in ``whole`` whole); None when none carries the sequence, or one has
+    several dims of size ``seq_len`` and none known to carry it (the sequence cannot be
+    told from the others)."""
     env: dict[str, Any] = {}
     resized = False
     for arg in node.all_input_nodes:
         value = values.get(arg.name)
         if isinstance(value, torch.Tensor) and arg.op != "get_attr":
-            sizes = [d for d in range(value.dim()) if value.shape[d] == seq_len]
-            if len(sizes) > 1:
-                return False, False
-            shape = [PROBE if d in sizes else n for d, n in enumerate(value.shape)]
-            resized |= bool(sizes)
+            dim = None if arg.name in whole else dims.get(arg.name)
+            if dim is None and arg.name not in whole and list(value.shape).count(seq_len) > 1:
+                return None
+            shape = [PROBE if d == dim else n for d, n in enumerate(value.shape)]
+            resized |= dim is not None
             env[arg.name] = torch.empty(shape, dtype=value.dtype, device=run.device)
         elif isinstance(value, torch.Tensor):
             env[arg.name] = run.fake(value)
         else:
             env[arg.name] = value
-    if not resized:
-        return False, False
-    mixing = TokenMixing()
+    return env if resized else None
+
+
+def _quietly(run: Probe, node: torch.fx.Node, env: dict[str, Any]) -> Any:
+    """``node`` run on ``env``; an exception is the answer (fake tensors do not log it)."""
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
-    level, fake_log.disabled = fake_log.disabled, True  # a failing probe is an answer
+    level, fake_log.disabled = fake_log.disabled, True
     try:
-        with mixing:
-            result = run.node_output(node, env)
-    except Exception:  # noqa: BLE001 - a node that cannot run resized is not token-wise
-        return False, False
+        return run.node_output(node, env)
     finally:
         fake_log.disabled = level
+
+
+def _probe(run: Probe, node: torch.fx.Node, values: Mapping[str, Any],
+           dims: Mapping[str, int | None], seq_len: int, dim: int) -> tuple[bool, bool]:
+    """(token-wise, draws random numbers) for one node."""
     before = values[node.name]
+    env = _probe_inputs(run, node, values, dims, seq_len)
+    if env is None:
+        return False, False
+    mixing = TokenMixing()
+    try:
+        with mixing:
+            result = _quietly(run, node, env)
+    except Exception:  # noqa: BLE001 - a node that cannot run resized is not token-wise
+        return False, False
     if mixing.mixed or not isinstance(result, torch.Tensor) or result.dim() != before.dim():
         return False, False
     want = [PROBE if d == dim else n for d, n in enumerate(before.shape)]
