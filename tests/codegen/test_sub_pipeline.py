@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.testing import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.codegen.test_build import SPECS, _capture, _gpt, make_plan
 from tripar.codegen.build import build
@@ -93,13 +94,19 @@ def test_sequence_parallel_entries_and_exits_are_started_too() -> None:
     # two entries per layer, two layers (and the head's), each in two parts
     assert len(starts) >= 2 * 2 * 2 and len(starts) % 2 == 0
     assert any(k is ReduceScatterStarted for k in kind.values())
-    for start in starts[:-1]:
+    hidden = 0
+    for start in starts:
         (done,) = [u for u in start.users if kind.get(u.name) in FINISHED]
-        work = [n for n in nodes[at[start.name] + 1:at[done.name]]
-                if n.op in ("call_function", "call_method", "call_module")
-                and n.target not in (finish, pending, operator.getitem)
-                and kind.get(n.name) not in (GatherStarted, ReduceScatterStarted)]
-        assert work, f"nothing computes while {start.name} runs"
+        hidden += any(n.op in ("call_function", "call_method", "call_module")
+                      and n.target not in (finish, pending, operator.getitem)
+                      and kind.get(n.name) not in (GatherStarted, ReduceScatterStarted)
+                      for n in nodes[at[start.name] + 1:at[done.name]])
+        # the backward's reduce-scatter of the entry's gradient is started too: the
+        # finishing module gets the handles of a joint wait on the parts' inputs
+        grad_handles = done.args[4]
+        (wait,) = [u for u in grad_handles.users if u.target is joint_wait]
+        assert len(wait.args) == 1 + 2 and start.args[0].args[0] is wait
+    assert hidden == len(starts) // 2   # each entry's second part, behind the first's work
 
 
 def test_two_parts_compute_what_one_part_computes(one_rank) -> None:
@@ -174,3 +181,47 @@ def test_one_sample_in_parts_of_its_sequence_computes_what_it_computes_whole(one
             for n in nodes[at[start.name] + 1:at[done.name]])
     assert hidden >= len(starts) // 2   # the MLP's all-reduces overlap the next part
     _assert_same_values_and_gradients(whole, parted, flat)
+
+
+def test_the_backward_reduces_one_parts_gradient_while_the_other_part_computes(
+        one_rank, monkeypatch) -> None:
+    """The autograd engine runs the ready node made last in the forward first. Each part's
+    f is made just before that part's first reader, so part 1's f (its backward starts
+    the all-reduce) runs before part 0's share of the level, and the joint wait after
+    both: between every started gradient all-reduce but each level's last and the wait,
+    the backward computes products."""
+    import tripar.codegen.sub_pipeline as sub
+
+    parted, flat = _stage(2)
+    log: list[str] = []
+    started = dist.all_reduce
+
+    def all_reduce(*args, **kwargs):
+        log.append("start" if kwargs.get("async_op") else "sync")
+        return started(*args, **kwargs)
+
+    waits = sub._wait_all
+
+    def wait_all(handles):
+        if handles:
+            log.append("wait")
+        waits(handles)
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                log.append("mm")
+            return func(*args, **(kwargs or {}))
+
+    out = parted(*flat)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(sub, "_wait_all", wait_all)
+    with Products():
+        (out[0] if isinstance(out, tuple) else out).backward()
+    levels = " ".join(log).split("wait")[:-1]
+    assert len(levels) >= 4   # attention and MLP of two layers (and the embedding's)
+    for level in levels:
+        steps = level.split()
+        assert steps.count("start") == 2, level   # each part's gradient all-reduce
+        first = steps.index("start")
+        assert "mm" in steps[first + 1:steps.index("start", first + 1)], level

@@ -38,6 +38,7 @@ from torch import nn
 __all__ = [
     "ALONG",
     "all_gather_along",
+    "reduce_scatter_along",
     "CopyToTP",
     "GatherFromTP",
     "ReduceFromTP",
@@ -91,15 +92,19 @@ def _own_slice(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     return x.narrow(dim, rank * n, n).contiguous()
 
 
-def _reduce_scatter(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-    """This rank's 1/t along ``dim`` of the sum of every rank's ``x``."""
+def reduce_scatter_along(x: torch.Tensor, dim: int, group: Any, handles: list | None = None
+                    ) -> torch.Tensor:
+    """This rank's 1/t along ``dim`` of the sum of every rank's ``x``; with ``handles``,
+    started: the result is there once the handle appended to them is waited for."""
     dist = _dist()
     size = dist.get_world_size(group)
     if x.shape[dim] % size:
         raise ValueError(f"dim {dim} of size {x.shape[dim]} is not divisible by the {size} ranks")
     pieces = [p.contiguous() for p in x.chunk(size, dim)]
     out = torch.empty_like(pieces[0])
-    dist.reduce_scatter(out, pieces, group=group)
+    work = dist.reduce_scatter(out, pieces, group=group, async_op=handles is not None)
+    if handles is not None:
+        handles.append(work)
     return out
 
 
@@ -139,7 +144,8 @@ class _AlongDim(torch.autograd.Function):
         return ALONG[ctx.bwd](grad, ctx.dim, ctx.group), None, None, None, None
 
 
-ALONG = {"slice": _own_slice, "gather": all_gather_along, "reduce_scatter": _reduce_scatter}
+ALONG = {"slice": _own_slice, "gather": all_gather_along,
+         "reduce_scatter": reduce_scatter_along}
 """A collective along a dim by name: this rank's slice, the all-gather, the reduce-scatter."""
 
 
@@ -162,8 +168,9 @@ class _SequenceLinears(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx: Any, x: torch.Tensor, dim: int, group: Any, gathered: Any,
-                *weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        ctx.dim, ctx.group = dim, group
+                grad_handles: list | None, *weights: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
+        ctx.dim, ctx.group, ctx.grad_handles = dim, group, grad_handles
         ctx.biased = [b is not None for b in weights[1::2]]
         whole = all_gather_along(x, dim, group) if gathered is None else torch.cat(gathered, dim)
         outs = tuple(F.linear(whole, w, b) for w, b in zip(weights[::2], weights[1::2]))
@@ -190,19 +197,23 @@ class _SequenceLinears(torch.autograd.Function):
             db = g2.sum(0).to(w.dtype) if biased else None
             out += [dw, db]
         dx_shard = None
-        if dx is not None:
-            dx_shard = _reduce_scatter(dx.reshape(whole.shape), ctx.dim, ctx.group)
-        return (dx_shard, None, None, None, *out)
+        if dx is not None:  # in x's dtype: autograd would copy a started result to it
+            dx_shard = reduce_scatter_along(dx.reshape(whole.shape).to(x.dtype), ctx.dim,
+                                            ctx.group, ctx.grad_handles)
+        return (dx_shard, None, None, None, None, *out)
 
 
 def sequence_linears(x: torch.Tensor, dim: int, group: Any, *weights: torch.Tensor | None,
-                     gathered: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+                     gathered: Sequence[torch.Tensor] | None = None,
+                     grad_handles: list | None = None) -> tuple[torch.Tensor, ...]:
     """``F.linear(gathered, w, b)`` for each ``(w, b)`` pair of ``weights``, where
     ``gathered`` is every rank's sequence shard ``x`` concatenated along ``dim``: a region
     entry under sequence parallelism whose readers are column-parallel linears. Keeps only
     ``x`` for the backward, which gathers it again and reduce-scatters its gradient.
-    ``gathered``: every rank's shard, already all-gathered (a started gather, waited for)."""
-    return _SequenceLinears.apply(x, dim, group, gathered, *weights)
+    ``gathered``: every rank's shard, already all-gathered (a started gather, waited for);
+    ``grad_handles``: the backward starts the reduce-scatter into them and returns (the
+    caller waits before the gradient is read: ``sub_pipeline.joint_wait``)."""
+    return _SequenceLinears.apply(x, dim, group, gathered, grad_handles, *weights)
 
 
 def copy_to_tp(x: torch.Tensor, group: Any = None) -> torch.Tensor:

@@ -13,12 +13,25 @@ Megatron's *g* (`ReduceFromTP`, the all-reduce after a row-parallel layer) becom
 asynchronous all-reduce (`ReduceStarted`) and a wait (`finish`) placed just before the
 first reader of its result. Megatron's *f* (`CopyToTP`: identity forward, all-reduce of
 the gradient backward) becomes `GradReduceStarted`, whose backward starts the all-reduce
-and returns at once, behind one `joint_wait` for the parts of that *f*: the autograd
-engine runs ready nodes latest-created first, so the backward computes the other parts'
-share of the level while a part's gradient is being reduced, and waits before the
-gradients reach the level below. Other collectives (sequence parallelism's all-gather
-and reduce-scatter, a vocabulary-parallel loss) run per part as they are, and a
-recomputed segment runs per part (its own collectives inside it stay synchronous).
+and returns at once, behind one `joint_wait` for the parts of that *f*.
+
+The backward's order follows from the forward's: PyTorch's autograd engine runs, of the
+nodes ready, the one made last in the forward. Each part's *f* is made just before that
+part's first reader, so the backward runs part 1's share of a level, part 1's *f*
+(starting its all-reduce), part 0's share of the level while it runs, part 0's *f*, and
+waits at the `joint_wait` before the gradients reach the level below: one part's
+collectives stay exposed per level, forward and backward, as the cost model's
+``c + x + (k - 1) max(c, x)`` says (`tripar.partitioner.cost.overlap`).
+
+Under sequence parallelism a region's entry all-gather (`GatherStarted`) is started for
+each part behind a `joint_wait` on the parts' inputs, and finished where the part first
+reads it (`SequenceLinearsFinished`, `GatherToFinished`), whose backward starts the
+reduce-scatter of the gradient for that wait; the exit's reduce-scatter is started too
+(`ReduceScatterStarted`). The exit's backward all-gather stays synchronous: the linear
+before it reads the gradient at once (it was made just before the exit), and a forward
+order that let the engine run other work first would give up the forward's overlap. A
+vocabulary-parallel loss runs per part as it is, and a recomputed segment runs per part
+(its own collectives inside it stay synchronous).
 
 The parts are concatenated back where a node mixes samples (a *join*: the loss over the
 microbatch runs on the whole) and at the stage's outputs, so a stage still receives and
@@ -51,6 +64,7 @@ from tripar.codegen.collectives import (
     SequenceLinears,
     TPCollective,
     all_gather_along,
+    reduce_scatter_along,
     sequence_linears,
 )
 from tripar.codegen.recompute import Recomputed, regraphed
@@ -109,12 +123,13 @@ class _ReduceScatterStarted(torch.autograd.Function):
 class _GradReduceStarted(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: Any, handles: list) -> torch.Tensor:
-        ctx.group, ctx.handles = group, handles
+        ctx.group, ctx.handles, ctx.dtype = group, handles, x.dtype
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        out = grad.clone(memory_format=torch.contiguous_format)
+        # in x's dtype: autograd would copy a result still arriving to it
+        out = grad.to(ctx.dtype, memory_format=torch.contiguous_format, copy=True)
         ctx.handles.append(_dist().all_reduce(out, group=ctx.group, async_op=True))
         return out, None, None
 
@@ -189,28 +204,36 @@ class GatherStarted(TPCollective):
 
 class _Gathered(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, pieces: list, dim: int, group: Any, bwd: str
-                ) -> torch.Tensor:
-        ctx.dim, ctx.group, ctx.bwd = dim, group, bwd
+    def forward(ctx: Any, x: torch.Tensor, pieces: list, dim: int, group: Any, bwd: str,
+                grad_handles: list) -> torch.Tensor:
+        ctx.dim, ctx.group, ctx.bwd, ctx.grad_handles = dim, group, bwd, grad_handles
+        ctx.dtype = x.dtype
         return torch.cat(pieces, dim)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        return ALONG[ctx.bwd](grad, ctx.dim, ctx.group), None, None, None, None
+        if ctx.bwd == "reduce_scatter":  # started; the entry's joint_wait waits
+            # in x's dtype: autograd would copy a result still arriving to it
+            out = reduce_scatter_along(grad.to(ctx.dtype), ctx.dim, ctx.group,
+                                       ctx.grad_handles)
+            return out, None, None, None, None, None
+        return ALONG[ctx.bwd](grad, ctx.dim, ctx.group), None, None, None, None, None
 
 
 class GatherToFinished(TPCollective):
     """Sequence parallelism's region entry (`GatherToTP`) once its started all-gather is
-    done: the whole sequence; backward reduce-scatters the gradient."""
+    done: the whole sequence; backward starts the reduce-scatter of the gradient into
+    ``grad_handles`` (the entry's `joint_wait` waits)."""
 
     backward_kind = "reduce_scatter"
 
-    def forward(self, x: torch.Tensor, dim: int, pieces: list, handles: list) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dim: int, pieces: list, handles: list,
+                grad_handles: list) -> torch.Tensor:
         _wait_all(handles)
-        return _Gathered.apply(x, pieces, dim, self.group, self.backward_kind)
+        return _Gathered.apply(x, pieces, dim, self.group, self.backward_kind, grad_handles)
 
-    def meta_forward(self, x: torch.Tensor, dim: int, pieces: list, handles: list
-                     ) -> torch.Tensor:
+    def meta_forward(self, x: torch.Tensor, dim: int, pieces: list, handles: list,
+                     grad_handles: list) -> torch.Tensor:
         return torch.cat([x] * self.t, dim)
 
 
@@ -223,15 +246,19 @@ class GatherFromFinished(GatherToFinished):
 
 class SequenceLinearsFinished(TPCollective):
     """`SequenceLinears` once its started all-gather is done: the column-parallel linears
-    of the whole sequence, keeping only the shard for the backward."""
+    of the whole sequence, keeping only the shard for the backward, which starts the
+    reduce-scatter of the input's gradient into ``grad_handles``."""
 
     def forward(self, x: torch.Tensor, dim: int, pieces: list, handles: list,
-                *weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                grad_handles: list, *weights: torch.Tensor | None
+                ) -> tuple[torch.Tensor, ...]:
         _wait_all(handles)
-        return sequence_linears(x, dim, self.group, *weights, gathered=pieces)
+        return sequence_linears(x, dim, self.group, *weights, gathered=pieces,
+                                grad_handles=grad_handles)
 
     def meta_forward(self, x: torch.Tensor, dim: int, pieces: list, handles: list,
-                     *weights: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+                     grad_handles: list, *weights: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, ...]:
         return SequenceLinears.meta_forward(self, x, dim, *weights)
 
 
@@ -364,6 +391,7 @@ class _Rewrite:
         self.started: dict[tuple[str, int], tuple[torch.fx.Node, torch.fx.Node]] = {}
         self.entered: dict[tuple[str, int], tuple[torch.fx.Node, ...]] = {}
         self.cats: dict[str, torch.fx.Node] = {}
+        self.deferred: dict[tuple[str, int], tuple[str, torch.fx.Node, torch.fx.Node]] = {}
         self.slices: dict[tuple[str, int], torch.fx.Node] = {}
         added: dict[str, nn.Module] = {}
         self.added = added
@@ -387,16 +415,10 @@ class _Rewrite:
             mine = [n for n in self.nodes if self.level.get(n.name) == level]
             for p in range(self.k):
                 for node in mine:
-                    if not self.part[node.name] or self.kind.get(node.name) == "f":
+                    if not self.part[node.name] or self.kind.get(node.name) in ("f", "e"):
                         continue
                     arg = lambda a, p=p, n=node: self._part_arg(a, p, n)  # noqa: E731
-                    if self.kind.get(node.name) == "e":
-                        module = self._started(node, GatherStarted, added)
-                        handles = g.call_function(pending)
-                        x, dim = torch.fx.map_arg(node.args[:2], arg)
-                        pieces = g.call_module(module, (x, dim, handles))
-                        self.entered[(node.name, p)] = (node, pieces, handles)
-                    elif self.kind.get(node.name) == "g":
+                    if self.kind.get(node.name) == "g":
                         old = type(self.gm.get_submodule(str(node.target)))
                         module = self._started(node, _STARTED[old], added)
                         handles = g.call_function(pending)
@@ -409,19 +431,36 @@ class _Rewrite:
                 if node.name in self.joined:
                     self.whole[node.name] = g.node_copy(node, self._whole_arg)
             for node in mine:
+                if self.kind.get(node.name) == "e":
+                    self._enter(node)
                 if self.kind.get(node.name) != "f":
                     continue
                 module = self._started(node, GradReduceStarted, added)
                 handles = g.call_function(pending)
                 xs = [self._part_arg(node.args[0], p) for p in range(self.k)]
                 waited = g.call_function(joint_wait, (handles, *xs))
-                for p in range(self.k):
-                    x = g.call_function(operator.getitem, (waited, p))
-                    self.parts[(node.name, p)] = g.call_module(module, (x, handles))
+                for p in range(self.k):  # each part's f is made just before its first reader
+                    self.deferred[(node.name, p)] = (module, waited, handles)
         (output,) = [n for n in self.nodes if n.op == "output"]
         g.output(torch.fx.map_arg(output.args[0], self._whole_arg), type_expr=output.type)
         g.lint()
         return g, added
+
+    def _enter(self, node: torch.fx.Node) -> None:
+        """A region entry under sequence parallelism, for every part: one `joint_wait` on
+        the parts' inputs (the backward's reduce-scatters of their gradients, started by
+        the finishing modules, are waited for there), then each part's all-gather
+        started; each part's finishing module is made where that part first reads it."""
+        g = self.g
+        grad_handles = g.call_function(pending)
+        xs = [self._part_arg(node.args[0], p, node) for p in range(self.k)]
+        waited = g.call_function(joint_wait, (grad_handles, *xs))
+        module = self._started(node, GatherStarted, self.added)
+        for p in range(self.k):
+            x = g.call_function(operator.getitem, (waited, p))
+            handles = g.call_function(pending)
+            pieces = g.call_module(module, (x, node.args[1], handles))
+            self.entered[(node.name, p)] = (node, x, pieces, handles, grad_handles)
 
     def _copy(self, node: torch.fx.Node, arg: Any) -> torch.fx.Node:
         """A part's copy of ``node``; a batch baked into its shape becomes the part's."""
@@ -453,15 +492,19 @@ class _Rewrite:
         """Argument ``a`` for part ``p`` of ``reader``."""
         if self.part[a.name]:
             if (a.name, p) in self.entered:  # the entry's gather is done: finish it
-                node, pieces, handles = self.entered.pop((a.name, p))
+                node, x, pieces, handles, grad_handles = self.entered.pop((a.name, p))
                 name = self._finished(node)
-                x, dim, *rest = torch.fx.map_arg(node.args,
-                                                 lambda b: self._part_arg(b, p, node))
+                rest = torch.fx.map_arg(node.args[2:], lambda b: self._part_arg(b, p, node))
                 self.parts[(a.name, p)] = self.g.call_module(
-                    name, (x, dim, pieces, handles, *rest), node.kwargs)
+                    name, (x, node.args[1], pieces, handles, grad_handles, *rest),
+                    node.kwargs)
             if (a.name, p) in self.started:
                 out, handles = self.started.pop((a.name, p))
                 self.parts[(a.name, p)] = self.g.call_function(finish, (out, handles))
+            if (a.name, p) in self.deferred:  # f of part p, made where part p first reads it
+                module, waited, handles = self.deferred.pop((a.name, p))
+                x = self.g.call_function(operator.getitem, (waited, p))
+                self.parts[(a.name, p)] = self.g.call_module(module, (x, handles))
             return self.parts[(a.name, p)]
         if reader is not None and a.name in self._sliced(reader):
             if (a.name, p) not in self.slices:

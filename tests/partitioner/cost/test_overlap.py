@@ -37,8 +37,11 @@ def test_k_parts_are_the_pipeline_of_the_part_costs(k, sp):
             continue
         assert s.forward_s == pytest.approx(pipelined(
             p.forward_s - p.tp_forward_comm_s, p.tp_forward_comm_s, k))
+        # under sp the exits' gradient all-gathers are read at once: every part pays them
+        assert (p.tp_backward_kept_s > 0) == sp
         assert s.backward_input_s == pytest.approx(pipelined(
-            p.backward_input_s - p.tp_backward_comm_s, p.tp_backward_comm_s, k))
+            p.backward_input_s - p.tp_backward_comm_s,
+            p.tp_backward_comm_s - p.tp_backward_kept_s, k) + k * p.tp_backward_kept_s)
         assert s.backward_weight_s == pytest.approx(k * p.backward_weight_s)
         assert (s.saved_bytes, s.params) == (w.saved_bytes, w.params)
         assert s.tp_comm_s < w.tp_comm_s   # only part of the collectives stays exposed

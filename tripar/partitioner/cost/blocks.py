@@ -42,6 +42,10 @@ class BlockCost:
     """The forward's share of ``tp_comm_s``: its collectives, all exposed at tp_overlap=1."""
     tp_backward_comm_s: float = 0.0
     """The input gradient's (B's) share of ``tp_comm_s``."""
+    tp_backward_kept_s: float = 0.0
+    """The part of ``tp_backward_comm_s`` that a block run in parts cannot hide: sequence
+    parallelism's exit all-gathers (the gradient an exit's all-gather brings is read at
+    once by the row-parallel linear before it, see ``tripar/codegen/sub_pipeline.py``)."""
     weight_grad_bytes: int = 0
     """Bytes a split backward (B) leaves for its W: the weight products' inputs and
     output gradients."""
@@ -255,7 +259,7 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
     grad_accumulate = 2 * params * dtype_bytes(dtype) / memory_rate
     weight_share = min(1.0, weight_flops / listed_flops) if listed_flops else 0.0
 
-    fwd_comm = bwd_comm = regather = 0.0
+    fwd_comm = bwd_comm = regather = kept = 0.0
     for region, on in zip(regions, sharded):
         if not on:
             continue
@@ -264,11 +268,12 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
             # the entry all-gathers and the exit reduce-scatters, forward and backward (one
             # all-reduce's volume each way); the backward gathers the entry again for the
             # weight gradient, overlapped with it
-            both = (collective_time(cluster, "all_gather", payload, t)
-                    + collective_time(cluster, "reduce_scatter", payload, t))
+            gather = collective_time(cluster, "all_gather", payload, t)
+            both = gather + collective_time(cluster, "reduce_scatter", payload, t)
             fwd_comm += both
             bwd_comm += both
-            regather += collective_time(cluster, "all_gather", payload, t)
+            kept += gather
+            regather += gather
             continue
         fwd_comm += collective_time(cluster, region.forward_collective, payload, t)
         bwd_comm += collective_time(cluster, region.backward_collective, payload, t)
@@ -293,6 +298,7 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
         tp_comm_s=fwd_comm + bwd_comm + regather,
         tp_forward_comm_s=fwd_comm,
         tp_backward_comm_s=bwd_comm,
+        tp_backward_kept_s=kept,
         weight_grad_bytes=int(weight_share * operands * dtype_bytes(dtype)),
         param_tensors=len(block.param_names),
         selective_bytes=int(selective_bytes),

@@ -17,6 +17,11 @@ the scores and their product with the values) relates every position to the earl
 ones, so it runs once, on the whole sequence, between the parts (``joined``): its time
 (``core_s`` per part, twice that in the backward) is taken out of the pipelined compute
 and added whole, hiding nothing.
+
+Under sequence parallelism an exit's backward all-gathers the gradient the row-parallel
+linear before it reads at once; PyTorch's autograd engine runs that linear's backward
+right after (it was made just before the exit in the forward), so nothing hides it:
+``tp_backward_kept_s`` is paid in full by every part.
 """
 
 from __future__ import annotations
@@ -61,10 +66,12 @@ def overlapped(whole: BlockCost, part: BlockCost, parts: int, *,
     """
     core_f = part.core_s if joined else 0.0
     core_b = min(2 * core_f, part.backward_input_s - part.tp_backward_comm_s)
+    kept = part.tp_backward_kept_s   # waited for at once, in every part
     fwd_compute = part.forward_s - part.tp_forward_comm_s - core_f
     bwd_compute = part.backward_input_s - part.tp_backward_comm_s - core_b
     forward = pipelined(fwd_compute, part.tp_forward_comm_s, parts) + parts * core_f
-    backward = pipelined(bwd_compute, part.tp_backward_comm_s, parts) + parts * core_b
+    backward = (pipelined(bwd_compute, part.tp_backward_comm_s - kept, parts)
+                + parts * (core_b + kept))
     fwd_exposed = forward - parts * (fwd_compute + core_f)
     bwd_exposed = backward - parts * (bwd_compute + core_b)
     regather = part.tp_comm_s - part.tp_forward_comm_s - part.tp_backward_comm_s
