@@ -10,9 +10,9 @@ and where splitting a microbatch pays on GPUs.
    plan chooses chimera or tp_overlap > 1, both simulated steps and the change. (Chimera allowed against left out of the schedules:
    ``chimera_at_scale.py``.)
 2. Published configurations. Each Table 1 row with t > 1 at its published t, p, d, 1F1B
-   and full recomputation: at micro-batch 1, as published, no batch split exists (the
-   plan IR refuses tp_overlap > 1 there); at micro-batches 2 and 4 (fewer microbatches,
-   the same samples per step) the simulated step at k = 1, 2 and 4, on the A100's
+   and full recomputation: at micro-batch 1, as published (the parts split the
+   sequence), and at micro-batches 2 and 4 (fewer microbatches, the same samples per
+   step; the parts split the batch), the simulated step at k = 1, 2 and 4, on the A100's
    NVLink (300 GB/s inside a node) and on a PCIe-class link (``--slow``, default a
    tenth of it: 30 GB/s).
 
