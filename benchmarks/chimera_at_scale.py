@@ -23,7 +23,7 @@ from dataclasses import replace
 from tripar.commands._model_args import proxy_graph_for
 from tripar.partitioner import search_with_stats, step_estimate
 from tripar.partitioner.hardware import Cluster
-from tripar.partitioner.megatron import MEGATRON_TABLE, SEQ, VOCAB
+from tripar.partitioner.megatron import MEGATRON_TABLE, MEGATRON_WEIGHTS, SEQ, VOCAB
 from tripar.partitioner.plan_search import space
 
 GPT3 = ("GPT-3 175B", "gpt:layers=96,hidden=12288,heads=96,vocab=51200,seq=2048", 1024, 1536)
@@ -61,7 +61,8 @@ def cases(rows: str, gpt3: bool) -> list[tuple[str, str, int, int]]:
 def graph_and_cluster(spec: str, gpus: int):
     """The proxy graph of ``spec`` (batch 1, tp degrees 2, 4 and 8) and ``gpus`` A100-80G
     in nodes of 8; built once per process."""
-    graph = proxy_graph_for(spec, batch_size=1, seq_len=SEQ, tp_degrees=(2, 4, 8))
+    graph = proxy_graph_for(spec, batch_size=1, seq_len=SEQ, tp_degrees=(2, 4, 8),
+                            weights_dtype=MEGATRON_WEIGHTS)
     return graph, Cluster.builtin("a100-80g", nodes=gpus // 8, gpus_per_node=8)
 
 

@@ -25,6 +25,7 @@ from tripar.partitioner.hardware import Cluster
 from tripar.partitioner.megatron import (
     A100_PEAK_TFLOPS,
     KORTHIKANTI_RUNS,
+    MEGATRON_WEIGHTS,
     SEQ,
     gpt_spec,
     model_flops,
@@ -35,7 +36,8 @@ from tripar.plan.config import ParallelConfig
 def row_report(row: tuple) -> str:
     """One markdown row: published MFU, the published configuration simulated, the plan."""
     name, heads, hidden, layers, t, p, gpus, batch, mfu, _ = row
-    graph = proxy_graph_for(gpt_spec(heads, hidden, layers), batch_size=1, seq_len=SEQ)
+    graph = proxy_graph_for(gpt_spec(heads, hidden, layers), batch_size=1, seq_len=SEQ,
+                            weights_dtype=MEGATRON_WEIGHTS)
     cluster = Cluster.builtin("a100-80g", nodes=max(1, gpus // 8), gpus_per_node=8)
     flops = model_flops(batch, layers, hidden)
 

@@ -34,6 +34,7 @@ from tripar.partitioner.hardware import Cluster
 from tripar.partitioner.megatron import (
     A100_PEAK_TFLOPS,
     KORTHIKANTI_RUNS,
+    MEGATRON_WEIGHTS,
     SEQ,
     VOCAB,
     model_flops,
@@ -60,7 +61,7 @@ def row(index: int) -> str:
     spec = (f"gpt:layers={layers},hidden={hidden},heads={heads},vocab={VOCAB},seq={SEQ},"
             "attention=eager")
     start = time.perf_counter()
-    graph = proxy_graph_for(spec, batch_size=1, seq_len=SEQ)
+    graph = proxy_graph_for(spec, batch_size=1, seq_len=SEQ, weights_dtype=MEGATRON_WEIGHTS)
     graph_s = time.perf_counter() - start
     cluster = Cluster.builtin("a100-80g", nodes=max(1, gpus // 8), gpus_per_node=8)
     flops = model_flops(batch, layers, hidden)

@@ -20,7 +20,7 @@ import time
 from tripar.commands._model_args import proxy_graph_for
 from tripar.partitioner import search_with_stats, step_estimate, uniform_split_of
 from tripar.partitioner.hardware import Cluster
-from tripar.partitioner.megatron import MEGATRON_TABLE, SEQ, VOCAB
+from tripar.partitioner.megatron import MEGATRON_TABLE, MEGATRON_WEIGHTS, SEQ, VOCAB
 from tripar.plan.config import ParallelConfig
 
 
@@ -29,7 +29,7 @@ def compare(row: tuple) -> dict:
     _, heads, hidden, layers, t, p, gpus, batch = row[:8]
     spec = f"gpt:layers={layers},hidden={hidden},heads={heads},vocab={VOCAB},seq={SEQ}"
     start = time.perf_counter()
-    graph = proxy_graph_for(spec, batch_size=1, seq_len=SEQ)
+    graph = proxy_graph_for(spec, batch_size=1, seq_len=SEQ, weights_dtype=MEGATRON_WEIGHTS)
     graph_s = time.perf_counter() - start
     cluster = Cluster.builtin("a100-80g", nodes=gpus // 8, gpus_per_node=8)
     d = gpus // (t * p)

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tripar.partitioner.megatron import SEQ, VOCAB
+from tripar.partitioner.megatron import MEGATRON_WEIGHTS, SEQ, VOCAB
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,7 +89,7 @@ def _graph(spec: str):
     """The proxy graph of ``spec`` (built once per spec: seconds for the large models)."""
     from tripar.commands._model_args import proxy_graph_for
 
-    return proxy_graph_for(spec, batch_size=1, seq_len=SEQ)
+    return proxy_graph_for(spec, batch_size=1, seq_len=SEQ, weights_dtype=MEGATRON_WEIGHTS)
 
 
 def _spec(row: tuple) -> str:

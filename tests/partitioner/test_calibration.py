@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 from tripar.graph import analyze
 from tripar.models import load_model
@@ -51,6 +52,7 @@ pytestmark = pytest.mark.xdist_group("megatron-graphs")
 @functools.cache
 def gpt_graph(heads: int, hidden: int, layers: int):
     loaded = load_model(gpt_spec(heads, hidden, layers), batch_size=1, device="meta")
+    loaded.model.to(torch.bfloat16)   # as Megatron-LM holds it (MEGATRON_WEIGHTS)
     return analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs,
                    model_config=loaded.config)
 

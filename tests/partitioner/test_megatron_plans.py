@@ -10,7 +10,7 @@ import pytest
 from tripar.commands._model_args import proxy_graph_for
 from tripar.partitioner.cost.step import step_estimate
 from tripar.partitioner.hardware import Cluster
-from tripar.partitioner.megatron import MEGATRON_TABLE
+from tripar.partitioner.megatron import MEGATRON_TABLE, MEGATRON_WEIGHTS
 from tripar.partitioner.plan_search import search
 from tripar.plan.config import ParallelConfig
 
@@ -19,7 +19,8 @@ from tripar.plan.config import ParallelConfig
 def test_plan_is_no_slower_than_the_published_configuration(row):
     _, heads, hidden, layers, t, p, gpus, batch, _ = row
     graph = proxy_graph_for(f"gpt:layers={layers},hidden={hidden},heads={heads},"
-                            f"vocab=51200,seq=2048", batch_size=1, seq_len=2048)
+                            f"vocab=51200,seq=2048", batch_size=1, seq_len=2048,
+                            weights_dtype=MEGATRON_WEIGHTS)
     cluster = Cluster.builtin("a100-80g", nodes=gpus // 8, gpus_per_node=8)
     d = gpus // (t * p)
     published = step_estimate(graph, cluster, ParallelConfig(

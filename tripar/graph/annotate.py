@@ -16,6 +16,11 @@ and log-sum-exp). Nothing is estimated from shapes:
   storage saved for backward is counted once, in the node whose operator saved
   it first; storages of parameters and buffers are not activations and are
   not counted.
+- Saved bytes are measured a second time with the forward under bf16 autocast
+  (``autocast_saved_bytes``), the way tripar trains in bf16: autocast keeps norms,
+  softmax, the loss and the residual stream in fp32 and saves bf16 copies of the
+  products' inputs and weights, so the bf16 step keeps about as many bytes as the fp32
+  one, not half.
 - A parameter (or a tied/shared one) is counted once, in the first node that
   reads it, under its first registered name.
 
@@ -26,6 +31,7 @@ nodes of FX-traced graphs also get their value as meta tensors in
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,6 +48,8 @@ from tripar.graph.blocks import node_module
 from tripar.graph.capture import flat_graph_inputs
 from tripar.graph.params import canonical_names, read_params
 from tripar.graph.replay import ReplayingInterpreter, ReusePlan
+
+log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
 
@@ -96,6 +104,10 @@ class NodeInfo:
     """(m, k, n) of each forward matrix product; a batch dimension is folded into m."""
     reads_params: bool = False
     """Whether the node reads a parameter (first reader or not)."""
+    autocast_saved_bytes: int = -1
+    """``saved_bytes`` when the forward runs under bf16 autocast with fp32 weights (the
+    way tripar trains in bf16): products save bf16 copies of their inputs and weights,
+    norms, softmax, the loss and the residual stream stay fp32. -1: not measured."""
 
 
 def _as_meta(tensor: torch.Tensor) -> torch.Tensor:
@@ -288,6 +300,7 @@ def annotate(
                 grads = [None if t.dim() == 0 else torch.ones_like(t) for t in roots]
                 torch.autograd.backward(roots, grads)
             del output, roots
+    autocast = _autocast_saved(gm, example_inputs, example_kwargs, reuse)
     for node in gm.graph.nodes:
         source = runner.copied.get(node.name, node.name)
         shapes, dtypes, nbytes = runner.layouts.get(source, ((), (), 0))
@@ -305,12 +318,48 @@ def annotate(
             module=_attr_module(node) if node.op == "get_attr" else node_module(node),
             matmuls=tuple(counter.matmuls.get(source, ())),
             reads_params=node.name in readers,
+            autocast_saved_bytes=-1 if autocast is None else autocast(node.name),
         )
         if keep_val and source in runner.meta_values:
             node.meta["val"] = runner.meta_values[source]
     infos = [n.meta["tripar"] for n in gm.graph.nodes]
     gm.meta["tripar_flops"] = (sum(i.forward_flops for i in infos),
                                sum(i.backward_flops for i in infos))
+
+
+class _AutocastAnnotator(_Annotator):
+    """`_Annotator` for the forward under autocast: ``torch.export``'s checks that a value
+    keeps its traced dtype are skipped (autocast changes the dtypes on purpose)."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default:
+            return None
+        return super().run_node(n)
+
+
+def _autocast_saved(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                    example_kwargs: dict[str, Any] | None, reuse: bool) -> Any:
+    """Each node's saved bytes with the forward under bf16 autocast on fake weights of the
+    graph's own dtype, as a function of the node's name; None when the graph does not run
+    so (the cost model then scales the fp32 bytes by the dtype's size)."""
+    if not any(p.dtype == torch.float32 for p in gm.parameters()):
+        return None   # autocast leaves a bf16 or fp16 model's dtypes as they are
+    flat = flat_graph_inputs(gm, tuple(example_inputs), example_kwargs, error=CaptureError)
+    counter = _NodeFlopCounter()
+    runner = _AutocastAnnotator(gm, counter)
+    flat = runner.fake(flat)
+    try:
+        with runner.fake_weights(), runner.mode, counter, torch.enable_grad(), \
+                torch.autocast("cpu", dtype=torch.bfloat16), \
+                torch.autograd.graph.saved_tensors_hooks(runner.pack, runner.unpack):
+            runner.execute(flat, ReusePlan.of(gm) if reuse else None)
+    except Exception as error:  # noqa: BLE001 - an estimate falls back, the plan goes on
+        log.warning("the graph does not run under autocast on fake tensors (%s: %s); "
+                    "bf16 activations are estimated from fp32 ones", type(error).__name__,
+                    error)
+        return None
+    saved = runner.saved_by_node
+    return lambda name: int(saved.get(runner.copied.get(name, name), 0))
 
 
 def _attr_module(node: torch.fx.Node) -> str:

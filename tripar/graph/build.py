@@ -185,6 +185,8 @@ def build_proxy_graph(
             forward_flops=sum(i.forward_flops for i in infos),
             backward_flops=sum(i.backward_flops for i in infos),
             saved_bytes=sum(i.saved_bytes for i in infos),
+            autocast_saved_bytes=(-1 if any(i.autocast_saved_bytes < 0 for i in infos)
+                                  else sum(i.autocast_saved_bytes for i in infos)),
             input_bytes=input_bytes[b],
             output_bytes=output_bytes[b],
             signature=_signature(gm, part, b),

@@ -69,6 +69,10 @@ class Block:
     """Of ``saved_bytes``, what the token-wise nodes between tensor-parallel regions save
     (norms, dropouts, residual adds: ``tripar.graph.sequence``): what sequence
     parallelism divides by t."""
+    autocast_saved_bytes: int = -1
+    """``saved_bytes`` with the forward under bf16 autocast and fp32 weights (how tripar
+    trains in bf16: fp32 norms, softmax, loss and residual stream, bf16 copies of the
+    products' inputs and weights); -1: not measured."""
 
 
 @dataclass(frozen=True, slots=True)

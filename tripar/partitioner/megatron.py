@@ -30,6 +30,11 @@ from tripar.partitioner.hardware import Cluster
 from tripar.plan.config import ParallelConfig
 
 SEQ, VOCAB = 2048, 51200
+MEGATRON_WEIGHTS = "bf16"
+"""The dtype Megatron-LM's runs hold the model in: half precision, with fp32 master weights
+in the optimizer, so every activation is bf16 (tripar's own runs keep an fp32 model under
+autocast, whose norms, softmax, loss and residual stream stay fp32): the graphs checked
+against its tables are built in it."""
 A100_PEAK_TFLOPS = 312.0
 """A100 bf16 dense peak, what the utilizations of ``KORTHIKANTI_RUNS`` are shares of."""
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 from example_graphs import example_graph
@@ -55,3 +57,31 @@ def test_step_estimate_interleaved_and_zero_bubble():
     assert len(inter.stage_costs) == 8 and len(inter.rank_memory_bytes) == 4
     assert inter.bubble_fraction < plain.bubble_fraction
     assert zb.step_time_s < plain.step_time_s
+
+
+H200_RUN = (Path(__file__).resolve().parents[3] / "benchmarks" / "results" / "gpu_h200"
+            / "run2_memory_breakdown.json")
+"""``torch.cuda.max_memory_allocated`` of tripar's runtime on one H200 (bf16 autocast, AdamW,
+no recomputation), steps 2-3, by ``benchmarks/gpu_memory.py``."""
+
+
+@pytest.mark.parametrize("row", range(5))
+def test_bf16_peak_memory_is_the_measured_one_on_an_h200(row):
+    """The predicted peak of each recorded run against the measured one: under bf16
+    autocast the fp32 model keeps norms, softmax, the loss and the residual stream in fp32
+    (``Block.autocast_saved_bytes``); halving every fp32 byte predicted 1/1.25 to 1/1.65
+    of the measured peaks. The prediction may not fall short by more than 10% (a plan must
+    fit) nor exceed it by more than 25% (it counts the gradients at the peak, which the
+    run frees between steps)."""
+    from tripar.commands._model_args import proxy_graph_for
+
+    key, runs = list(json.loads(H200_RUN.read_text()).items())[row]
+    spec, batch, parts = key.split()
+    batch, parts = int(batch.removeprefix("b=")), int(parts.removeprefix("nmb="))
+    measured = runs["tripar"]["peak_steps_2_3"] * 2**30
+    graph = proxy_graph_for(spec, batch_size=1)
+    config = ParallelConfig(dp=1, tp=1, pp=1, micro_batch_size=batch // parts,
+                            num_microbatches=parts, recompute="none")
+    est = step_estimate(graph, Cluster.builtin("h200"), config, dtype="bf16",
+                        record_timeline=False)
+    assert 0.90 <= est.peak_memory_bytes / measured <= 1.25, (spec, batch, parts)

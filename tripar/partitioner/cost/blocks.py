@@ -179,6 +179,19 @@ def _sharded_products(block: Block, regions: Sequence[TPRegion], sharded: Sequen
     return out
 
 
+def _saved_scale(block: Block, graph: ProxyGraph, dtype: str, scale: float,
+                 byte_scale: float) -> float:
+    """What a saved byte of the profile becomes in the training dtype: a 2-byte dtype on
+    an fp32 model trains under autocast, which keeps norms, softmax, the loss and the
+    residual stream in fp32 and saves bf16 copies of the products' inputs and weights, so
+    the block's bytes under autocast, as measured (``Block.autocast_saved_bytes``); the
+    dtype's size ratio where that was not measured."""
+    if (block.autocast_saved_bytes >= 0 and block.saved_bytes and dtype_bytes(dtype) == 2
+            and dtype_bytes(graph.dtype) == 4):
+        return scale * block.autocast_saved_bytes / block.saved_bytes
+    return byte_scale
+
+
 def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
                 graph: ProxyGraph, cluster: Cluster, config: ParallelConfig,
                 dtype: str, scale: float | None = None) -> BlockCost:
@@ -228,9 +241,10 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
 
     # Bytes, converted to the training dtype and sharded per Korthikanti's structure.
     input_bytes = block.input_bytes * byte_scale
-    saved = block.saved_bytes * byte_scale
+    saved_scale = _saved_scale(block, graph, dtype, scale, byte_scale)
+    saved = block.saved_bytes * saved_scale
     # sequence parallelism: what the token-wise parts save is kept on 1/tp of the sequence
-    sequence = min(saved, block.sequence_saved_bytes * byte_scale) \
+    sequence = min(saved, block.sequence_saved_bytes * saved_scale) \
         if config.sp and config.tp > 1 else 0.0
     if regions and t > 1:
         replicated = min(saved, input_bytes * sum(_REPLICATED_INPUTS.get(r.kind, 1.0)
@@ -243,7 +257,7 @@ def _block_cost(block: Block, regions: list[TPRegion], sharded: Sequence[bool],
     overhead = eff.op_s * block.ops  # per pass; the backward's autograd nodes go to B
 
     selective_bytes, selective_s = _selective(
-        block, regions, sharded, t, getattr(config, "sp", False), byte_scale, scale)
+        block, regions, sharded, t, getattr(config, "sp", False), saved_scale, scale)
     selective_bytes = min(saved, selective_bytes)
     selective_s *= seconds_per_flop
     selective_s += (eff.memory_traffic * selective_bytes / memory_rate
