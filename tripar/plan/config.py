@@ -20,6 +20,12 @@ ZERO_STAGES = (0, 1, 2)
 ranks, 1 shards the optimizer state (ZeRO-1), 2 the gradients too (ZeRO-2)."""
 
 
+def splits_sequence(micro_batch_size: int, tp_overlap: int) -> bool:
+    """Whether ``tp_overlap``'s parts split the sequence: several parts of a one-sample
+    microbatch (which sequence parallelism, sharding that sequence, cannot join)."""
+    return tp_overlap > 1 and micro_batch_size == 1
+
+
 def _check_tp_overlap(cfg: ParallelConfig) -> None:
     """tp_overlap=k splits a microbatch into k parts inside a TP stage: along the batch,
     or along the sequence where the microbatch is one sample (then the plan checks that k
@@ -32,7 +38,7 @@ def _check_tp_overlap(cfg: ParallelConfig) -> None:
     if cfg.tp == 1:
         raise ConfigError(f"tp_overlap={k} overlaps tensor-parallel collectives with compute "
                           "and needs tp > 1; use tp_overlap=1 at tp=1")
-    if cfg.micro_batch_size == 1 and cfg.sp:
+    if splits_sequence(cfg.micro_batch_size, k) and cfg.sp:
         raise ConfigError(f"tp_overlap={k} at micro_batch_size=1 splits the sequence, which "
                           "sequence parallelism (sp=True) already shards over the "
                           "tensor-parallel ranks; use sp=False, or a micro_batch_size "
@@ -112,6 +118,11 @@ class ParallelConfig:
                 f"{self.pp}, num_microbatches={self.num_microbatches}): rank r holds stage r of "
                 f"the down pipeline and stage pp-1-r of the up pipeline, and each pipeline "
                 f"takes half the microbatches")
+
+    @property
+    def splits_sequence(self) -> bool:
+        """Whether the tp_overlap parts split the sequence (a one-sample microbatch)."""
+        return splits_sequence(self.micro_batch_size, self.tp_overlap)
 
     @property
     def pipelines(self) -> int:

@@ -134,7 +134,7 @@ class Plan:
                            f"virtual_index={st.virtual_index}; stage {i} of pp={par.pp} is "
                            f"index={want[0]} rank={want[1]} virtual_index={want[2]}")
         out.extend(self._coverage_problems())
-        if par.tp_overlap > 1 and par.micro_batch_size == 1 and \
+        if par.splits_sequence and \
                 self.inputs.seq_len % par.tp_overlap:
             out.append(f"tp_overlap={par.tp_overlap} splits a one-sample microbatch along "
                        f"its sequence, but seq_len={self.inputs.seq_len} is not divisible by "

@@ -390,8 +390,7 @@ def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
                     loss_owner[block.name] = owner_of_loss[node]
     part = None   # one of the tp_overlap parts a block's microbatch runs as
     part_scale = None  # its share of the profiled tokens, when it splits the sequence
-    along_sequence = config.tp_overlap > 1 and config.micro_batch_size == 1
-    if along_sequence:
+    if config.splits_sequence:
         part = replace(config, tp_overlap=1)
         part_scale = 1 / (config.tp_overlap * graph.batch_size)
     elif config.tp_overlap > 1:
@@ -417,6 +416,6 @@ def block_costs(graph: ProxyGraph, cluster: Cluster, config: ParallelConfig, *,
                 cache[key] = overlapped(
                     cache[key],
                     _block_cost(block, mine, on, graph, cluster, part, dtype, part_scale),
-                    config.tp_overlap, joined=along_sequence)
+                    config.tp_overlap, joined=config.splits_sequence)
         costs.append(cache[key])
     return costs

@@ -211,8 +211,7 @@ def _sequence_note(graph: ProxyGraph, cluster: Cluster, dtype: str, best: Evalua
                            dtype=dtype, tp_regions=best.tp_regions)[:bounds[1]]
                for sp in (True, False))  # the bytes kept are the same at every tp_overlap
     kept_on, kept_off = sum(c.saved_bytes for c in on), sum(c.saved_bytes for c in off)
-    flipped = not cfg.sp and cfg.tp_overlap > 1 and cfg.micro_batch_size == 1
-    other = None if flipped else next(  # sp does not split a sequence the parts split
+    other = None if cfg.splits_sequence else next(  # sp cannot join a sequence split
         (e for e in evaluated if e.config == dataclasses.replace(cfg, sp=not cfg.sp)), None)
     versus = ""
     if other is not None and best.step_time_s > 0:
@@ -277,7 +276,7 @@ def _overlap_note(graph: ProxyGraph, cluster: Cluster, dtype: str,
                    f"{e.step_time_s / best.step_time_s - 1:+.1%}"
                    for e in others if e.config.tp_overlap == 1 and best.step_time_s > 0), "")
     along = ("of its sequence (one sample: attention runs whole between them)"
-             if cfg.micro_batch_size == 1 else "of its samples")
+             if cfg.splits_sequence else "of its samples")
     return (f"sub-pipelined tensor parallelism: each microbatch runs as {cfg.tp_overlap} parts "
             f"{along} whose collectives overlap the other parts' compute; stage 0 leaves "
             f"{fmt_time(exposed)} of tensor-parallel collectives exposed per microbatch, "

@@ -36,7 +36,7 @@ from tripar.partitioner.plan_search.cache import BlockCostCache, CostPoint, Unif
 from tripar.partitioner.plan_search.pins import Pins, divisors
 from tripar.partitioner.plan_search.regions import RegionChooser
 from tripar.partitioner.schedules import warmup_in_flight
-from tripar.plan.config import SCHEDULES, ZERO_STAGES, ParallelConfig
+from tripar.plan.config import SCHEDULES, ZERO_STAGES, ParallelConfig, splits_sequence
 
 TP_OVERLAPS = (1, 2, 4)
 """The tp_overlap values the search tries (where they divide the microbatch)."""
@@ -100,7 +100,7 @@ class SearchSpace:
             choices = [(s, on) for s in ((shard, self.regions.all_regions(tp)) if k > 1
                                          else (shard,))   # overlapped, sharding may pay more
                        for on in self.sequence_parallel(tp) if (sp is None or on == sp)
-                       and not (on and k > 1 and b == 1)  # the parts split the sequence
+                       and not (on and splits_sequence(b, k))
                        ] or [(shard, False)]
             costs = self.costs.get(tp, b, *choices[0], k)
             for other in (self.costs.get(tp, b, s, on, k) for s, on in choices[1:]):
@@ -178,7 +178,7 @@ class SearchSpace:
         def splits(k: int) -> bool:
             if k == 1:
                 return True
-            if b == 1:
+            if splits_sequence(b, k):
                 return not sp and self.graph.seq_len % k == 0
             return b % k == 0
 
@@ -205,7 +205,7 @@ class SearchSpace:
 
             self._pays[key] = any(
                 work(sp, k) < work(sp, 1) for sp in self.sequence_parallel(tp)
-                if not (sp and b == 1))
+                if not (sp and splits_sequence(b, k)))
         return self._pays[key]
 
     def _schedules_for(self, pp: int, m: int, blocks: int) -> list[tuple[str, int]]:
@@ -239,7 +239,7 @@ class SearchSpace:
             extremes = [self.least_work_costs(tp, b, k), self.costs.get(tp, b, frozenset()),
                         self.costs.get(tp, b, self.regions.all_regions(tp), False, k),
                         self.costs.get(tp, b, self.regions.all_regions(tp), True, k)
-                        if not (k > 1 and b == 1) else []]  # sp: no sequence split
+                        if not splits_sequence(b, k) else []]
             self._chain_share[key] = min(
                 ((c.forward_s + c.backward_input_s)
                  / (c.forward_s + c.backward_input_s + c.backward_weight_s)
