@@ -31,13 +31,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from tripar.graph import analyze
 from tripar.models import load_model
 from tripar.partitioner.calibrate_fit import CalibrationRun, fit_efficiency, leave_one_out
 from tripar.partitioner.hardware import Efficiency, load_calibration
-from tripar.partitioner.megatron import MEGATRON_TABLE, gpt_spec, table_run
+from tripar.partitioner.megatron import MEGATRON_TABLE, MEGATRON_WEIGHTS, gpt_spec, table_run
 
 CALIBRATION = Path(__file__).resolve().parents[1] / "tripar" / "partitioner" / "calibration.json"
 
@@ -47,7 +45,7 @@ def build_runs(rows=MEGATRON_TABLE) -> list[CalibrationRun]:
     runs = []
     for row in rows:
         loaded = load_model(gpt_spec(*row[1:4]), batch_size=1, device="meta")
-        loaded.model.to(torch.bfloat16)   # as Megatron-LM holds it (MEGATRON_WEIGHTS)
+        loaded.model.to(MEGATRON_WEIGHTS)   # half precision, as Megatron-LM holds it
         graph = analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs,
                         model_config=loaded.config)
         runs.append(table_run(row, graph))

@@ -12,6 +12,7 @@ from tripar.graph import capture_model
 from tripar.models import load_model
 from tripar.partitioner.cost import block_costs
 from tripar.partitioner.hardware import Cluster
+from tripar.partitioner.megatron import MEGATRON_WEIGHTS
 from tripar.plan.config import ParallelConfig
 
 S, H, A = 64, 64, 16
@@ -59,7 +60,7 @@ def test_korthikanti_activation_memory(tp):
     (Megatron's GPU kernel keeps one byte), so each mask counts twice: 36 s b h (two
     dropouts outside the core) and 6 a s^2 b; layer norms add their per-token statistics
     and the causal mask its s^2 bools."""
-    graph = _graph(EAGER, torch.bfloat16)   # in bf16, as Megatron-LM holds its model
+    graph = _graph(EAGER, MEGATRON_WEIGHTS)   # half precision, as Megatron-LM holds it
     index = next(i for i, b in enumerate(graph.blocks) if b.kind == "layer")
     cost = block_costs(graph, Cluster.builtin("a100-80g"), ParallelConfig(1, tp, 1, 1, 1))[index]
     sbh = S * H

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 
 import pytest
-import torch
 
 from tripar.graph import analyze
 from tripar.models import load_model
@@ -33,6 +32,7 @@ from tripar.partitioner.megatron import (
     A100_PEAK_TFLOPS,
     KORTHIKANTI_RUNS,
     MEGATRON_TABLE,
+    MEGATRON_WEIGHTS,
     gpt_spec,
     korthikanti_run,
     megatron_flops,
@@ -52,7 +52,7 @@ pytestmark = pytest.mark.xdist_group("megatron-graphs")
 @functools.cache
 def gpt_graph(heads: int, hidden: int, layers: int):
     loaded = load_model(gpt_spec(heads, hidden, layers), batch_size=1, device="meta")
-    loaded.model.to(torch.bfloat16)   # as Megatron-LM holds it (MEGATRON_WEIGHTS)
+    loaded.model.to(MEGATRON_WEIGHTS)   # half precision, as Megatron-LM holds it
     return analyze(loaded.model, loaded.example_inputs, loaded.example_kwargs,
                    model_config=loaded.config)
 

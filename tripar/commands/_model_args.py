@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from tripar.errors import ConfigError
 from tripar.graph.proxy import ProxyGraph
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_HELP = (
     "a zoo model such as 'gpt:layers=2,hidden=64,heads=4,vocab=128,seq=16' "
@@ -42,10 +46,10 @@ def load_proxy_graph(args: argparse.Namespace, *, tp_degrees: tuple[int, ...] = 
 
 def proxy_graph_for(spec: str, *, batch_size: int = 1, seq_len: int | None = None,
                     tp_degrees: tuple[int, ...] = (2, 4, 8),
-                    weights_dtype: str | None = None) -> ProxyGraph:
+                    weights_dtype: torch.dtype | None = None) -> ProxyGraph:
     """The proxy graph of a MODEL spec, built on the meta device (no weights allocated).
     ``weights_dtype``: the dtype the weights are built in (default the model's own,
-    fp32 for the zoo: tripar trains it in bf16 under autocast). ``"bf16"`` models a
+    fp32 for the zoo: tripar trains it in bf16 under autocast). ``torch.bfloat16`` models a
     framework that trains the model itself in half precision, as Megatron-LM does:
     every activation is then bf16, where autocast keeps norms, softmax, the loss and the
     residual stream in fp32."""
@@ -54,13 +58,7 @@ def proxy_graph_for(spec: str, *, batch_size: int = 1, seq_len: int | None = Non
 
     loaded = load_model(spec, batch_size=batch_size, seq_len=seq_len, device="meta")
     if weights_dtype is not None:
-        import torch
-
-        from tripar.partitioner.hardware import canonical_dtype
-
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                       "fp64": torch.float64}[canonical_dtype(weights_dtype)]
-        loaded.model.to(torch_dtype)
+        loaded.model.to(weights_dtype)
     config = dict(loaded.config)
     first = next((t for t in loaded.example_inputs if hasattr(t, "shape") and t.dim() >= 2),
                  None)

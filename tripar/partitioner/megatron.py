@@ -24,13 +24,15 @@ against (shared/REFERENCE.md), and the tripar configuration of each.
 
 from __future__ import annotations
 
+import torch
+
 from tripar.graph.proxy import ProxyGraph
 from tripar.partitioner.calibrate_fit import CalibrationRun
 from tripar.partitioner.hardware import Cluster
 from tripar.plan.config import ParallelConfig
 
 SEQ, VOCAB = 2048, 51200
-MEGATRON_WEIGHTS = "bf16"
+MEGATRON_WEIGHTS = torch.bfloat16
 """The dtype Megatron-LM's runs hold the model in: half precision, with fp32 master weights
 in the optimizer, so every activation is bf16 (tripar's own runs keep an fp32 model under
 autocast, whose norms, softmax, loss and residual stream stay fp32): the graphs checked

@@ -20,6 +20,7 @@ from tripar.graph import capture_model
 from tripar.partitioner.cost.blocks import block_costs
 from tripar.partitioner.cost.collectives import all_gather_time
 from tripar.partitioner.hardware import Cluster
+from tripar.partitioner.megatron import MEGATRON_WEIGHTS
 from tripar.plan.config import ParallelConfig
 
 S, B, H, A, V = 32, 1, 64, 4, 96
@@ -70,8 +71,8 @@ class _Model(nn.Module):
 @functools.cache
 def _graph():
     ids = torch.randint(0, V, (B, S))
-    # in bf16, as Megatron-LM holds its model: Korthikanti's bytes are half-precision ones
-    return capture_model(_Model().to(torch.bfloat16), (ids, ids)).graph
+    # half precision, as Megatron-LM holds its model: Korthikanti's bytes are bf16 ones
+    return capture_model(_Model().to(MEGATRON_WEIGHTS), (ids, ids)).graph
 
 
 def korthikanti(t: int, sp: bool, mask_bytes: int) -> float:
