@@ -92,8 +92,8 @@ def _own_slice(x: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
     return x.narrow(dim, rank * n, n).contiguous()
 
 
-def reduce_scatter_along(x: torch.Tensor, dim: int, group: Any, handles: list | None = None
-                    ) -> torch.Tensor:
+def reduce_scatter_along(x: torch.Tensor, dim: int, group: Any,
+                         handles: list | None = None) -> torch.Tensor:
     """This rank's 1/t along ``dim`` of the sum of every rank's ``x``; with ``handles``,
     started: the result is there once the handle appended to them is waited for."""
     dist = _dist()

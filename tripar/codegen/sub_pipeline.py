@@ -537,7 +537,7 @@ class _Rewrite:
         if a.name in self.split.inputs:
             return self.whole[a.name]
         if a.name not in self.cats:
-            dim = self.split.parts.get(a.name, self.split.inputs.get(a.name))
+            dim = self.split.parts.get(a.name)
             if dim is None and not isinstance(self.values.get(a.name), torch.Tensor):
                 if a.name not in self.whole:  # T of x.size(), for a whole-sequence mask
                     self.whole[a.name] = self.g.node_copy(a, self._whole_arg)

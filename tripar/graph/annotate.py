@@ -31,6 +31,7 @@ nodes of FX-traced graphs also get their value as meta tensors in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -286,13 +287,14 @@ def annotate(
     first_reads, readers = _first_readers(gm)
     # export graphs carry their own fake "val"s; FX graphs get meta tensors from this run
     keep_val = gm.meta.get("tripar_tracer") != "export"
+    plan = ReusePlan.of(gm) if reuse else None
     counter = _NodeFlopCounter()
     runner = _Annotator(gm, counter)
-    flat = runner.fake(flat)
+    fake_flat = runner.fake(flat)
     with runner.fake_weights():
         with runner.mode, counter, torch.enable_grad():
             with torch.autograd.graph.saved_tensors_hooks(runner.pack, runner.unpack):
-                output = runner.execute(flat, ReusePlan.of(gm) if reuse else None)
+                output = runner.execute(fake_flat, plan)
             roots = _backward_roots(output)
             counter.current = None
             counter.backward = True
@@ -300,7 +302,7 @@ def annotate(
                 grads = [None if t.dim() == 0 else torch.ones_like(t) for t in roots]
                 torch.autograd.backward(roots, grads)
             del output, roots
-    autocast = _autocast_saved(gm, example_inputs, example_kwargs, reuse)
+    autocast = _autocast_saved(gm, flat, plan and dataclasses.replace(plan, samples={}))
     for node in gm.graph.nodes:
         source = runner.copied.get(node.name, node.name)
         shapes, dtypes, nbytes = runner.layouts.get(source, ((), (), 0))
@@ -328,31 +330,34 @@ def annotate(
 
 
 class _AutocastAnnotator(_Annotator):
-    """`_Annotator` for the forward under autocast: ``torch.export``'s checks that a value
-    keeps its traced dtype are skipped (autocast changes the dtypes on purpose)."""
+    """`_Annotator` for the forward under autocast, counting saved bytes only (no FLOPs,
+    layouts or backward); ``torch.export``'s checks that a value keeps its traced dtype
+    are skipped (autocast changes the dtypes on purpose)."""
 
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default:
             return None
         return super().run_node(n)
 
+    def record(self, n: torch.fx.Node, result: Any) -> None:
+        pass
 
-def _autocast_saved(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                    example_kwargs: dict[str, Any] | None, reuse: bool) -> Any:
+
+def _autocast_saved(gm: torch.fx.GraphModule, flat: Sequence[Any],
+                    plan: ReusePlan | None) -> Any:
     """Each node's saved bytes with the forward under bf16 autocast on fake weights of the
     graph's own dtype, as a function of the node's name; None when the graph does not run
-    so (the cost model then scales the fp32 bytes by the dtype's size)."""
+    so (the cost model then scales the fp32 bytes by the dtype's size). ``flat``: the
+    graph's flat inputs; ``plan``: a reuse plan with no samples yet (or None)."""
     if not any(p.dtype == torch.float32 for p in gm.parameters()):
         return None   # autocast leaves a bf16 or fp16 model's dtypes as they are
-    flat = flat_graph_inputs(gm, tuple(example_inputs), example_kwargs, error=CaptureError)
-    counter = _NodeFlopCounter()
-    runner = _AutocastAnnotator(gm, counter)
+    runner = _AutocastAnnotator(gm, _NodeFlopCounter())   # the counter names the node
     flat = runner.fake(flat)
     try:
-        with runner.fake_weights(), runner.mode, counter, torch.enable_grad(), \
+        with runner.fake_weights(), runner.mode, torch.enable_grad(), \
                 torch.autocast("cpu", dtype=torch.bfloat16), \
                 torch.autograd.graph.saved_tensors_hooks(runner.pack, runner.unpack):
-            runner.execute(flat, ReusePlan.of(gm) if reuse else None)
+            runner.execute(flat, plan)
     except Exception as error:  # noqa: BLE001 - an estimate falls back, the plan goes on
         log.warning("the graph does not run under autocast on fake tensors (%s: %s); "
                     "bf16 activations are estimated from fp32 ones", type(error).__name__,
